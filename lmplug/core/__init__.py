@@ -1,0 +1,1 @@
+"""The lmplug core: config, keys, memory, tiers, pipeline, cache."""

@@ -1,0 +1,283 @@
+"""The cache: tokens and KV tensors in, chunks through the tier pipeline, KV tensors out."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from types import TracebackType
+
+
+import anyio
+import torch
+
+from lmplug.core.composer import build_tier, plan_tiers
+from lmplug.core.config import ConfigSource, LmplugConfig, load_config
+from lmplug.core.keys import ChunkKey, KeyMaker, canonical_tokens
+from lmplug.core.layout import KVLayout
+from lmplug.core.leases import Lease, LeaseTable
+from lmplug.core.memory import AllocatorStatistics, ChunkAllocator, HeapAllocator, KVChunk
+from lmplug.core.metrics import CacheMetrics
+from lmplug.core.tier import Capability, TierStatistics
+from lmplug.errors import CacheClosedError, KVShapeError
+from lmplug.hooks.dispatch import Pipeline, TierSlot, bind_tier
+from lmplug.hooks.manager import PluginHost
+
+logger = logging.getLogger("lmplug.cache")
+
+_WARN_EVERY = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class CacheStatistics:
+    """A snapshot of the cache: each tier, the chunk allocator, active leases."""
+
+    tiers: tuple[TierStatistics, ...]
+    allocator: AllocatorStatistics
+    leases: int
+
+
+class Cache:
+    """A KV cache over the configured tier stack.
+
+    Open it with ``async with lmplug.open_cache(config) as cache``. Every method runs on
+    the event loop that opened it (asyncio or trio); engines that call synchronously use
+    :class:`lmplug.SyncCache`.
+    """
+
+    def __init__(
+        self,
+        config: ConfigSource = None,
+        *,
+        plugins: PluginHost | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        self._source = config
+        self._plugins = plugins
+        self._environ = environ
+        self._stack: AsyncExitStack | None = None
+        self._open = False
+        self._warned: dict[tuple[str, str, type[BaseException]], float] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> Cache:
+        if self._stack is not None:
+            raise RuntimeError("a Cache can be opened only once")
+        self.config: LmplugConfig = load_config(self._source, environ=self._environ)
+        self.plugins = self._plugins or PluginHost.from_environment(self._environ)
+        self.layout = KVLayout.from_model(self.config.model)
+        self.keymaker = KeyMaker(self.config)
+        self._leases = LeaseTable(self._lease_expired)
+        planned = plan_tiers(self.config, self.plugins)
+        stack = AsyncExitStack()
+        self._stack = stack
+        try:
+            slots: list[TierSlot] = []
+            for plan in planned:
+                tier = build_tier(self.config, plan, self.layout, self.keymaker.fingerprint, self._report_evicted)
+                await stack.enter_async_context(tier)
+                slots.append(bind_tier(self.plugins.pm, plan.entry.tier_name, tier))
+                stack.callback(self.plugins.pm.unregister, name=f"tier:{plan.entry.tier_name}")
+            self.allocator: ChunkAllocator = next(
+                (s.tier.allocator for s in slots if Capability.PROVIDES_ALLOCATOR in s.tier.capabilities and s.tier.allocator),
+                None,
+            ) or HeapAllocator(self.layout)
+            for slot in slots:
+                slot.tier.context._allocator = self.allocator
+            self.pipeline = Pipeline(slots, self.layout, self._tier_failed)
+            self.metrics = CacheMetrics(self._tier_statistics)
+            task_group = await stack.enter_async_context(anyio.create_task_group())
+            stack.callback(task_group.cancel_scope.cancel)
+            stack.callback(self._leases.release_all)
+            task_group.start_soon(self._leases.run)
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._open = True
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Release every lease, stop background work and close every tier. Idempotent."""
+        self._open = False
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            self._stack = AsyncExitStack()  # keeps a second __aenter__ refused
+            # Not shielded here: the stack holds the task group, whose scope must exit as it was
+            # entered; tiers shield their own awaits in aclose().
+            await stack.aclose()
+
+    def _check_open(self) -> None:
+        if not self._open:
+            raise CacheClosedError("the cache is not open (use `async with lmplug.open_cache(config) as cache`)")
+
+    # ------------------------------------------------------------------ data path
+
+    def keys(self, tokens: object) -> list[ChunkKey]:
+        """The chunk keys of ``tokens`` under this cache's configuration."""
+        self._check_open()
+        return self.keymaker.keys(tokens)
+
+    def _token_counts(self, num_tokens: int, num_keys: int) -> list[int]:
+        size = self.config.chunk_size
+        counts = [size] * num_keys
+        if num_keys and num_keys * size > num_tokens:
+            counts[-1] = num_tokens - (num_keys - 1) * size
+        return counts
+
+    async def lookup(self, tokens: object) -> int:
+        """How many leading tokens of ``tokens`` have their KV cached (contiguous from token 0)."""
+        self._check_open()
+        array = canonical_tokens(tokens)
+        keys = self.keymaker.keys(array)
+        found = await self.pipeline.contains(keys) if keys else 0
+        hit = min(found * self.config.chunk_size, array.size)
+        self.metrics.lookups.inc()
+        self.metrics.lookup_tokens.inc(array.size)
+        self.metrics.hit_tokens.inc(hit)
+        return hit
+
+    async def store(self, tokens: object, kv: torch.Tensor) -> int:
+        """Store the KV of ``tokens``; ``kv`` is ``[2, layers, len(tokens), kv_heads*head_size]``.
+
+        Chunks every tier already holds are skipped. Returns how many leading tokens are
+        cached after the call (fewer than offered when memory ran out: a store never blocks
+        and never evicts what is pinned or in use).
+        """
+        self._check_open()
+        array = canonical_tokens(tokens)
+        kv = self.layout.check(kv, array.size)
+        keys = self.keymaker.keys(array)
+        if not keys:
+            return 0
+        size = self.config.chunk_size
+        held = await self.pipeline.held_by_all(keys)
+        chunks: list[KVChunk] = []
+        try:
+            for index in range(held, len(keys)):
+                start = index * size
+                end = min(start + size, array.size)
+                chunk = self.allocator.allocate(end - start)
+                if chunk is None:
+                    break
+                chunks.append(chunk)
+                chunk.tensor.copy_(kv[:, :, start:end], non_blocking=True)
+            if chunks:
+                if kv.is_cuda:
+                    torch.cuda.current_stream(kv.device).synchronize()
+                await self.pipeline.store(keys[held : held + len(chunks)], chunks)
+        finally:
+            for chunk in chunks:
+                chunk.release()
+        stored_tokens = sum(chunk.num_tokens for chunk in chunks)
+        self.metrics.stores.inc()
+        self.metrics.stored_tokens.inc(stored_tokens)
+        self.metrics.stored_bytes.inc(sum(chunk.nbytes for chunk in chunks))
+        return min((held + len(chunks)) * size, array.size)
+
+    async def retrieve(self, tokens: object, *, out: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+        """The KV of the leading cached tokens of ``tokens``: ``(kv, n)``, ``n`` possibly 0.
+
+        ``kv`` is ``[2, layers, n, hidden]``. With ``out`` (a tensor of this layout covering
+        at least ``len(tokens)`` tokens, on the CPU or a CUDA device) the KV is written into
+        it and a view of its first ``n`` tokens is returned.
+        """
+        self._check_open()
+        array = canonical_tokens(tokens)
+        if out is not None:
+            if out.dim() != 4 or out.shape[2] < array.size:
+                raise KVShapeError(f"out has shape {list(out.shape)}; it must cover {array.size} tokens")
+            self.layout.check(out, int(out.shape[2]))
+        keys = self.keymaker.keys(array)
+        chunks = await self.pipeline.retrieve(keys, self._token_counts(array.size, len(keys))) if keys else []
+        try:
+            num_tokens = sum(chunk.num_tokens for chunk in chunks)
+            if out is None:
+                out = torch.empty(self.layout.shape(num_tokens), dtype=self.layout.dtype)
+            position = 0
+            for chunk in chunks:
+                end = position + chunk.num_tokens
+                out[:, :, position:end].copy_(chunk.tensor, non_blocking=True)
+                position = end
+            if out.is_cuda and chunks:
+                torch.cuda.current_stream(out.device).synchronize()
+        finally:
+            for chunk in chunks:
+                chunk.release()
+        self.metrics.retrieves.inc()
+        self.metrics.retrieved_tokens.inc(num_tokens)
+        self.metrics.retrieved_bytes.inc(num_tokens * self.layout.bytes_per_token)
+        return out.narrow(2, 0, num_tokens), num_tokens
+
+    async def lease(self, tokens: object, *, timeout: float | None = None) -> Lease:
+        """Pin the leading cached chunks of ``tokens`` in host memory until released or timed out.
+
+        Chunks found in lower tiers are promoted on the way, so a later :meth:`retrieve`
+        of the leased tokens is served from memory. ``lease.num_tokens`` may be 0.
+        """
+        self._check_open()
+        array = canonical_tokens(tokens)
+        keys = self.keymaker.keys(array)
+        chunks = await self.pipeline.retrieve(keys, self._token_counts(array.size, len(keys))) if keys else []
+        num_tokens = sum(chunk.num_tokens for chunk in chunks)
+        return self._leases.grant(chunks, num_tokens, self.config.lease_timeout if timeout is None else timeout)
+
+    async def evict(self, tokens: object, *, tiers: Sequence[str] | None = None) -> dict[str, int]:
+        """Drop the chunks of ``tokens`` from every tier (or the named ones); chunks dropped per tier."""
+        self._check_open()
+        keys = self.keymaker.keys(tokens)
+        return await self.pipeline.evict(keys, None if tiers is None else set(tiers)) if keys else {}
+
+    # ------------------------------------------------------------------ introspection
+
+    def statistics(self) -> CacheStatistics:
+        return CacheStatistics(self._tier_statistics(), self.allocator.statistics(), len(self._leases))
+
+    def _tier_statistics(self) -> tuple[TierStatistics, ...]:
+        return tuple(slot.tier.statistics() for slot in self.pipeline.slots)
+
+    # ------------------------------------------------------------------ callbacks
+
+    def _report_evicted(self, tier: str, keys: Sequence[ChunkKey]) -> None:
+        try:
+            self.plugins.pm.hook.lmplug_chunks_evicted(tier=tier, keys=keys)
+        except Exception:
+            logger.exception("an lmplug_chunks_evicted listener failed")
+
+    def _lease_expired(self, lease: Lease) -> None:
+        self.metrics.expired_leases.inc()
+        logger.info("lease %d over %d tokens expired and was released", lease.lease_id, lease.num_tokens)
+
+    def _tier_failed(self, tier: str, operation: str, exc: BaseException) -> None:
+        self.metrics.tier_errors.labels(tier, operation).inc()
+        key = (tier, operation, type(exc))
+        now = time.monotonic()
+        if now - self._warned.get(key, -_WARN_EVERY) >= _WARN_EVERY:
+            self._warned[key] = now
+            logger.warning("tier %r failed to %s and was skipped: %s: %s", tier, operation, type(exc).__name__, exc)
+        else:
+            logger.debug("tier %r failed to %s: %r", tier, operation, exc)
+
+
+def open_cache(
+    config: ConfigSource = None,
+    *,
+    plugins: PluginHost | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Cache:
+    """A cache over ``config`` (a YAML path, a dict, an :class:`LmplugConfig`, or ``None`` for
+    ``$LMPLUG_CONFIG``), to be entered with ``async with``.
+
+    ``plugins`` replaces the entry-point plugin host (tests build one and register plugins
+    on it); ``environ`` replaces ``os.environ`` for ``LMPLUG_*`` overrides and switches.
+    """
+    return Cache(config, plugins=plugins, environ=environ)
+
+

@@ -1,0 +1,170 @@
+"""Chunk keys: chained hashes over canonical token bytes.
+
+Key ``i`` hashes key ``i-1``'s digest with chunk ``i``'s token ids as little-endian int32
+bytes, so a key names the whole prefix up to the end of its chunk. The chain starts from
+a digest of everything that makes KV compatible (model, KV geometry, world size, rank,
+namespace, chunk size, hash algorithm), so incompatible KV can never share a key. Keys
+are deterministic across processes and machines.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import blake3
+import numpy as np
+import torch
+import xxhash
+
+from lmplug.core.config import LmplugConfig
+from lmplug.errors import InvalidTokensError
+
+KEY_FORMAT_VERSION = 1
+FINGERPRINT_BYTES = 8
+DIGEST_BYTES = 16
+_INT32_MAX = 2**31 - 1
+
+
+class ChunkKey(bytes):
+    """A 24-byte key: 8 bytes of compatibility fingerprint, then a 16-byte chained digest.
+
+    It is ``bytes`` so that it hashes and compares at C speed; :attr:`fingerprint` lets a
+    shared store group or clear keys by model and layout.
+    """
+
+    __slots__ = ()
+
+    @property
+    def fingerprint(self) -> bytes:
+        return bytes(self[:FINGERPRINT_BYTES])
+
+    @property
+    def digest(self) -> bytes:
+        return bytes(self[FINGERPRINT_BYTES:])
+
+    def __str__(self) -> str:
+        return self.hex()
+
+    def __repr__(self) -> str:
+        return f"ChunkKey({self.hex()})"
+
+
+def _blake3_chain(previous: bytes, data: memoryview) -> bytes:
+    hasher = blake3.blake3(previous)
+    hasher.update(data)
+    return hasher.digest(length=DIGEST_BYTES)
+
+
+def _xxh3_chain(previous: bytes, data: memoryview) -> bytes:
+    hasher = xxhash.xxh3_128(previous)
+    hasher.update(data)
+    return hasher.digest()
+
+
+_CHAINS: dict[str, Callable[[bytes, memoryview], bytes]] = {"blake3": _blake3_chain, "xxh3_128": _xxh3_chain}
+
+
+def canonical_tokens(tokens: object) -> np.ndarray:
+    """Return token ids as a contiguous little-endian int32 array (the canonical hash input)."""
+    if isinstance(tokens, torch.Tensor):
+        array = tokens.detach().cpu().numpy()
+    elif isinstance(tokens, np.ndarray):
+        array = tokens
+    else:
+        try:
+            array = np.asarray(tokens)
+        except (TypeError, ValueError) as exc:
+            raise InvalidTokensError(f"token ids must be a sequence of integers: {exc}") from None
+    if array.ndim != 1:
+        raise InvalidTokensError(f"token ids must be one-dimensional, got shape {list(array.shape)}")
+    if array.size and not np.issubdtype(array.dtype, np.integer):
+        raise InvalidTokensError(f"token ids must be integers, got dtype {array.dtype}")
+    if array.dtype != np.dtype("<i4"):
+        if array.size and (int(array.min()) < 0 or int(array.max()) > _INT32_MAX):
+            raise InvalidTokensError("token ids must lie in [0, 2**31)")
+        array = array.astype("<i4")
+    elif array.size and int(array.min()) < 0:
+        raise InvalidTokensError("token ids must lie in [0, 2**31)")
+    return np.ascontiguousarray(array)
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkSpan:
+    """Chunk ``index`` covers tokens ``[start, end)``."""
+
+    index: int
+    start: int
+    end: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.end - self.start
+
+
+class KeyMaker:
+    """Turns token sequences into chunk keys for one cache configuration."""
+
+    def __init__(self, config: LmplugConfig) -> None:
+        self.chunk_size = config.chunk_size
+        self.save_partial_chunks = config.save_partial_chunks
+        self._chain = _CHAINS[config.hash_algorithm]
+        identity: dict[str, Any] = {
+            "format": KEY_FORMAT_VERSION,
+            "model": config.model.name,
+            "layers": config.model.num_layers,
+            "kv_heads": config.model.num_kv_heads,
+            "head_size": config.model.head_size,
+            "dtype": config.model.dtype,
+            "world_size": config.world_size,
+            "rank": config.rank,
+            "namespace": config.namespace,
+            "chunk_size": config.chunk_size,
+            "hash": config.hash_algorithm,
+        }
+        canonical = json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()
+        self.root = self._chain(b"lmplug-key-root", memoryview(canonical))
+        self.fingerprint = self.root[:FINGERPRINT_BYTES]
+
+    def num_chunks(self, num_tokens: int) -> int:
+        """How many keys ``keys()`` yields for a sequence of ``num_tokens`` tokens."""
+        full, rest = divmod(num_tokens, self.chunk_size)
+        return full + (1 if rest and self.save_partial_chunks else 0)
+
+    def span(self, index: int, num_tokens: int) -> ChunkSpan:
+        start = index * self.chunk_size
+        return ChunkSpan(index, start, min(start + self.chunk_size, num_tokens))
+
+    def keys(self, tokens: object, limit: int | None = None) -> list[ChunkKey]:
+        """Keys of the chunks of ``tokens`` (full chunks, plus a partial one if configured).
+
+        ``limit`` stops after that many keys (the chain makes later keys depend on earlier ones,
+        never the other way round).
+        """
+        array = canonical_tokens(tokens)
+        count = self.num_chunks(array.size)
+        if limit is not None:
+            count = min(count, limit)
+        data = memoryview(array).cast("B")
+        step = self.chunk_size * 4
+        previous = self.root
+        chain = self._chain
+        fingerprint = self.fingerprint
+        keys: list[ChunkKey] = []
+        append = keys.append
+        for index in range(count):
+            previous = chain(previous, data[index * step : (index + 1) * step])
+            append(ChunkKey(fingerprint + previous))
+        return keys
+
+
+def shared_prefix_chunks(a: Sequence[ChunkKey], b: Sequence[ChunkKey]) -> int:
+    """Number of leading keys two key lists share."""
+    count = 0
+    for left, right in zip(a, b, strict=False):
+        if left != right:
+            break
+        count += 1
+    return count

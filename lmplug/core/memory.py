@@ -1,0 +1,146 @@
+"""KV chunks: reference-counted views of host memory, and the allocator contract.
+
+A chunk is born with one reference, held by whoever allocated it. Every holder (a tier's
+index, an in-flight write, a retrieve in progress, a lease) takes its own reference with
+:meth:`KVChunk.acquire` and gives it back with :meth:`KVChunk.release`; the memory returns
+to its allocator when the last reference goes. A pin marks a chunk that a tier must not
+evict (leases pin what they promise); pins never free memory by themselves.
+
+All of this runs on the cache's event-loop thread, so counts are plain integers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from lmplug.core.layout import KVLayout
+from lmplug.errors import LmplugError
+
+
+class KVChunk:
+    """The KV of one chunk: ``tensor`` is ``[2, layers, tokens, hidden]`` in host memory."""
+
+    __slots__ = ("_free", "_pins", "_refs", "handle", "nbytes", "owner", "tensor")
+
+    def __init__(
+        self,
+        tensor: torch.Tensor,
+        free: Callable[[KVChunk], None] | None = None,
+        *,
+        owner: object = None,
+        handle: int = -1,
+    ) -> None:
+        self.tensor = tensor
+        self.nbytes = tensor.numel() * tensor.element_size()
+        self.owner = owner
+        """The allocator whose memory this is (tiers use it to tell their own chunks)."""
+        self.handle = handle
+        """Allocator-private position of the memory (an offset in a pool)."""
+        self._free = free
+        self._refs = 1
+        self._pins = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tensor.shape[2])
+
+    @property
+    def refs(self) -> int:
+        return self._refs
+
+    @property
+    def pins(self) -> int:
+        return self._pins
+
+    @property
+    def evictable(self) -> bool:
+        """True when the only reference is its tier's own and nothing pins it."""
+        return self._refs == 1 and self._pins == 0
+
+    @property
+    def freed(self) -> bool:
+        return self._refs == 0
+
+    def acquire(self) -> KVChunk:
+        if self._refs <= 0:
+            raise LmplugError("acquire() on a freed KV chunk")
+        self._refs += 1
+        return self
+
+    def release(self) -> None:
+        if self._refs <= 0:
+            raise LmplugError("release() on a freed KV chunk (double release)")
+        self._refs -= 1
+        if self._refs == 0:
+            if self._pins:
+                raise LmplugError("the last reference of a pinned KV chunk was released")
+            if self._free is not None:
+                self._free(self)
+
+    def pin(self) -> None:
+        if self._refs <= 0:
+            raise LmplugError("pin() on a freed KV chunk")
+        self._pins += 1
+
+    def unpin(self) -> None:
+        if self._pins <= 0:
+            raise LmplugError("unpin() on a KV chunk that is not pinned")
+        self._pins -= 1
+
+    def raw(self) -> memoryview:
+        """The chunk's bytes as a writable memoryview (host memory only; no copy)."""
+        return memoryview(self.tensor.view(torch.uint8).reshape(-1).numpy()).cast("B")
+
+
+@dataclass(frozen=True, slots=True)
+class AllocatorStatistics:
+    capacity_bytes: int | None
+    used_bytes: int
+    allocations: int
+
+
+class ChunkAllocator(Protocol):
+    """Hands out host memory for chunks of one :class:`KVLayout`."""
+
+    layout: KVLayout
+
+    def allocate(self, num_tokens: int) -> KVChunk | None:
+        """A new chunk with one reference, or ``None`` when memory cannot be found (never blocks)."""
+        ...
+
+    def statistics(self) -> AllocatorStatistics: ...
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+class HeapAllocator:
+    """One torch allocation per chunk (pinned when CUDA is present).
+
+    The pipeline falls back to it when no configured tier provides a pool.
+    """
+
+    def __init__(self, layout: KVLayout, *, pin_memory: bool | None = None) -> None:
+        self.layout = layout
+        self._pin = cuda_available() if pin_memory is None else pin_memory
+        self._used = 0
+        self._allocations = 0
+
+    def allocate(self, num_tokens: int) -> KVChunk:
+        tensor = torch.empty(self.layout.shape(num_tokens), dtype=self.layout.dtype, pin_memory=self._pin)
+        chunk = KVChunk(tensor, self._free, owner=self)
+        self._used += chunk.nbytes
+        self._allocations += 1
+        return chunk
+
+    def _free(self, chunk: KVChunk) -> None:
+        self._used -= chunk.nbytes
+        self._allocations -= 1
+
+    def statistics(self) -> AllocatorStatistics:
+        return AllocatorStatistics(None, self._used, self._allocations)

@@ -1,0 +1,146 @@
+"""What a tier is: the object a tier plugin's factory returns.
+
+A tier holds chunks of KV somewhere (host memory, disk, a remote store). It implements
+the async data-path hooks of :mod:`lmplug.hooks.specs` as methods marked with
+``@lmplug.hookimpl``; the cache registers each configured tier object with its plugin
+manager and awaits those methods in pipeline order. A tier that cannot do something says
+so in :attr:`Tier.capabilities` rather than raising ``NotImplementedError``.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import TYPE_CHECKING, ClassVar, Generic, Self, TypeVar
+
+from pydantic import BaseModel
+
+from lmplug.core.keys import ChunkKey
+from lmplug.core.layout import KVLayout
+from lmplug.core.memory import ChunkAllocator, KVChunk
+from lmplug.hooks.markers import hookimpl
+
+if TYPE_CHECKING:
+    from lmplug.core.config import LmplugConfig
+
+
+class Capability(enum.Enum):
+    """What a tier can do beyond the required hooks."""
+
+    PROVIDES_ALLOCATOR = "provides_allocator"
+    """The tier owns a host pool; the pipeline allocates every chunk from it."""
+    PERSISTENT = "persistent"
+    """Chunks survive a restart of the process."""
+    SHARED = "shared"
+    """Other processes or machines see what this tier stores."""
+    WRITE_BEHIND = "write_behind"
+    """``lmplug_store`` queues the write and returns before it is durable."""
+
+
+@dataclass(frozen=True, slots=True)
+class TierStatistics:
+    """A snapshot of one tier's state and counters."""
+
+    name: str
+    type: str
+    chunks: int
+    used_bytes: int
+    capacity_bytes: int | None
+    hits: int = 0
+    misses: int = 0
+    stored: int = 0
+    evictions: int = 0
+    errors: int = 0
+    pinned: int = 0
+
+
+@dataclass(slots=True)
+class TierContext:
+    """What the core hands a tier factory: its name, the cache config and KV layout, and callbacks."""
+
+    name: str
+    type: str
+    config: LmplugConfig
+    layout: KVLayout
+    fingerprint: bytes
+    report_evicted: Callable[[str, Sequence[ChunkKey]], None] = field(repr=False)
+    _allocator: ChunkAllocator | None = field(default=None, repr=False)
+
+    @property
+    def allocator(self) -> ChunkAllocator:
+        """The pipeline's chunk allocator (available once every tier is built)."""
+        if self._allocator is None:
+            raise RuntimeError("the chunk allocator is bound after every tier is constructed")
+        return self._allocator
+
+    def evicted(self, keys: Sequence[ChunkKey]) -> None:
+        """Tell the cache (and ``lmplug_chunks_evicted`` listeners) that this tier dropped ``keys``."""
+        if keys:
+            self.report_evicted(self.name, keys)
+
+
+class Tier(abc.ABC):
+    """Base class of tier objects. Subclasses mark their hook methods with ``@lmplug.hookimpl``."""
+
+    capabilities: ClassVar[frozenset[Capability]] = frozenset()
+
+    def __init__(self, context: TierContext) -> None:
+        self.context = context
+
+    @property
+    def name(self) -> str:
+        return self.context.name
+
+    @property
+    def allocator(self) -> ChunkAllocator | None:
+        """The tier's host pool when it declares :attr:`Capability.PROVIDES_ALLOCATOR`."""
+        return None
+
+    @abc.abstractmethod
+    def statistics(self) -> TierStatistics:
+        """A snapshot of the tier's usage and counters (cheap, never blocks)."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Release everything the tier holds. Idempotent."""
+
+    @abc.abstractmethod
+    async def lmplug_contains(self, keys: Sequence[ChunkKey]) -> int: ...
+
+    @abc.abstractmethod
+    async def lmplug_retrieve(self, keys: Sequence[ChunkKey]) -> list[KVChunk]: ...
+
+    @abc.abstractmethod
+    async def lmplug_store(self, keys: Sequence[ChunkKey], chunks: Sequence[KVChunk]) -> None: ...
+
+    @abc.abstractmethod
+    async def lmplug_evict(self, keys: Sequence[ChunkKey]) -> int: ...
+
+    @hookimpl
+    async def lmplug_transfer(self, keys: Sequence[ChunkKey], chunks: Sequence[KVChunk], source: str) -> int:
+        """By default a tier admits transferred chunks as it would stored ones."""
+        await self.lmplug_store(keys, chunks)
+        return await self.lmplug_contains(keys)
+
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+
+@dataclass(frozen=True, slots=True)
+class TierType(Generic[ConfigT]):
+    """A tier type a plugin offers: the ``type:`` name, its config model and its factory."""
+
+    name: str
+    config_model: type[ConfigT]
+    factory: Callable[[TierContext, ConfigT], Tier]
+    summary: str = ""

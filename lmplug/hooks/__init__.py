@@ -1,0 +1,1 @@
+"""The plugin contract (specs), plugin loading (manager) and the async dispatcher."""

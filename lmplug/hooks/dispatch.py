@@ -1,0 +1,198 @@
+"""The async dispatcher: awaits tier hookimpls in pipeline order with named semantics.
+
+pluggy's call loop is synchronous, so an ``async`` hookimpl returns a coroutine that
+pluggy would treat as a result (never ``None``: ``firstresult`` and wrappers break). The
+dispatcher instead takes each tier's hookimpls once, at start-up, and awaits the bound
+methods directly on the hot path:
+
+- contains: tiers in order; later tiers are asked about what earlier ones lack; only
+  contiguous hits from the first key count;
+- retrieve: **waterfall**: the first tier holding a chunk serves it; a hit below the
+  first tier is promoted into every tier above it (``lmplug_transfer``);
+- store: **write-all**: every tier is offered every chunk, in order;
+- evict: every tier (or the named ones) drops the keys.
+
+A tier that raises is reported through ``on_error`` and treated as a miss (retrieve,
+contains) or a skipped write (store, transfer): the engine keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pluggy
+
+from lmplug.core.keys import ChunkKey
+from lmplug.core.layout import KVLayout
+from lmplug.core.memory import KVChunk
+from lmplug.core.tier import Tier
+from lmplug.errors import CorruptChunk, PluginContractError
+from lmplug.hooks.specs import DATA_PATH_HOOKS
+
+logger = logging.getLogger("lmplug.dispatch")
+
+ErrorSink = Callable[[str, str, BaseException], None]
+
+
+@dataclass(frozen=True, slots=True)
+class TierSlot:
+    """One tier's place in the pipeline: its object and its bound data-path hookimpls."""
+
+    name: str
+    tier: Tier
+    contains: Callable[[Sequence[ChunkKey]], Awaitable[int]]
+    retrieve: Callable[[Sequence[ChunkKey]], Awaitable[list[KVChunk]]]
+    store: Callable[[Sequence[ChunkKey], Sequence[KVChunk]], Awaitable[None]]
+    evict: Callable[[Sequence[ChunkKey]], Awaitable[int]]
+    transfer: Callable[[Sequence[ChunkKey], Sequence[KVChunk], str], Awaitable[int]]
+
+
+def bind_tier(pm: pluggy.PluginManager, name: str, tier: Tier) -> TierSlot:
+    """Register ``tier`` with ``pm`` (pluggy checks its signatures) and bind its data-path hookimpls."""
+    plugin_name = f"tier:{name}"
+    try:
+        pm.register(tier, name=plugin_name)
+    except pluggy.PluginValidationError as exc:
+        raise PluginContractError(f"tier {name!r} ({type(tier).__qualname__}) breaks the hook contract: {exc}") from exc
+    functions: dict[str, Any] = {}
+    for hook_name in DATA_PATH_HOOKS:
+        caller = getattr(pm.hook, hook_name)
+        impl = next((i for i in caller.get_hookimpls() if i.plugin_name == plugin_name), None)
+        if impl is None:
+            pm.unregister(name=plugin_name)
+            raise PluginContractError(
+                f"tier {name!r} ({type(tier).__qualname__}) does not implement {hook_name}; "
+                "mark the method with @lmplug.hookimpl"
+            )
+        functions[hook_name.removeprefix("lmplug_")] = impl.function
+    return TierSlot(name=name, tier=tier, **functions)
+
+
+class Pipeline:
+    """The configured tiers, in order, with the dispatch semantics of the data-path hooks."""
+
+    def __init__(self, slots: Sequence[TierSlot], layout: KVLayout, on_error: ErrorSink) -> None:
+        self.slots = tuple(slots)
+        self.layout = layout
+        self._on_error = on_error
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(slot.name for slot in self.slots)
+
+    def _failed(self, slot: TierSlot, operation: str, exc: BaseException) -> None:
+        self._on_error(slot.name, operation, exc)
+
+    async def contains(self, keys: Sequence[ChunkKey]) -> int:
+        """Leading keys held by the pipeline as a whole."""
+        total = len(keys)
+        position = 0
+        progress = True
+        while progress and position < total:
+            progress = False
+            for slot in self.slots:
+                try:
+                    found = await slot.contains(keys[position:] if position else keys)
+                except Exception as exc:
+                    self._failed(slot, "contains", exc)
+                    continue
+                if found > 0:
+                    position += min(found, total - position)
+                    progress = True
+                    if position >= total:
+                        break
+        return position
+
+    async def held_by_all(self, keys: Sequence[ChunkKey]) -> int:
+        """Leading keys that every tier already holds (what a store can skip)."""
+        held = len(keys)
+        for slot in self.slots:
+            try:
+                held = min(held, await slot.contains(keys[:held]))
+            except Exception as exc:
+                self._failed(slot, "contains", exc)
+                return 0
+            if held == 0:
+                break
+        return held
+
+    async def retrieve(self, keys: Sequence[ChunkKey], token_counts: Sequence[int]) -> list[KVChunk]:
+        """Chunks for the leading keys, each with one reference for the caller (waterfall + promotion)."""
+        total = len(keys)
+        served: list[KVChunk] = []
+        progress = True
+        while progress and len(served) < total:
+            progress = False
+            for index, slot in enumerate(self.slots):
+                position = len(served)
+                if position >= total:
+                    break
+                wanted = keys[position:] if position else keys
+                try:
+                    chunks = await slot.retrieve(wanted)
+                except Exception as exc:
+                    self._failed(slot, "retrieve", exc)
+                    continue
+                chunks = self._valid_prefix(slot, chunks, token_counts, position)
+                if not chunks:
+                    continue
+                if index:
+                    await self._promote(index, slot.name, wanted[: len(chunks)], chunks)
+                served.extend(chunks)
+                progress = True
+        return served
+
+    def _valid_prefix(
+        self, slot: TierSlot, chunks: list[KVChunk], token_counts: Sequence[int], position: int
+    ) -> list[KVChunk]:
+        """Keep the leading chunks whose layout matches the keys they answer; release the rest."""
+        layout = self.layout
+        limit = len(token_counts) - position
+        for offset, chunk in enumerate(chunks):
+            expected = token_counts[position + offset] if offset < limit else -1
+            tensor = chunk.tensor
+            if expected < 0 or tensor.dtype != layout.dtype or tuple(tensor.shape) != layout.shape(expected):
+                if expected >= 0:
+                    self._failed(
+                        slot,
+                        "retrieve",
+                        CorruptChunk(
+                            f"tier {slot.name!r} returned KV of shape {list(tensor.shape)} {tensor.dtype} "
+                            f"for a chunk of {expected} tokens; dropped"
+                        ),
+                    )
+                for extra in chunks[offset:]:
+                    extra.release()
+                return chunks[:offset]
+        return chunks
+
+    async def _promote(self, below: int, source: str, keys: Sequence[ChunkKey], chunks: Sequence[KVChunk]) -> None:
+        for slot in self.slots[:below]:
+            try:
+                await slot.transfer(keys, chunks, source)
+            except Exception as exc:
+                self._failed(slot, "transfer", exc)
+
+    async def store(self, keys: Sequence[ChunkKey], chunks: Sequence[KVChunk]) -> None:
+        """Offer chunks to every tier, in order (write-all)."""
+        for slot in self.slots:
+            try:
+                await slot.store(keys, chunks)
+            except Exception as exc:
+                self._failed(slot, "store", exc)
+
+    async def evict(self, keys: Sequence[ChunkKey], tiers: Collection[str] | None = None) -> dict[str, int]:
+        """Drop keys from every tier (or the named ones); how many each dropped."""
+        dropped: dict[str, int] = {}
+        for slot in self.slots:
+            if tiers is not None and slot.name not in tiers:
+                continue
+            try:
+                dropped[slot.name] = await slot.evict(keys)
+            except Exception as exc:
+                self._failed(slot, "evict", exc)
+                dropped[slot.name] = 0
+        return dropped

@@ -1,0 +1,160 @@
+"""Loading plugins: the ``lmplug`` entry-point group, operator switches, and tier types.
+
+Loading is explicit and happens once per :class:`PluginHost`, which the running cache
+(or the CLI) owns; nothing is loaded or registered at import time.
+
+Environment switches:
+
+- ``LMPLUG_PLUGINS``: comma-separated allow-list of entry-point names; when set, only
+  those load (set but empty: none).
+- ``LMPLUG_DISABLE_PLUGIN_AUTOLOAD``: any true value (1, true, yes) loads no entry points.
+- ``LMPLUG_TRACE_PLUGINS``: any true value logs every composition-hook call at DEBUG
+  level on the ``lmplug.plugins`` logger.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import metadata
+from types import ModuleType
+from typing import Any
+
+import pluggy
+
+from lmplug.core.tier import TierType
+from lmplug.errors import PluginContractError, PluginUnavailable
+from lmplug.hooks import specs
+from lmplug.hooks.markers import PROJECT
+
+logger = logging.getLogger("lmplug.plugins")
+
+ENTRY_POINT_GROUP = "lmplug"
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def make_plugin_manager() -> pluggy.PluginManager:
+    """A fresh plugin manager holding lmplug's hookspecs and nothing else."""
+    pm = pluggy.PluginManager(PROJECT)
+    pm.add_hookspecs(specs)
+    return pm
+
+
+@dataclass(frozen=True, slots=True)
+class PluginInfo:
+    """A plugin the host knows of: loaded, or failed with ``error``."""
+
+    name: str
+    distribution: str | None
+    version: str | None
+    module: str
+    hooks: tuple[str, ...] = ()
+    tier_types: tuple[str, ...] = ()
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class PluginHost:
+    """A plugin manager plus what was loaded into it: the plugins and their tier types."""
+
+    pm: pluggy.PluginManager = field(default_factory=make_plugin_manager)
+    plugins: dict[str, PluginInfo] = field(default_factory=dict)
+    tier_types: dict[str, TierType[Any]] = field(default_factory=dict)
+    _tier_owner: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] | None = None) -> PluginHost:
+        """A host with the entry-point plugins loaded as the environment switches allow."""
+        env = os.environ if environ is None else environ
+        host = cls()
+        if env.get("LMPLUG_TRACE_PLUGINS", "").strip().lower() in _TRUE:
+            host.pm.trace.root.setwriter(lambda message: logger.debug("%s", message.rstrip()))
+            host.pm.enable_tracing()
+        if env.get("LMPLUG_DISABLE_PLUGIN_AUTOLOAD", "").strip().lower() in _TRUE:
+            return host
+        allowed: set[str] | None = None
+        if "LMPLUG_PLUGINS" in env:
+            allowed = {name.strip() for name in env["LMPLUG_PLUGINS"].split(",") if name.strip()}
+        host.load_entry_points(allowed)
+        return host
+
+    def load_entry_points(self, allowed: set[str] | None = None) -> None:
+        """Load every plugin of the ``lmplug`` entry-point group (or only ``allowed`` names)."""
+        for entry_point in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name):
+            if allowed is not None and entry_point.name not in allowed:
+                continue
+            if entry_point.name in self.plugins:
+                continue
+            dist = entry_point.dist
+            dist_name = dist.metadata["Name"] if dist is not None else None
+            version = dist.version if dist is not None else None
+            try:
+                plugin = entry_point.load()
+            except Exception as exc:  # a broken plugin is recorded; a configured tier needing it fails
+                self._failed(entry_point.name, dist_name, version, entry_point.value, exc)
+                continue
+            self.register(plugin, entry_point.name, distribution=dist_name, version=version)
+
+    def register(
+        self, plugin: ModuleType | object, name: str, *, distribution: str | None = None, version: str | None = None
+    ) -> None:
+        """Register one plugin object and collect the tier types it offers."""
+        module = getattr(plugin, "__name__", type(plugin).__name__)
+        try:
+            self.pm.register(plugin, name=name)
+        except (ValueError, pluggy.PluginValidationError) as exc:
+            self._failed(name, distribution, version, module, exc)
+            return
+        offered: list[TierType[Any]] = []
+        impl = next((i for i in self.pm.hook.lmplug_register_tier_types.get_hookimpls() if i.plugin_name == name), None)
+        if impl is not None:
+            try:
+                impl.function(register=offered.append)
+            except Exception as exc:
+                self.pm.unregister(name=name)
+                self._failed(name, distribution, version, module, exc)
+                return
+        for tier_type in offered:
+            if not isinstance(tier_type, TierType):
+                self.pm.unregister(name=name)
+                self._failed(name, distribution, version, module, TypeError(f"registered {tier_type!r}, not a TierType"))
+                return
+            owner = self._tier_owner.get(tier_type.name)
+            if owner is not None:
+                raise PluginContractError(
+                    f"plugins {owner!r} and {name!r} both register tier type {tier_type.name!r}; "
+                    "uninstall one or exclude it with LMPLUG_PLUGINS"
+                )
+        for tier_type in offered:
+            self.tier_types[tier_type.name] = tier_type
+            self._tier_owner[tier_type.name] = name
+        hooks = tuple(sorted(caller.name for caller in self.pm.get_hookcallers(plugin) or ()))
+        self.plugins[name] = PluginInfo(
+            name, distribution, version, module, hooks, tuple(t.name for t in offered), error=None
+        )
+
+    def _failed(self, name: str, distribution: str | None, version: str | None, module: str, exc: BaseException) -> None:
+        error = f"{type(exc).__name__}: {exc}"
+        logger.warning("lmplug plugin %r (%s) failed to load: %s", name, distribution or module, error)
+        self.plugins[name] = PluginInfo(name, distribution, version, module, error=error)
+
+    def resolve_tier_type(self, type_name: str) -> TierType[Any]:
+        """The registered tier type ``type_name``, or :class:`PluginUnavailable` saying what to install."""
+        tier_type = self.tier_types.get(type_name)
+        if tier_type is not None:
+            return tier_type
+        hint = f"pip install lmplug-{type_name}"
+        broken = self.plugins.get(type_name)
+        if broken is not None and broken.error is not None:
+            dist = f"{broken.distribution} {broken.version}" if broken.distribution else broken.module
+            raise PluginUnavailable(
+                f"tier type {type_name!r} comes from plugin {type_name!r} ({dist}), which failed to load: "
+                f"{broken.error}. Reinstall it ({hint}) or fix the error above."
+            )
+        known = ", ".join(sorted(self.tier_types)) or "none"
+        raise PluginUnavailable(
+            f"no installed plugin provides tier type {type_name!r} (tier types available: {known}). "
+            f"Install it with `{hint}`, or check LMPLUG_PLUGINS / LMPLUG_DISABLE_PLUGIN_AUTOLOAD."
+        )

@@ -1,0 +1,174 @@
+"""The plugin contract: every hook lmplug defines, with its docstring as its contract.
+
+There are two colours of hook.
+
+*Composition hooks* are synchronous, called through pluggy's own ``pm.hook`` at start-up
+(or by the CLI) on the plugin modules loaded from the ``lmplug`` entry-point group. A
+plugin package implements them in its ``__init__.py``.
+
+*Data-path hooks* are ``async`` and implemented as methods of the tier objects that a
+plugin's tier factory builds (see :class:`lmplug.Tier`). pluggy's call loop cannot await
+coroutines, so they are never called through ``pm.hook``: the cache registers each
+configured tier object with its plugin manager (which checks the signatures against these
+specs) and the dispatcher in :mod:`lmplug.hooks.dispatch` awaits each tier's hookimpl in
+pipeline order, with the semantics each spec names. All data-path hooks run on the cache's
+event-loop thread, in the process that opened the cache, under asyncio or trio; blocking
+work belongs in ``anyio.to_thread.run_sync`` with the tier's own ``CapacityLimiter``.
+
+Chunk ownership: a :class:`lmplug.KVChunk` carries a reference count. A hook that keeps a
+chunk beyond its call takes a reference (``chunk.acquire()``) and releases it when done;
+a hook that hands chunks out (``lmplug_retrieve``) hands each with one reference that the
+caller releases.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from lmplug.hooks.markers import hookspec
+
+if TYPE_CHECKING:
+    from lmplug.cli import CliCommand
+    from lmplug.core.keys import ChunkKey
+    from lmplug.core.memory import KVChunk
+    from lmplug.core.tier import TierType
+
+# --------------------------------------------------------------------------- composition
+
+
+@hookspec
+def lmplug_register_tier_types(register: Callable[[TierType], None]) -> None:  # type: ignore[type-arg]
+    """Offer tier types, by calling ``register(TierType(...))`` once for each.
+
+    :param register: records a :class:`lmplug.TierType`: its ``name`` (what a config's
+        ``tiers[].type`` says), its ``config_model`` (a pydantic model of the tier's own
+        options, unknown keys rejected) and its ``factory(context, options) -> Tier``.
+    :returns: nothing; results are ignored.
+
+    **Call pattern:** all implementations, once per plugin manager, at start-up, before any
+    tier is built. Two plugins registering the same name is a start-up error.
+    **Colour:** sync composition hook, implemented by plugin modules.
+    **Process:** every process that opens a cache or runs ``lmplug`` commands.
+    """
+
+
+@hookspec
+def lmplug_register_commands(register: Callable[[CliCommand], None]) -> None:
+    """Add sub-commands to the ``lmplug`` command line.
+
+    :param register: records a :class:`lmplug.cli.CliCommand` (name, help, a function that
+        adds its arguments to an ``argparse`` parser, and a function that runs it and
+        returns the exit status).
+    :returns: nothing; results are ignored.
+
+    **Call pattern:** all implementations, once, when the ``lmplug`` command starts.
+    **Colour:** sync composition hook, implemented by plugin modules.
+    **Process:** the ``lmplug`` command only.
+    """
+
+
+@hookspec
+def lmplug_chunks_evicted(tier: str, keys: Sequence[ChunkKey]) -> None:
+    """Listen for chunks a tier dropped (under memory pressure or on command).
+
+    :param tier: the configured name of the tier that dropped them.
+    :param keys: the keys it no longer holds.
+    :returns: nothing; results are ignored.
+
+    **Call pattern:** all implementations, synchronously, on the cache's event-loop thread,
+    right after the tier dropped the keys; must be quick and must not raise.
+    **Colour:** sync notification hook, implemented by plugin modules.
+    **Process:** the process that opened the cache.
+    """
+
+
+# --------------------------------------------------------------------------- data path
+
+
+@hookspec
+async def lmplug_contains(keys: Sequence[ChunkKey]) -> int:
+    """Say how many of ``keys``, counted from the first, this tier holds.
+
+    :param keys: chunk keys of one token sequence, in order.
+    :returns: ``n`` such that ``keys[:n]`` are all held and ``keys[n]`` is not (0 when the
+        first is missing). It is a hint: a later retrieve may still miss.
+
+    **Call pattern:** awaited per tier in pipeline order; the dispatcher asks later tiers
+    about the keys earlier ones lack, and counts only contiguous hits from the start.
+    **Colour:** async data path, implemented by tier objects.
+    **Process:** the process that opened the cache.
+    """
+
+
+@hookspec
+async def lmplug_retrieve(keys: Sequence[ChunkKey]) -> list[KVChunk]:
+    """Hand out the chunks of ``keys`` this tier holds, counted from the first.
+
+    :param keys: chunk keys of one token sequence, in order.
+    :returns: chunks for ``keys[:n]``, in order, stopping at the first miss; each carries
+        one reference for the caller. An empty list is a miss. Data that fails validation
+        (corrupt, truncated, foreign) is a miss and is dropped, never returned.
+        A backend failure may raise :class:`lmplug.errors.TierError`; the dispatcher
+        treats it as a miss.
+
+    **Call pattern:** waterfall: awaited per tier in pipeline order; the first tier that
+    has a chunk serves it. A hit below the first tier is promoted into the tiers above
+    it through ``lmplug_transfer``.
+    **Colour:** async data path, implemented by tier objects.
+    **Process:** the process that opened the cache.
+    """
+
+
+@hookspec
+async def lmplug_store(keys: Sequence[ChunkKey], chunks: Sequence[KVChunk]) -> None:
+    """Offer newly computed chunks to the tier.
+
+    :param keys: chunk keys, in order.
+    :param chunks: their KV, one per key; the caller keeps its own references, so a tier
+        that keeps a chunk (in its index or in a write queue) acquires one.
+    :returns: nothing. A tier may decline chunks (full, duplicates); it must never block
+        the caller on slow I/O: slow tiers queue a write-behind and return.
+
+    **Call pattern:** write-all: awaited for every tier, in pipeline order.
+    **Colour:** async data path, implemented by tier objects.
+    **Process:** the process that opened the cache.
+    """
+
+
+@hookspec
+async def lmplug_evict(keys: Sequence[ChunkKey]) -> int:
+    """Drop ``keys`` from the tier on command.
+
+    :param keys: chunk keys to drop; unknown keys are ignored. Chunks that are pinned or
+        in use are left in place.
+    :returns: how many keys were dropped.
+
+    **Call pattern:** awaited for every tier that the command names, in pipeline order.
+    Eviction under memory pressure is the tier's own business; either way a tier reports
+    drops through ``TierContext.evicted`` (which calls ``lmplug_chunks_evicted``).
+    **Colour:** async data path, implemented by tier objects.
+    **Process:** the process that opened the cache.
+    """
+
+
+@hookspec
+async def lmplug_transfer(keys: Sequence[ChunkKey], chunks: Sequence[KVChunk], source: str) -> int:
+    """Admit chunks that come from another tier or node (promotion, peer moves, PD push).
+
+    :param keys: chunk keys, in order.
+    :param chunks: their KV; the caller keeps its references, so a tier that keeps a chunk
+        acquires one.
+    :param source: the configured name of the tier (or the peer) they come from.
+    :returns: how many of the chunks, counted from the first, the tier now holds.
+
+    **Call pattern:** awaited on each tier above the one that served a retrieve hit, in
+    pipeline order (promotion); by transfer plugins for moves between nodes.
+    **Colour:** async data path, implemented by tier objects (:class:`lmplug.Tier`
+    provides a default that admits them as ``lmplug_store`` would).
+    **Process:** the process that opened the cache.
+    """
+
+
+DATA_PATH_HOOKS = ("lmplug_contains", "lmplug_retrieve", "lmplug_store", "lmplug_evict", "lmplug_transfer")
+"""The async hooks every tier object implements."""

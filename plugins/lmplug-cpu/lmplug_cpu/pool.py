@@ -1,0 +1,124 @@
+"""The host pool: one flat allocation carved into chunks (best fit, coalescing frees).
+
+The buffer is pinned when CUDA is present so that copies to and from the GPU can run
+asynchronously. Every allocation is aligned (4 KiB by default) so that the same memory
+can be handed to O_DIRECT and GPUDirect reads.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+import torch
+
+from lmplug import AllocatorStatistics, KVChunk, KVLayout, cuda_available
+
+
+class HostPool:
+    """A chunk allocator over ``capacity`` bytes of host memory; :meth:`allocate` never blocks."""
+
+    def __init__(self, layout: KVLayout, capacity: int, *, alignment: int = 4096, pin_memory: bool | None = None) -> None:
+        if alignment <= 0 or alignment & (alignment - 1):
+            raise ValueError(f"alignment must be a power of two, not {alignment}")
+        self.layout = layout
+        self.alignment = alignment
+        self.capacity = capacity - capacity % alignment
+        self.pinned = cuda_available() if pin_memory is None else pin_memory
+        self.buffer = torch.empty(self.capacity, dtype=torch.uint8, pin_memory=self.pinned)
+        self._by_start: dict[int, int] = {}
+        self._by_end: dict[int, int] = {}
+        self._by_size: dict[int, dict[int, None]] = {}
+        self._sizes: list[int] = []
+        self._used = 0
+        self._allocations = 0
+        if self.capacity:
+            self._add_free(0, self.capacity)
+
+    def aligned(self, nbytes: int) -> int:
+        return -(-nbytes // self.alignment) * self.alignment
+
+    def fits(self, num_tokens: int) -> bool:
+        """Whether a chunk of ``num_tokens`` tokens could fit in the empty pool."""
+        return self.aligned(self.layout.nbytes(num_tokens)) <= self.capacity
+
+    def allocate(self, num_tokens: int) -> KVChunk | None:
+        nbytes = self.layout.nbytes(num_tokens)
+        size = self.aligned(nbytes)
+        start = self._take(size)
+        if start is None:
+            return None
+        self._used += size
+        self._allocations += 1
+        tensor = self.buffer[start : start + nbytes].view(self.layout.dtype).view(self.layout.shape(num_tokens))
+        return KVChunk(tensor, self._free, owner=self, handle=start)
+
+    def _free(self, chunk: KVChunk) -> None:
+        size = self.aligned(chunk.nbytes)
+        self._used -= size
+        self._allocations -= 1
+        self._add_free(chunk.handle, size)
+
+    def _take(self, size: int) -> int | None:
+        bucket = self._by_size.get(size)
+        if bucket is None:
+            index = bisect.bisect_left(self._sizes, size)
+            if index == len(self._sizes):
+                return None
+            bucket = self._by_size[self._sizes[index]]
+        start = next(iter(bucket))
+        block = self._by_start[start]
+        self._remove_free(start, block)
+        if block > size:
+            self._add_free(start + size, block - size)
+        return start
+
+    def _add_free(self, start: int, size: int) -> None:
+        before = self._by_end.get(start)
+        if before is not None:
+            before_size = start - before
+            self._remove_free(before, before_size)
+            start, size = before, size + before_size
+        after = self._by_start.get(start + size)
+        if after is not None:
+            self._remove_free(start + size, after)
+            size += after
+        self._by_start[start] = size
+        self._by_end[start + size] = start
+        bucket = self._by_size.get(size)
+        if bucket is None:
+            bucket = self._by_size[size] = {}
+            bisect.insort(self._sizes, size)
+        bucket[start] = None
+
+    def _remove_free(self, start: int, size: int) -> None:
+        del self._by_start[start]
+        del self._by_end[start + size]
+        bucket = self._by_size[size]
+        del bucket[start]
+        if not bucket:
+            del self._by_size[size]
+            del self._sizes[bisect.bisect_left(self._sizes, size)]
+
+    @property
+    def used_bytes(self) -> int:
+        return self._used
+
+    @property
+    def largest_free(self) -> int:
+        return self._sizes[-1] if self._sizes else 0
+
+    def statistics(self) -> AllocatorStatistics:
+        return AllocatorStatistics(self.capacity, self._used, self._allocations)
+
+    def check(self) -> None:
+        """Assert the pool's bookkeeping is consistent (for tests): no overlap, no leak, coalesced."""
+        free = sum(self._by_start.values())
+        if free + self._used != self.capacity:
+            raise AssertionError(f"pool accounting: free {free} + used {self._used} != capacity {self.capacity}")
+        for start, size in self._by_start.items():
+            if self._by_end.get(start + size) != start or start not in self._by_size.get(size, {}):
+                raise AssertionError(f"pool free-list indexes disagree about block {start}+{size}")
+            if start + size in self._by_start:
+                raise AssertionError(f"free blocks at {start} and {start + size} were not coalesced")
+        if self._sizes != sorted(self._by_size):
+            raise AssertionError("pool size index is out of order")

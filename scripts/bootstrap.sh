@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Create (or refresh) the project's virtual environment in .venv at the repo root and
+# install the core, every plugin (editable) and the development tools.
+# Idempotent: a stamp keyed on every pyproject.toml skips the work when nothing changed.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+venv="$root/.venv"
+python=${PYTHON:-python3}
+
+# vLLM's CPU build pins this torch; installing it first keeps pip from resolving a CUDA build.
+torch_spec="torch==2.13.0"
+
+stamp_src=$(cat pyproject.toml plugins/*/pyproject.toml scripts/bootstrap.sh | sha256sum | cut -c1-16)
+stamp="$venv/.lmplug-bootstrap-$stamp_src"
+if [ -f "$stamp" ]; then
+  exit 0
+fi
+
+if [ ! -x "$venv/bin/python" ]; then
+  echo "bootstrap: creating $venv" >&2
+  "$python" -m venv "$venv"
+fi
+pip() { "$venv/bin/python" -m pip --disable-pip-version-check "$@"; }
+pip install --quiet --upgrade pip
+if ! "$venv/bin/python" -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 1)" 2>/dev/null; then
+  echo "bootstrap: installing $torch_spec (CPU build where there is no GPU)" >&2
+  pip install --quiet "$torch_spec"
+fi
+editables=(-e ".[dev]")
+for plugin in plugins/*/; do
+  editables+=(-e "$plugin")
+done
+echo "bootstrap: installing lmplug and its plugins (editable)" >&2
+pip install --quiet "${editables[@]}"
+rm -f "$venv"/.lmplug-bootstrap-*
+touch "$stamp"
