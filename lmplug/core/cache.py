@@ -9,7 +9,6 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from types import TracebackType
 
-
 import anyio
 import torch
 
@@ -82,7 +81,11 @@ class Cache:
                 slots.append(bind_tier(self.plugins.pm, plan.entry.tier_name, tier))
                 stack.callback(self.plugins.pm.unregister, name=f"tier:{plan.entry.tier_name}")
             self.allocator: ChunkAllocator = next(
-                (s.tier.allocator for s in slots if Capability.PROVIDES_ALLOCATOR in s.tier.capabilities and s.tier.allocator),
+                (
+                    s.tier.allocator
+                    for s in slots
+                    if Capability.PROVIDES_ALLOCATOR in s.tier.capabilities and s.tier.allocator
+                ),
                 None,
             ) or HeapAllocator(self.layout)
             for slot in slots:
@@ -216,8 +219,8 @@ class Cache:
         self.metrics.retrieved_bytes.inc(num_tokens * self.layout.bytes_per_token)
         return out.narrow(2, 0, num_tokens), num_tokens
 
-    async def lease(self, tokens: object, *, timeout: float | None = None) -> Lease:
-        """Pin the leading cached chunks of ``tokens`` in host memory until released or timed out.
+    async def lease(self, tokens: object, *, ttl: float | None = None) -> Lease:
+        """Pin the leading cached chunks of ``tokens`` in host memory for ``ttl`` seconds or until released.
 
         Chunks found in lower tiers are promoted on the way, so a later :meth:`retrieve`
         of the leased tokens is served from memory. ``lease.num_tokens`` may be 0.
@@ -227,7 +230,7 @@ class Cache:
         keys = self.keymaker.keys(array)
         chunks = await self.pipeline.retrieve(keys, self._token_counts(array.size, len(keys))) if keys else []
         num_tokens = sum(chunk.num_tokens for chunk in chunks)
-        return self._leases.grant(chunks, num_tokens, self.config.lease_timeout if timeout is None else timeout)
+        return self._leases.grant(chunks, num_tokens, self.config.lease_timeout if ttl is None else ttl)
 
     async def evict(self, tokens: object, *, tiers: Sequence[str] | None = None) -> dict[str, int]:
         """Drop the chunks of ``tokens`` from every tier (or the named ones); chunks dropped per tier."""
@@ -279,5 +282,3 @@ def open_cache(
     on it); ``environ`` replaces ``os.environ`` for ``LMPLUG_*`` overrides and switches.
     """
     return Cache(config, plugins=plugins, environ=environ)
-
-

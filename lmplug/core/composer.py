@@ -12,7 +12,7 @@ from lmplug.core.config import LmplugConfig, TierConfig, config_error
 from lmplug.core.keys import ChunkKey
 from lmplug.core.layout import KVLayout
 from lmplug.core.tier import Tier, TierContext, TierType
-from lmplug.errors import PluginContractError
+from lmplug.errors import LmplugError, PluginContractError, PluginError
 from lmplug.hooks.manager import PluginHost
 
 
@@ -59,7 +59,14 @@ def build_tier(
         fingerprint=fingerprint,
         report_evicted=report_evicted,
     )
-    tier = plan.tier_type.factory(context, plan.options)
+    try:
+        tier = plan.tier_type.factory(context, plan.options)
+    except LmplugError:
+        raise
+    except Exception as exc:
+        raise PluginError(
+            f"could not build tier {context.name!r} (type {plan.tier_type.name!r}): {type(exc).__name__}: {exc}"
+        ) from exc
     if not isinstance(tier, Tier):
         raise PluginContractError(
             f"the factory of tier type {plan.tier_type.name!r} returned {type(tier).__qualname__}, not an lmplug.Tier"

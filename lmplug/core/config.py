@@ -75,7 +75,9 @@ class LmplugConfig(StrictModel):
     chunk_size: PositiveInt = Field(default=256, description="Tokens per chunk.")
     save_partial_chunks: bool = Field(default=False, description="Also store a trailing partial chunk.")
     hash_algorithm: HashAlgorithm = "blake3"
-    namespace: str | None = Field(default=None, description="Tenant salt: caches with different namespaces never share KV.")
+    namespace: str | None = Field(
+        default=None, description="Tenant salt: caches with different namespaces never share KV."
+    )
     model: ModelConfig
     world_size: PositiveInt = 1
     rank: int = Field(default=0, ge=0)

@@ -147,7 +147,7 @@ class KeyMaker:
         count = self.num_chunks(array.size)
         if limit is not None:
             count = min(count, limit)
-        data = memoryview(array).cast("B")
+        data = array.data.cast("B")
         step = self.chunk_size * 4
         previous = self.root
         chain = self._chain

@@ -93,7 +93,7 @@ class KVChunk:
 
     def raw(self) -> memoryview:
         """The chunk's bytes as a writable memoryview (host memory only; no copy)."""
-        return memoryview(self.tensor.view(torch.uint8).reshape(-1).numpy()).cast("B")
+        return self.tensor.view(torch.uint8).reshape(-1).numpy().data.cast("B")
 
 
 @dataclass(frozen=True, slots=True)

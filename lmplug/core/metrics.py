@@ -18,13 +18,19 @@ class _TierCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         families = {
             "chunks": GaugeMetricFamily("lmplug_tier_chunks", "Chunks held by the tier.", labels=["tier", "type"]),
-            "used_bytes": GaugeMetricFamily("lmplug_tier_used_bytes", "Bytes held by the tier.", labels=["tier", "type"]),
+            "used_bytes": GaugeMetricFamily(
+                "lmplug_tier_used_bytes", "Bytes held by the tier.", labels=["tier", "type"]
+            ),
             "capacity_bytes": GaugeMetricFamily(
                 "lmplug_tier_capacity_bytes", "Configured capacity of the tier.", labels=["tier", "type"]
             ),
-            "pinned": GaugeMetricFamily("lmplug_tier_pinned_chunks", "Chunks pinned in the tier.", labels=["tier", "type"]),
+            "pinned": GaugeMetricFamily(
+                "lmplug_tier_pinned_chunks", "Chunks pinned in the tier.", labels=["tier", "type"]
+            ),
             "hits": GaugeMetricFamily("lmplug_tier_hits", "Chunks the tier served.", labels=["tier", "type"]),
-            "evictions": GaugeMetricFamily("lmplug_tier_evictions", "Chunks the tier evicted.", labels=["tier", "type"]),
+            "evictions": GaugeMetricFamily(
+                "lmplug_tier_evictions", "Chunks the tier evicted.", labels=["tier", "type"]
+            ),
         }
         for stats in self._snapshot():
             labels = [stats.name, stats.type]

@@ -7,10 +7,10 @@ their calls are serialised on the loop.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from types import TracebackType
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 from anyio.from_thread import BlockingPortal, start_blocking_portal
@@ -22,6 +22,7 @@ from lmplug.errors import CacheClosedError
 from lmplug.hooks.manager import PluginHost
 
 Backend = Literal["asyncio", "trio"]
+T = TypeVar("T")
 
 
 class SyncCache:
@@ -85,6 +86,10 @@ class SyncCache:
             raise CacheClosedError("the SyncCache is not open (use `with lmplug.SyncCache(config) as cache`)")
         return self._portal
 
+    def run_sync(self, function: Callable[[], T]) -> T:
+        """Run ``function()`` on the cache's loop thread (to touch cache internals safely)."""
+        return self._portal_or_raise().call(function)
+
     def lookup(self, tokens: object) -> int:
         return self._portal_or_raise().call(self._cache.lookup, tokens)
 
@@ -95,9 +100,9 @@ class SyncCache:
         portal = self._portal_or_raise()
         return portal.call(lambda: self._cache.retrieve(tokens, out=out))
 
-    def lease(self, tokens: object, *, timeout: float | None = None) -> Lease:
+    def lease(self, tokens: object, *, ttl: float | None = None) -> Lease:
         portal = self._portal_or_raise()
-        return portal.call(lambda: self._cache.lease(tokens, timeout=timeout))
+        return portal.call(lambda: self._cache.lease(tokens, ttl=ttl))
 
     def release(self, lease: Lease) -> None:
         """Release a lease (on the cache's loop, where its chunks live)."""

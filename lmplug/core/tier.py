@@ -111,8 +111,11 @@ class Tier(abc.ABC):
     ) -> None:
         await self.aclose()
 
-    async def aclose(self) -> None:
+    async def aclose(self) -> None:  # noqa: B027 - holding nothing is a valid default
         """Release everything the tier holds. Idempotent."""
+
+    async def drain(self) -> None:  # noqa: B027 - a tier without write-behind has nothing to wait for
+        """Wait until every write accepted so far is done (write-behind tiers override this)."""
 
     @abc.abstractmethod
     async def lmplug_contains(self, keys: Sequence[ChunkKey]) -> int: ...

@@ -108,21 +108,24 @@ class PluginHost:
             self._failed(name, distribution, version, module, exc)
             return
         offered: list[TierType[Any]] = []
-        impl = next((i for i in self.pm.hook.lmplug_register_tier_types.get_hookimpls() if i.plugin_name == name), None)
-        if impl is not None:
-            try:
-                impl.function(register=offered.append)
-            except Exception as exc:
-                self.pm.unregister(name=name)
-                self._failed(name, distribution, version, module, exc)
-                return
+        others = [other for other in self.pm.get_plugins() if other is not plugin]
+        try:
+            # A call through the plugin manager (so LMPLUG_TRACE_PLUGINS shows it) on this plugin alone.
+            self.pm.subset_hook_caller("lmplug_register_tier_types", others)(register=offered.append)
+        except Exception as exc:
+            self.pm.unregister(name=name)
+            self._failed(name, distribution, version, module, exc)
+            return
         for tier_type in offered:
             if not isinstance(tier_type, TierType):
                 self.pm.unregister(name=name)
-                self._failed(name, distribution, version, module, TypeError(f"registered {tier_type!r}, not a TierType"))
+                self._failed(
+                    name, distribution, version, module, TypeError(f"registered {tier_type!r}, not a TierType")
+                )
                 return
             owner = self._tier_owner.get(tier_type.name)
             if owner is not None:
+                self.pm.unregister(name=name)
                 raise PluginContractError(
                     f"plugins {owner!r} and {name!r} both register tier type {tier_type.name!r}; "
                     "uninstall one or exclude it with LMPLUG_PLUGINS"
@@ -135,7 +138,9 @@ class PluginHost:
             name, distribution, version, module, hooks, tuple(t.name for t in offered), error=None
         )
 
-    def _failed(self, name: str, distribution: str | None, version: str | None, module: str, exc: BaseException) -> None:
+    def _failed(
+        self, name: str, distribution: str | None, version: str | None, module: str, exc: BaseException
+    ) -> None:
         error = f"{type(exc).__name__}: {exc}"
         logger.warning("lmplug plugin %r (%s) failed to load: %s", name, distribution or module, error)
         self.plugins[name] = PluginInfo(name, distribution, version, module, error=error)

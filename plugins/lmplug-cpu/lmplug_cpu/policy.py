@@ -79,5 +79,8 @@ class LfuPolicy:
             yield from self._buckets[count]
 
 
+_POLICIES: dict[str, type[EvictionPolicy]] = {"lru": LruPolicy, "lfu": LfuPolicy, "fifo": FifoPolicy}
+
+
 def make_policy(name: PolicyName) -> EvictionPolicy:
-    return {"lru": LruPolicy, "lfu": LfuPolicy, "fifo": FifoPolicy}[name]()
+    return _POLICIES[name]()

@@ -17,7 +17,9 @@ from lmplug import AllocatorStatistics, KVChunk, KVLayout, cuda_available
 class HostPool:
     """A chunk allocator over ``capacity`` bytes of host memory; :meth:`allocate` never blocks."""
 
-    def __init__(self, layout: KVLayout, capacity: int, *, alignment: int = 4096, pin_memory: bool | None = None) -> None:
+    def __init__(
+        self, layout: KVLayout, capacity: int, *, alignment: int = 4096, pin_memory: bool | None = None
+    ) -> None:
         if alignment <= 0 or alignment & (alignment - 1):
             raise ValueError(f"alignment must be a power of two, not {alignment}")
         self.layout = layout

@@ -1,0 +1,117 @@
+"""The command line: run the selected benchmarks, print one table, optionally save JSON.
+
+The exit status is 0 whether or not targets are met (a MISS is a finding, not a failure);
+it is 1 only when a benchmark itself breaks (an exception), and 2 for bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from importlib.metadata import version
+from pathlib import Path
+from types import ModuleType
+from typing import Any, cast
+
+import torch
+
+from benchmarks import cpu_throughput, fixed_cost, lookup_128k, sync_overhead
+from benchmarks.harness import Backend, Result, Settings, format_table, write_json
+
+MODULES: tuple[ModuleType, ...] = (cpu_throughput, fixed_cost, lookup_128k, sync_overhead)
+
+
+def _registry() -> dict[str, tuple[str, Callable[[Settings], list[Result]]]]:
+    return {module.NAME: (module.SUMMARY, module.run) for module in MODULES}
+
+
+def _parser(names: Sequence[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="lmplug benchmarks; prints median, spread and PASS/MISS against each target.",
+    )
+    parser.add_argument(
+        "names", nargs="*", metavar="NAME", help=f"benchmarks to run (default: all of {', '.join(names)})"
+    )
+    parser.add_argument("--quick", action="store_true", help="a short smoke run (smaller sizes, fewer loops)")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also save the results as JSON")
+    parser.add_argument("--repeats", type=int, default=None, help="samples per case, >= 5 (default 7; 5 with --quick)")
+    parser.add_argument(
+        "--backend",
+        choices=("asyncio", "trio", "all"),
+        default=None,
+        help="event loop(s) for the async benchmarks (default: all; asyncio with --quick)",
+    )
+    parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    return parser
+
+
+def _environment() -> dict[str, Any]:
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "numpy": version("numpy"),
+        "lmplug": version("lmplug"),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    registry = _registry()
+    parser = _parser(list(registry))
+    args = parser.parse_args(argv)
+    if args.list:
+        for name, (summary, _) in registry.items():
+            print(f"{name:16} {summary}")
+        return 0
+    unknown = [name for name in args.names if name not in registry]
+    if unknown:
+        parser.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(registry)}")
+    choice: str = args.backend or ("asyncio" if args.quick else "all")
+    backends: tuple[Backend, ...] = ("asyncio", "trio") if choice == "all" else (cast(Backend, choice),)
+    try:
+        settings = Settings(
+            quick=args.quick,
+            repeats=args.repeats or (5 if args.quick else 7),
+            warmup=1 if args.quick else 2,
+            backends=backends,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+
+    selected = args.names or list(registry)
+    results: list[Result] = []
+    failed: list[str] = []
+    started = time.perf_counter()
+    for name in dict.fromkeys(selected):
+        _, run = registry[name]
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        begin = time.perf_counter()
+        try:
+            results += run(settings)
+        except Exception:
+            failed.append(name)
+            traceback.print_exc()
+        print(f"  {name}: {time.perf_counter() - begin:.1f} s", file=sys.stderr, flush=True)
+
+    mode = "quick" if settings.quick else "full"
+    print(
+        f"\nlmplug benchmarks ({mode}; {settings.repeats} samples after {settings.warmup} warm-up; "
+        f"{os.cpu_count()} CPUs, torch {torch.__version__} with {torch.get_num_threads()} threads; "
+        f"{time.perf_counter() - started:.1f} s)\n"
+    )
+    print(format_table(results))
+    if failed:
+        print(f"\nFAILED to run: {', '.join(failed)}")
+    if args.json is not None:
+        write_json(args.json, results, settings, _environment())
+        print(f"\nresults saved to {args.json}")
+    return 1 if failed else 0

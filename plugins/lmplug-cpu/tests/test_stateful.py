@@ -1,0 +1,118 @@
+"""The CPU tier against a model under random store / lookup / retrieve / evict / lease sequences.
+
+Never a wrong byte (every served KV equals the reference KV of its prefix), never more
+than was stored, leased chunks stay, and the pool's books balance after every step and
+return to zero at the end.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
+
+import lmplug
+from lmplug.testing import make_config, reference_kv
+
+CHUNK = 8
+SEGMENTS = [[(s * 101 + i * 7) % 9_000 for i in range(length)] for s, length in enumerate([5, 8, 11, 16, 3, 24])]
+prompts = st.lists(st.integers(0, len(SEGMENTS) - 1), min_size=1, max_size=5).map(
+    lambda picks: [token for index in picks for token in SEGMENTS[index]]
+)
+
+
+class CpuTierMachine(RuleBasedStateMachine):
+    backend: ClassVar[str] = "asyncio"
+    leases = Bundle("leases")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = make_config(
+            [{"type": "cpu", "capacity": 10 * 4096, "eviction": "lru"}],
+            chunk_size=CHUNK,
+            save_partial_chunks=True,
+        )
+        self.cache = lmplug.SyncCache(self.config, backend=self.backend)  # type: ignore[arg-type]
+        self.cache.open()
+        self.stored_keys: set[bytes] = set()
+        self.pinned: dict[int, list[bytes]] = {}
+
+    def _possible(self, tokens: list[int]) -> int:
+        """Tokens the cache could at most know: the chunks stored so far, contiguous from 0."""
+        keys = self.cache.cache.keys(tokens)
+        count = 0
+        while count < len(keys) and keys[count] in self.stored_keys:
+            count += 1
+        return min(count * CHUNK, len(tokens))
+
+    @rule(tokens=prompts)
+    def store(self, tokens: list[int]) -> None:
+        stored = self.cache.store(tokens, reference_kv(tokens, self.config))
+        keys = self.cache.cache.keys(tokens)
+        self.stored_keys.update(keys[: -(-stored // CHUNK)])
+
+    @rule(tokens=prompts)
+    def lookup(self, tokens: list[int]) -> None:
+        found = self.cache.lookup(tokens)
+        assert found <= self._possible(tokens)
+        assert found % CHUNK == 0 or found == len(tokens)
+
+    @rule(tokens=prompts)
+    def retrieve(self, tokens: list[int]) -> None:
+        kv, count = self.cache.retrieve(tokens)
+        assert count <= self._possible(tokens)
+        assert torch.equal(kv, reference_kv(tokens, self.config)[:, :, :count])
+
+    @rule(target=leases, tokens=prompts)
+    def lease(self, tokens: list[int]) -> lmplug.Lease:
+        lease = self.cache.lease(tokens, ttl=3600)
+        keys = self.cache.cache.keys(tokens)
+        self.pinned[lease.lease_id] = list(keys[: -(-lease.num_tokens // CHUNK)])
+        return lease
+
+    @rule(lease=consumes(leases))
+    def release(self, lease: lmplug.Lease) -> None:
+        self.cache.release(lease)
+        self.pinned.pop(lease.lease_id)
+
+    @rule(tokens=prompts)
+    def evict(self, tokens: list[int]) -> None:
+        self.cache.evict(tokens)
+        keys = self.cache.cache.keys(tokens)
+        pinned = {key for keys in self.pinned.values() for key in keys}
+        if keys and keys[0] not in pinned:
+            assert self.cache.lookup(tokens) == 0
+
+    @invariant()
+    def leased_chunks_stay(self) -> None:
+        tier: Any = self.cache.cache.pipeline.slots[0].tier
+        held = self.cache.run_sync(lambda: set(tier._index))
+        for keys in self.pinned.values():
+            assert set(keys) <= held
+
+    @invariant()
+    def books_balance(self) -> None:
+        tier: Any = self.cache.cache.pipeline.slots[0].tier
+        self.cache.run_sync(tier.pool.check)
+        stats = self.cache.statistics()
+        assert stats.allocator.used_bytes == stats.tiers[0].used_bytes
+        assert stats.leases == len(self.pinned)
+
+    def teardown(self) -> None:
+        pool = self.cache.cache.pipeline.slots[0].tier.pool  # type: ignore[attr-defined]
+        self.cache.close()
+        pool.check()
+        assert pool.used_bytes == 0
+
+
+class TrioCpuTierMachine(CpuTierMachine):
+    backend = "trio"
+
+
+TestCpuTierModelAsyncio = CpuTierMachine.TestCase
+TestCpuTierModelTrio = TrioCpuTierMachine.TestCase
+TestCpuTierModelAsyncio.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
+TestCpuTierModelTrio.settings = settings(max_examples=25, stateful_step_count=30, deadline=None)

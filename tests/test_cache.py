@@ -1,0 +1,270 @@
+"""The cache API over the embedded default stack (one cpu tier)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pytest
+import torch
+
+import lmplug
+from lmplug.errors import CacheClosedError, InvalidTokensError, KVDtypeError, KVShapeError, TokenCountMismatch
+from lmplug.testing import make_config, reference_kv
+
+CHUNK = 16
+
+
+def prompt(seed: int, length: int) -> list[int]:
+    return [(seed * 7919 + i * 104_729) % 50_000 for i in range(length)]
+
+
+@pytest.fixture
+def config() -> dict[str, Any]:
+    return make_config([{"type": "cpu", "capacity": "1MiB"}], chunk_size=CHUNK)
+
+
+async def test_store_then_lookup_and_retrieve_full_chunks(config: dict[str, Any]) -> None:
+    async with lmplug.open_cache(config) as cache:
+        tokens = prompt(1, 3 * CHUNK + 5)
+        kv = reference_kv(tokens, config)
+        assert await cache.lookup(tokens) == 0
+        assert await cache.store(tokens, kv) == 3 * CHUNK
+        assert await cache.lookup(tokens) == 3 * CHUNK
+        out, count = await cache.retrieve(tokens)
+        assert count == 3 * CHUNK
+        assert torch.equal(out, kv[:, :, :count])
+
+
+async def test_partial_chunks_are_cached_when_configured(config: dict[str, Any]) -> None:
+    config["save_partial_chunks"] = True
+    async with lmplug.open_cache(config) as cache:
+        tokens = prompt(2, 2 * CHUNK + 5)
+        assert await cache.store(tokens, reference_kv(tokens, config)) == len(tokens)
+        assert await cache.lookup(tokens) == len(tokens)
+        # A longer prompt shares the full chunks but not the partial one.
+        longer = [*tokens, 1, 2, 3]
+        assert await cache.lookup(longer) == 2 * CHUNK
+
+
+async def test_retrieve_into_a_caller_buffer(config: dict[str, Any]) -> None:
+    async with lmplug.open_cache(config) as cache:
+        tokens = prompt(3, 2 * CHUNK)
+        kv = reference_kv(tokens, config)
+        await cache.store(tokens, kv)
+        out = torch.full((2, 2, 3 * CHUNK, 8), -1.0)
+        view, count = await cache.retrieve([*tokens, *prompt(4, CHUNK)], out=out)
+        assert count == 2 * CHUNK
+        assert view.data_ptr() == out.data_ptr()
+        assert torch.equal(out[:, :, :count], kv)
+        assert bool((out[:, :, count:] == -1).all())
+
+
+async def test_a_too_small_out_buffer_is_rejected(config: dict[str, Any]) -> None:
+    async with lmplug.open_cache(config) as cache:
+        with pytest.raises(KVShapeError, match="must cover 32 tokens"):
+            await cache.retrieve(prompt(5, 2 * CHUNK), out=torch.empty(2, 2, CHUNK, 8))
+        with pytest.raises(KVDtypeError):
+            await cache.retrieve(prompt(5, CHUNK), out=torch.empty(2, 2, CHUNK, 8, dtype=torch.float16))
+
+
+async def test_non_contiguous_kv_is_stored_correctly(config: dict[str, Any]) -> None:
+    async with lmplug.open_cache(config) as cache:
+        tokens = prompt(6, 2 * CHUNK)
+        kv = reference_kv(tokens, config)
+        token_major = kv.permute(2, 0, 1, 3).contiguous()  # [tokens, 2, layers, hidden]
+        await cache.store(tokens, token_major.permute(1, 2, 0, 3))
+        out, _ = await cache.retrieve(tokens)
+        assert torch.equal(out, kv)
+
+
+@pytest.mark.parametrize(
+    ("make_kv", "error", "message"),
+    [
+        (lambda n: torch.zeros(2, 2, n, 9), KVShapeError, "shape is"),
+        (lambda n: torch.zeros(2, 3, n, 8), KVShapeError, "layers=2"),
+        (lambda n: torch.zeros(1, 2, n, 8), KVShapeError, "shape is"),
+        (lambda n: torch.zeros(2, 2, n, 8, dtype=torch.float16), KVDtypeError, "dtype is torch.float16"),
+        (lambda n: torch.zeros(2, 2, n - 1, 8), TokenCountMismatch, "covers 31 tokens but 32"),
+        (lambda n: [[0.0]] * n, KVShapeError, "must be a torch.Tensor"),
+    ],
+)
+async def test_bad_kv_is_rejected_and_changes_nothing(
+    config: dict[str, Any], make_kv: Any, error: type[Exception], message: str
+) -> None:
+    async with lmplug.open_cache(config) as cache:
+        tokens = prompt(7, 2 * CHUNK)
+        with pytest.raises(error, match=message):
+            await cache.store(tokens, make_kv(len(tokens)))
+        assert await cache.lookup(tokens) == 0
+        assert cache.allocator.statistics().used_bytes == 0
+
+
+async def test_bad_tokens_are_rejected(config: dict[str, Any]) -> None:
+    async with lmplug.open_cache(config) as cache:
+        with pytest.raises(InvalidTokensError):
+            await cache.lookup([1, -1])
+        with pytest.raises(InvalidTokensError):
+            await cache.store(torch.zeros(2, 3, dtype=torch.int64), torch.zeros(2, 2, 6, 8))
+
+
+async def test_storing_what_is_held_copies_nothing(config: dict[str, Any]) -> None:
+    async with lmplug.open_cache(config) as cache:
+        tokens = prompt(8, 4 * CHUNK)
+        await cache.store(tokens[: 2 * CHUNK], reference_kv(tokens[: 2 * CHUNK], config))
+        stored_before = cache.statistics().tiers[0].stored
+        assert await cache.store(tokens, reference_kv(tokens, config)) == 4 * CHUNK
+        assert cache.statistics().tiers[0].stored == stored_before + 2
+
+
+async def test_empty_and_short_prompts(config: dict[str, Any]) -> None:
+    async with lmplug.open_cache(config) as cache:
+        assert await cache.lookup([]) == 0
+        assert await cache.store([], torch.zeros(2, 2, 0, 8)) == 0
+        short = prompt(9, CHUNK - 1)
+        assert await cache.store(short, reference_kv(short, config)) == 0
+        kv, count = await cache.retrieve(short)
+        assert (count, tuple(kv.shape)) == (0, (2, 2, 0, 8))
+
+
+async def test_memory_pressure_evicts_least_recently_used(config: dict[str, Any]) -> None:
+    config["tiers"][0]["capacity"] = 4 * 4096  # four chunks of 16 tokens x 128 bytes, 4 KiB-aligned
+    async with lmplug.open_cache(config) as cache:
+        a, b, c = prompt(10, 2 * CHUNK), prompt(11, 2 * CHUNK), prompt(12, 2 * CHUNK)
+        await cache.store(a, reference_kv(a, config))
+        await cache.store(b, reference_kv(b, config))
+        await cache.retrieve(a)  # a is now more recent than b
+        assert await cache.store(c, reference_kv(c, config)) == 2 * CHUNK
+        assert await cache.lookup(a) == 2 * CHUNK
+        assert await cache.lookup(b) == 0
+        assert await cache.lookup(c) == 2 * CHUNK
+        assert cache.statistics().tiers[0].evictions == 2
+
+
+async def test_leased_chunks_survive_pressure_until_the_lease_ends(config: dict[str, Any]) -> None:
+    config["tiers"][0]["capacity"] = 2 * 4096
+    async with lmplug.open_cache(config) as cache:
+        a, b = prompt(13, 2 * CHUNK), prompt(14, 2 * CHUNK)
+        await cache.store(a, reference_kv(a, config))
+        lease = await cache.lease(a)
+        assert lease.num_tokens == 2 * CHUNK
+        # Every chunk is pinned: the store cannot make room, and says so instead of blocking.
+        assert await cache.store(b, reference_kv(b, config)) == 0
+        assert await cache.lookup(a) == 2 * CHUNK
+        lease.release()
+        lease.release()  # idempotent
+        assert await cache.store(b, reference_kv(b, config)) == 2 * CHUNK
+        assert await cache.lookup(a) == 0
+
+
+async def test_leases_expire(config: dict[str, Any]) -> None:
+    async with lmplug.open_cache(config) as cache:
+        tokens = prompt(15, CHUNK)
+        await cache.store(tokens, reference_kv(tokens, config))
+        lease = await cache.lease(tokens, ttl=0.05)
+        assert cache.statistics().tiers[0].pinned == 1
+        with anyio.fail_after(5):
+            while lease.active:  # noqa: ASYNC110 - the lease has no event to wait on; expiry is what is tested
+                await anyio.sleep(0.01)
+        assert cache.statistics().tiers[0].pinned == 0
+        assert cache.statistics().leases == 0
+        assert b"lmplug_expired_leases_total 1.0" in cache.metrics.render()
+
+
+async def test_lease_as_a_context_manager(config: dict[str, Any]) -> None:
+    async with lmplug.open_cache(config) as cache:
+        tokens = prompt(16, CHUNK)
+        await cache.store(tokens, reference_kv(tokens, config))
+        async with await cache.lease(tokens) as lease:
+            assert cache.statistics().leases == 1
+        assert not lease.active
+        assert cache.statistics().leases == 0
+
+
+async def test_closing_releases_leases_and_memory(config: dict[str, Any]) -> None:
+    cache = lmplug.open_cache(config)
+    async with cache:
+        tokens = prompt(17, 3 * CHUNK)
+        await cache.store(tokens, reference_kv(tokens, config))
+        lease = await cache.lease(tokens)
+    assert not lease.active
+    assert cache.allocator.statistics().used_bytes == 0
+
+
+async def test_a_closed_cache_refuses_calls(config: dict[str, Any]) -> None:
+    cache = lmplug.open_cache(config)
+    with pytest.raises(CacheClosedError):
+        await cache.lookup([1])
+    async with cache:
+        pass
+    with pytest.raises(CacheClosedError):
+        await cache.store([1], torch.zeros(2, 2, 1, 8))
+    with pytest.raises(RuntimeError, match="only once"):
+        async with cache:
+            pass
+
+
+async def test_evict_on_command(config: dict[str, Any]) -> None:
+    async with lmplug.open_cache(config) as cache:
+        tokens = prompt(18, 3 * CHUNK)
+        await cache.store(tokens, reference_kv(tokens, config))
+        assert await cache.evict(tokens[:CHUNK]) == {"cpu": 1}
+        assert await cache.lookup(tokens) == 0
+
+
+async def test_metrics_count_the_data_path(config: dict[str, Any]) -> None:
+    async with lmplug.open_cache(config) as cache:
+        tokens = prompt(19, 2 * CHUNK)
+        await cache.lookup(tokens)
+        await cache.store(tokens, reference_kv(tokens, config))
+        await cache.lookup(tokens)
+        await cache.retrieve(tokens)
+        text = cache.metrics.render().decode()
+    for line in [
+        "lmplug_lookups_total 2.0",
+        "lmplug_lookup_tokens_total 64.0",
+        "lmplug_lookup_hit_tokens_total 32.0",
+        "lmplug_stored_tokens_total 32.0",
+        f"lmplug_stored_bytes_total {32 * 128}.0",
+        "lmplug_retrieved_tokens_total 32.0",
+        'lmplug_tier_chunks{tier="cpu",type="cpu"} 2.0',
+        'lmplug_tier_capacity_bytes{tier="cpu",type="cpu"} 1.048576e+06',
+    ]:
+        assert line in text
+
+
+async def test_different_prefixes_never_share_kv(config: dict[str, Any]) -> None:
+    async with lmplug.open_cache(config) as cache:
+        shared = prompt(20, CHUNK)
+        first = prompt(21, CHUNK) + shared
+        second = prompt(22, CHUNK) + shared
+        await cache.store(first, reference_kv(first, config))
+        await cache.store(second, reference_kv(second, config))
+        out, count = await cache.retrieve(second)
+        assert count == 2 * CHUNK
+        assert torch.equal(out, reference_kv(second, config))
+
+
+async def test_many_concurrent_users(config: dict[str, Any]) -> None:
+    config["tiers"][0]["capacity"] = 24 * 4096  # pressure: not everything fits
+    async with lmplug.open_cache(config) as cache:
+        system = prompt(23, 2 * CHUNK)
+        wrong: list[int] = []
+
+        async def user(seed: int) -> None:
+            history = list(system)
+            for turn in range(4):
+                history += prompt(seed * 10 + turn, CHUNK + seed % 5)
+                kv, count = await cache.retrieve(history)
+                if not torch.equal(kv, reference_kv(history, config)[:, :, :count]):
+                    wrong.append(seed)
+                await cache.store(history, reference_kv(history, config))
+                await anyio.lowlevel.checkpoint()
+
+        async with anyio.create_task_group() as group:
+            for seed in range(12):
+                group.start_soon(user, seed)
+        assert wrong == []
+        stats = cache.statistics()
+        assert stats.allocator.used_bytes == stats.tiers[0].used_bytes

@@ -1,0 +1,201 @@
+"""The hook contract: one test per hook, and every hook documented (spec and docs/hooks.md)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import lmplug
+from lmplug.hooks import specs
+from lmplug.hooks.manager import make_plugin_manager
+from lmplug.testing import make_config, reference_kv
+
+ROOT = Path(__file__).parents[1]
+HOOKS = sorted(name for name in vars(specs) if name.startswith("lmplug_"))
+CHUNK = 16
+
+
+@pytest.fixture
+def stack(third_party_plugins: Path) -> dict[str, Any]:
+    """L1 in memory above the memo tier (a stand-in for a slower, lower tier)."""
+    return make_config([{"type": "cpu", "capacity": "1MiB"}, {"type": "memo", "name": "low"}], chunk_size=CHUNK)
+
+
+def tokens(seed: int, chunks: int) -> list[int]:
+    return [(seed * 131 + i * 7) % 30_000 for i in range(chunks * CHUNK)]
+
+
+def test_every_hook_has_a_test() -> None:
+    here = Path(__file__).read_text()
+    assert [name for name in HOOKS if f"def test_hook_{name}" not in here] == []
+
+
+def test_every_hook_is_documented() -> None:
+    docs = (ROOT / "docs" / "hooks.md").read_text()
+    pm = make_plugin_manager()
+    for name in HOOKS:
+        doc = getattr(specs, name).__doc__ or ""
+        for section in ("**Call pattern:**", "**Colour:**", "**Process:**", ":returns:"):
+            assert section in doc, f"{name} docstring lacks {section}"
+        argnames = pm.hook.__dict__[name].spec.argnames
+        assert re.search(rf"^## `{name}\({', '.join(argnames)}\)`", docs, re.MULTILINE), f"docs/hooks.md lacks {name}"
+
+
+async def test_hook_lmplug_register_tier_types(third_party_plugins: Path) -> None:
+    host = lmplug.PluginHost.from_environment({})
+    assert {"cpu", "memo"} <= set(host.tier_types)
+    assert host.tier_types["memo"].config_model.__name__ == "MemoOptions"
+
+
+def test_hook_lmplug_register_commands(third_party_plugins: Path) -> None:
+    from lmplug.cli import build_parser
+
+    parser, runners = build_parser(lmplug.PluginHost.from_environment({}))
+    assert "memo-info" in runners
+    assert parser.parse_args(["memo-info", "x"]).word == "x"
+
+
+async def test_hook_lmplug_chunks_evicted(stack: dict[str, Any]) -> None:
+    seen: list[tuple[str, int]] = []
+
+    class Listener:
+        @lmplug.hookimpl
+        def lmplug_chunks_evicted(self, tier: str, keys: Any) -> None:
+            seen.append((tier, len(keys)))
+
+    host = lmplug.PluginHost.from_environment({})
+    host.register(Listener(), "listener")
+    async with lmplug.open_cache(stack, plugins=host) as cache:
+        prompt = tokens(1, 3)
+        await cache.store(prompt, reference_kv(prompt, stack))
+        await cache.evict(prompt)
+    assert seen == [("cpu", 3), ("low", 3)]
+
+
+async def test_hook_lmplug_contains(stack: dict[str, Any]) -> None:
+    async with lmplug.open_cache(stack) as cache:
+        prompt = tokens(2, 4)
+        await cache.store(prompt, reference_kv(prompt, stack))
+        # The first two chunks only in L1, the last two only below it: still contiguous.
+        await cache.evict(prompt[: 2 * CHUNK], tiers=["low"])
+        keys = cache.keys(prompt)
+        await cache.pipeline.slots[0].evict(keys[2:])
+        assert await cache.pipeline.slots[0].contains(keys) == 2
+        assert await cache.pipeline.slots[1].contains(keys) == 0
+        assert await cache.lookup(prompt) == 4 * CHUNK
+
+
+async def test_hook_lmplug_retrieve(stack: dict[str, Any]) -> None:
+    """Waterfall: a hit below L1 is served and promoted into L1."""
+    async with lmplug.open_cache(stack) as cache:
+        prompt = tokens(3, 3)
+        kv = reference_kv(prompt, stack)
+        await cache.store(prompt, kv)
+        await cache.evict(prompt, tiers=["cpu"])
+        low = cache.pipeline.slots[1].tier
+        before = low.calls.get("retrieve", 0)  # type: ignore[attr-defined]
+        out, count = await cache.retrieve(prompt)
+        assert count == 3 * CHUNK
+        assert torch.equal(out, kv)
+        assert low.calls["retrieve"] == before + 1  # type: ignore[attr-defined]
+        assert await cache.pipeline.slots[0].contains(cache.keys(prompt)) == 3  # promoted
+        await cache.retrieve(prompt)
+        assert low.calls["retrieve"] == before + 1  # type: ignore[attr-defined]  # served by L1 now
+
+
+async def test_hook_lmplug_store(stack: dict[str, Any]) -> None:
+    """Write-all: every tier gets the chunks."""
+    async with lmplug.open_cache(stack) as cache:
+        prompt = tokens(4, 2)
+        await cache.store(prompt, reference_kv(prompt, stack))
+        keys = cache.keys(prompt)
+        for slot in cache.pipeline.slots:
+            assert await slot.contains(keys) == 2
+
+
+async def test_hook_lmplug_evict(stack: dict[str, Any]) -> None:
+    async with lmplug.open_cache(stack) as cache:
+        prompt = tokens(5, 2)
+        await cache.store(prompt, reference_kv(prompt, stack))
+        assert await cache.evict(prompt, tiers=["low"]) == {"low": 2}
+        assert await cache.evict(prompt) == {"cpu": 2, "low": 0}
+        assert await cache.lookup(prompt) == 0
+
+
+async def test_hook_lmplug_transfer(stack: dict[str, Any]) -> None:
+    async with lmplug.open_cache(stack) as cache:
+        prompt = tokens(6, 2)
+        kv = reference_kv(prompt, stack)
+        keys = cache.keys(prompt)
+        chunks = []
+        for index in range(2):
+            chunk = cache.allocator.allocate(CHUNK)
+            assert chunk is not None
+            chunk.tensor.copy_(kv[:, :, index * CHUNK : (index + 1) * CHUNK])
+            chunks.append(chunk)
+        assert await cache.pipeline.slots[0].transfer(keys, chunks, "low") == 2
+        for chunk in chunks:
+            chunk.release()
+        out, count = await cache.retrieve(prompt)
+        assert count == 2 * CHUNK
+        assert torch.equal(out, kv)
+
+
+# --------------------------------------------------------------------------- degraded tiers
+
+
+async def test_a_failing_lower_tier_is_a_miss_not_an_error(stack: dict[str, Any]) -> None:
+    async with lmplug.open_cache(stack) as cache:
+        prompt = tokens(7, 2)
+        await cache.store(prompt, reference_kv(prompt, stack))
+        await cache.evict(prompt, tiers=["cpu"])
+        cache.pipeline.slots[1].tier.failing.update({"contains", "retrieve"})  # type: ignore[attr-defined]
+        assert await cache.lookup(prompt) == 0
+        _, count = await cache.retrieve(prompt)
+        assert count == 0
+        text = cache.metrics.render().decode()
+        assert 'lmplug_tier_errors_total{operation="retrieve",tier="low"} 1.0' in text
+
+
+async def test_a_failing_tier_does_not_stop_the_others_storing(
+    stack: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    async with lmplug.open_cache(stack) as cache:
+        cache.pipeline.slots[1].tier.failing.update({"store", "contains"})  # type: ignore[attr-defined]
+        prompt = tokens(8, 2)
+        kv = reference_kv(prompt, stack)
+        for _ in range(3):
+            await cache.store(prompt, kv)
+        out, count = await cache.retrieve(prompt)
+        assert torch.equal(out, kv)
+        assert count == 2 * CHUNK
+    warnings = [r for r in caplog.records if "failed to store" in r.getMessage()]
+    assert len(warnings) == 1  # reported once, not on every call
+    assert "TierUnavailable" in warnings[0].getMessage()
+
+
+async def test_corrupt_kv_from_a_tier_is_dropped_never_served(stack: dict[str, Any]) -> None:
+    async with lmplug.open_cache(stack) as cache:
+        prompt = tokens(9, 2)
+        await cache.store(prompt, reference_kv(prompt, stack))
+        await cache.evict(prompt, tiers=["cpu"])
+        cache.pipeline.slots[1].tier.corrupt = True  # type: ignore[attr-defined]
+        _, count = await cache.retrieve(prompt)
+        assert count == 0
+        assert cache.allocator.statistics().used_bytes == 0  # the rejected chunks were released
+        assert 'lmplug_tier_errors_total{operation="retrieve",tier="low"} 1.0' in cache.metrics.render().decode()
+
+
+async def test_a_slow_tier_serves_correct_kv(third_party_plugins: Path) -> None:
+    config = make_config([{"type": "memo", "latency": "5ms"}], chunk_size=CHUNK)
+    async with lmplug.open_cache(config) as cache:
+        prompt = tokens(10, 2)
+        await cache.store(prompt, reference_kv(prompt, config))
+        out, count = await cache.retrieve(prompt)
+        assert torch.equal(out, reference_kv(prompt, config))
+        assert count == 2 * CHUNK
+        assert isinstance(cache.allocator, lmplug.HeapAllocator)  # no tier provides a pool

@@ -1,0 +1,247 @@
+"""Plugin loading: entry points, switches, failures, and the tier contract."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import lmplug
+from lmplug.errors import ConfigError, PluginContractError, PluginError, PluginUnavailable
+from lmplug.hooks.manager import PluginHost
+from lmplug.testing import TierConformance, make_config, reference_kv
+
+
+def test_entry_point_plugins_are_found_with_their_distribution(third_party_plugins: Path) -> None:
+    host = PluginHost.from_environment({})
+    memo = host.plugins["memo"]
+    assert (memo.distribution, memo.version, memo.error) == ("lmplug-memo", "0.1.0", None)
+    assert memo.tier_types == ("memo",)
+    assert "lmplug_register_tier_types" in memo.hooks
+    assert host.plugins["cpu"].distribution == "lmplug-cpu"
+    assert "memo" in host.tier_types
+
+
+async def test_a_third_party_tier_composes_into_a_stack(third_party_plugins: Path) -> None:
+    config = make_config([{"type": "cpu", "capacity": "1MiB"}, {"type": "memo", "name": "shared", "latency": "1ms"}])
+    async with lmplug.open_cache(config) as cache:
+        assert cache.pipeline.names == ("cpu", "shared")
+        tokens = list(range(40))
+        await cache.store(tokens, reference_kv(tokens, config))
+        memo = cache.pipeline.slots[1].tier
+        assert len(memo.data) == 2  # type: ignore[attr-defined]
+
+
+def test_allow_list_limits_what_loads(third_party_plugins: Path) -> None:
+    assert set(PluginHost.from_environment({"LMPLUG_PLUGINS": "cpu"}).plugins) == {"cpu"}
+    assert set(PluginHost.from_environment({"LMPLUG_PLUGINS": " memo , cpu "}).plugins) == {"cpu", "memo"}
+    assert PluginHost.from_environment({"LMPLUG_PLUGINS": ""}).plugins == {}
+
+
+def test_autoload_can_be_disabled(third_party_plugins: Path) -> None:
+    assert PluginHost.from_environment({"LMPLUG_DISABLE_PLUGIN_AUTOLOAD": "1"}).plugins == {}
+
+
+def test_tracing_logs_composition_hook_calls(third_party_plugins: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.DEBUG, logger="lmplug.plugins"):
+        PluginHost.from_environment({"LMPLUG_TRACE_PLUGINS": "1", "LMPLUG_PLUGINS": "memo"})
+    assert any("lmplug_register_tier_types" in record.getMessage() for record in caplog.records)
+
+
+def test_a_broken_unconfigured_plugin_is_reported_not_fatal(
+    third_party_plugins: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="lmplug.plugins"):
+        host = PluginHost.from_environment({})
+    broken = host.plugins["broken"]
+    assert broken.error is not None
+    assert "libbroken.so.1" in broken.error
+    assert any("broken" in record.getMessage() for record in caplog.records)
+
+
+async def test_a_configured_tier_whose_plugin_is_broken_fails_startup(third_party_plugins: Path) -> None:
+    with pytest.raises(PluginUnavailable) as info:
+        async with lmplug.open_cache(make_config([{"type": "broken"}])):
+            pass
+    message = str(info.value)
+    assert "lmplug-broken 0.1.0" in message
+    assert "libbroken.so.1" in message
+
+
+async def test_a_tier_type_nobody_provides_names_the_package_to_install() -> None:
+    with pytest.raises(PluginUnavailable, match="pip install lmplug-disk"):
+        async with lmplug.open_cache(make_config([{"type": "disk"}])):
+            pass
+
+
+class _TierTypes:
+    """A plugin object offering a given tier type (for contract tests)."""
+
+    def __init__(self, tier_type: lmplug.TierType[Any]) -> None:
+        self.tier_type = tier_type
+
+    @lmplug.hookimpl
+    def lmplug_register_tier_types(self, register: Any) -> None:
+        register(self.tier_type)
+
+
+def _host_with(tier_type: lmplug.TierType[Any]) -> PluginHost:
+    host = PluginHost.from_environment({"LMPLUG_PLUGINS": "cpu"})
+    host.register(_TierTypes(tier_type), "contract-test")
+    return host
+
+
+def test_two_plugins_offering_one_tier_type_is_an_error() -> None:
+    from lmplug_cpu import CpuTier, CpuTierConfig
+
+    with pytest.raises(PluginContractError, match="both register tier type 'cpu'"):
+        _host_with(lmplug.TierType("cpu", CpuTierConfig, CpuTier))
+
+
+async def test_a_factory_must_return_a_tier() -> None:
+    host = _host_with(lmplug.TierType("odd", lmplug.StrictModel, lambda context, options: object()))  # type: ignore[arg-type, return-value]
+    with pytest.raises(PluginContractError, match=r"returned object, not an lmplug\.Tier"):
+        async with lmplug.open_cache(make_config([{"type": "odd"}]), plugins=host):
+            pass
+
+
+class _Unmarked(lmplug.Tier):
+    """Implements every hook but forgot @lmplug.hookimpl on evict."""
+
+    @lmplug.hookimpl
+    async def lmplug_contains(self, keys: Any) -> int:
+        return 0
+
+    @lmplug.hookimpl
+    async def lmplug_retrieve(self, keys: Any) -> list[lmplug.KVChunk]:
+        return []
+
+    @lmplug.hookimpl
+    async def lmplug_store(self, keys: Any, chunks: Any) -> None:
+        return None
+
+    async def lmplug_evict(self, keys: Any) -> int:
+        return 0
+
+    def statistics(self) -> lmplug.TierStatistics:
+        return lmplug.TierStatistics(self.name, "unmarked", 0, 0, None)
+
+
+class _WrongSignature(_Unmarked):
+    @lmplug.hookimpl
+    async def lmplug_evict(self, keys: Any, everything: bool) -> int:  # type: ignore[override]
+        return 0
+
+
+async def test_a_tier_hook_without_the_marker_is_a_contract_error() -> None:
+    host = _host_with(lmplug.TierType("unmarked", lmplug.StrictModel, lambda c, o: _Unmarked(c)))
+    with pytest.raises(PluginContractError, match="does not implement lmplug_evict"):
+        async with lmplug.open_cache(make_config([{"type": "unmarked"}]), plugins=host):
+            pass
+
+
+async def test_a_tier_hook_with_the_wrong_signature_is_a_contract_error() -> None:
+    host = _host_with(lmplug.TierType("wrong", lmplug.StrictModel, lambda c, o: _WrongSignature(c)))
+    with pytest.raises(PluginContractError, match="breaks the hook contract"):
+        async with lmplug.open_cache(make_config([{"type": "wrong"}]), plugins=host):
+            pass
+
+
+async def test_a_factory_that_crashes_is_a_plugin_error() -> None:
+    def crash(context: lmplug.TierContext, options: lmplug.StrictModel) -> lmplug.Tier:
+        raise OSError("no such device")
+
+    host = _host_with(lmplug.TierType("crashy", lmplug.StrictModel, crash))
+    with pytest.raises(PluginError, match=r"could not build tier 'crashy'.*OSError: no such device"):
+        async with lmplug.open_cache(make_config([{"type": "crashy"}]), plugins=host):
+            pass
+
+
+async def test_tier_options_of_a_third_party_plugin_are_validated(third_party_plugins: Path) -> None:
+    with pytest.raises(ConfigError, match=r"tiers\[1\]\.latency"):
+        async with lmplug.open_cache(make_config([{"type": "cpu"}, {"type": "memo", "latency": "a while"}])):
+            pass
+
+
+def test_importing_lmplug_loads_no_plugin() -> None:
+    code = "import sys, lmplug; print(sorted(m for m in sys.modules if m.startswith('lmplug_')))"
+    result = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    assert result.stdout.strip() == "[]"
+
+
+class TestMemoTierConformance(TierConformance):
+    """The throwaway plugin passes the conformance suite a real plugin runs."""
+
+    @pytest.fixture
+    def tier_entry(self, third_party_plugins: Path) -> dict[str, Any]:
+        return {"type": "memo"}
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+def _lmplug(*args: str, site: Path | None = None, **env: str) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("LMPLUG_")}
+    environ.update(env)
+    if site is not None:
+        environ["PYTHONPATH"] = str(site)
+    return subprocess.run(
+        [sys.executable, "-m", "lmplug.cli", *args], capture_output=True, text=True, env=environ, check=False
+    )
+
+
+def test_cli_lists_plugins_versions_and_hooks(plugin_site: Path) -> None:
+    result = _lmplug("plugins", site=plugin_site)
+    assert result.returncode == 0, result.stderr
+    assert "cpu  (lmplug-cpu 0.1.0)" in result.stdout
+    assert "tier types: memo" in result.stdout
+    assert "lmplug_register_commands" in result.stdout
+    assert "FAILED TO LOAD: ImportError: libbroken.so.1" in result.stdout
+
+
+def test_cli_plugin_listing_honours_switches(plugin_site: Path) -> None:
+    only_cpu = json.loads(_lmplug("plugins", "--json", site=plugin_site, LMPLUG_PLUGINS="cpu").stdout)
+    assert [plugin["name"] for plugin in only_cpu] == ["cpu"]
+    none = _lmplug("plugins", site=plugin_site, LMPLUG_DISABLE_PLUGIN_AUTOLOAD="1")
+    assert "no lmplug plugins installed" in none.stdout
+
+
+def test_cli_runs_commands_that_plugins_add(plugin_site: Path) -> None:
+    result = _lmplug("memo-info", "hello", site=plugin_site)
+    assert (result.returncode, result.stdout.strip()) == (0, "memo plugin says hello")
+
+
+def test_cli_config_check_accepts_a_good_file(config_file: Path) -> None:
+    result = _lmplug("config", "check", str(config_file))
+    assert result.returncode == 0, result.stderr
+    assert "tiers[0] cpu (type cpu): capacity=1073741824" in result.stdout
+
+
+def test_cli_config_check_names_the_bad_key(tmp_path: Path, config_file: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(config_file.read_text().replace("eviction: lru", "evicton: lru"))
+    result = _lmplug("config", "check", str(bad))
+    assert result.returncode == 2
+    assert "tiers[0].evicton: unknown key" in result.stderr
+
+
+def test_cli_config_check_names_a_missing_plugin(tmp_path: Path, config_file: Path) -> None:
+    bad = tmp_path / "disk.yaml"
+    bad.write_text(config_file.read_text().replace("type: cpu", "type: disk"))
+    result = _lmplug("config", "check", str(bad))
+    assert result.returncode == 2
+    assert "pip install lmplug-disk" in result.stderr
+
+
+def test_reference_kv_is_prefix_dependent() -> None:
+    config = make_config()
+    a = reference_kv([1, 2, 3], config)
+    b = reference_kv([9, 2, 3], config)
+    assert not torch.equal(a[:, :, 1:], b[:, :, 1:])
