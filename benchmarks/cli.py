@@ -47,6 +47,13 @@ def _parser(names: Sequence[str]) -> argparse.ArgumentParser:
         default=None,
         help="event loop(s) for the async benchmarks (default: all; asyncio with --quick)",
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        metavar="N",
+        help="torch intra-op threads for the run (default 1: steadier copies on shared VMs; 0 keeps torch's default)",
+    )
     parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     return parser
 
@@ -87,7 +94,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
 
-    selected = args.names or list(registry)
+    if args.threads < 0:
+        parser.error("--threads must be >= 0")
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return _run(args.names or list(registry), settings, args.json)
+    finally:
+        torch.set_num_threads(threads)  # main() may run inside another program (the tests)
+
+
+def _run(selected: Sequence[str], settings: Settings, json_path: Path | None) -> int:
+    registry = _registry()
     results: list[Result] = []
     failed: list[str] = []
     started = time.perf_counter()
@@ -105,13 +124,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     mode = "quick" if settings.quick else "full"
     print(
         f"\nlmplug benchmarks ({mode}; {settings.repeats} samples after {settings.warmup} warm-up; "
-        f"{os.cpu_count()} CPUs, torch {torch.__version__} with {torch.get_num_threads()} threads; "
+        f"{os.cpu_count()} CPUs, torch {torch.__version__} with {torch.get_num_threads()} intra-op threads; "
         f"{time.perf_counter() - started:.1f} s)\n"
     )
     print(format_table(results))
     if failed:
         print(f"\nFAILED to run: {', '.join(failed)}")
-    if args.json is not None:
-        write_json(args.json, results, settings, _environment())
-        print(f"\nresults saved to {args.json}")
+    if json_path is not None:
+        write_json(json_path, results, settings, _environment())
+        print(f"\nresults saved to {json_path}")
     return 1 if failed else 0
