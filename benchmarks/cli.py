@@ -44,8 +44,8 @@ def _parser(names: Sequence[str]) -> argparse.ArgumentParser:
     parser.add_argument(
         "--backend",
         choices=("asyncio", "trio", "all"),
-        default=None,
-        help="event loop(s) for the async benchmarks (default: all; asyncio with --quick)",
+        default="all",
+        help="event loop(s) for the async benchmarks (default: all)",
     )
     parser.add_argument(
         "--threads",
@@ -82,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [name for name in args.names if name not in registry]
     if unknown:
         parser.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(registry)}")
-    choice: str = args.backend or ("asyncio" if args.quick else "all")
+    choice: str = args.backend
     backends: tuple[Backend, ...] = ("asyncio", "trio") if choice == "all" else (cast(Backend, choice),)
     try:
         settings = Settings(

@@ -94,7 +94,6 @@ class Result:
     target: Target | None = None
     reference: Stats | None = None
     reference_name: str = ""
-    note: str = ""
 
     @property
     def ratio(self) -> float | None:
@@ -135,7 +134,6 @@ class Result:
             "ratio": self.ratio,
             "target": self.target_text() or None,
             "status": self.status,
-            "note": self.note or None,
         }
 
 
@@ -247,13 +245,12 @@ def format_table(results: Sequence[Result]) -> str:
     widths = [max(len(row[column]) for row in rows) for column in range(len(_COLUMNS))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * width for width in widths))
-    notes = [f"  [{result.benchmark} / {result.case}] {result.note}" for result in results if result.note]
     legend = (
         "ratio: value/reference for targets relative to a reference (and info rows with one); "
         "value/bound for absolute targets (<= 1.00 meets a '<=' bound). "
         "spread: half the min-max range of the samples, relative to the median."
     )
-    return "\n".join([*lines, "", legend, *(["notes:", *notes] if notes else [])])
+    return "\n".join([*lines, "", legend])
 
 
 def write_json(path: Path, results: Sequence[Result], settings: Settings, environment: Mapping[str, Any]) -> None:

@@ -1,8 +1,9 @@
 """Per-call overhead of :class:`lmplug.SyncCache` (the blocking facade) over the async call.
 
 A small lookup (one 16-token chunk, held) is timed awaited directly on the event loop and
-called through the SyncCache portal thread, on each requested backend. Informational: no
-target; the ratio column is sync/async.
+called through the SyncCache portal thread, on each requested backend; for the split, a bare
+anyio ``BlockingPortal.call`` of a no-op coroutine (the thread hop alone). Informational: no
+target; the ratio column is SyncCache/async (and portal/SyncCache).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 import anyio
 import numpy as np
 import torch
+from anyio.from_thread import start_blocking_portal
 
 import lmplug
 from benchmarks.harness import (
@@ -38,6 +40,10 @@ CONFIG: dict[str, Any] = {
 TOKENS = np.arange(CHUNK_TOKENS, dtype=np.int32)
 
 
+async def _noop() -> None:
+    return None
+
+
 def _kv(layout: lmplug.KVLayout) -> torch.Tensor:
     return torch.ones(layout.shape(CHUNK_TOKENS), dtype=layout.dtype)
 
@@ -57,7 +63,7 @@ async def _async_lookups(settings: Settings, calls: int) -> Stats:
 
 
 def _measure(settings: Settings, backend: Backend) -> list[Result]:
-    calls = 200 if settings.quick else 2000
+    calls = 100 if settings.quick else 500
     direct = anyio.run(functools.partial(_async_lookups, settings, calls), backend=backend).scaled(1e6)
     with lmplug.SyncCache(CONFIG, backend=backend) as cache:
         cache.store(TOKENS, _kv(cache.cache.layout))
@@ -69,10 +75,17 @@ def _measure(settings: Settings, backend: Backend) -> list[Result]:
         def case() -> float:
             return per_call(once, calls)
 
-        sync = sample_sync({"sync": case}, settings)["sync"].scaled(1e6)
+        with start_blocking_portal(backend) as portal:
+
+            def portal_case() -> float:
+                return per_call(lambda: portal.call(_noop), calls)
+
+            stats = sample_sync({"sync": case, "portal": portal_case}, settings)
+    sync, bare = stats["sync"].scaled(1e6), stats["portal"].scaled(1e6)
     return [
         Result(NAME, f"lookup 1 chunk, async [{backend}]", "us/call", direct),
         Result(NAME, f"lookup 1 chunk, SyncCache [{backend}]", "us/call", sync, None, direct, "async"),
+        Result(NAME, f"anyio portal.call(no-op) alone [{backend}]", "us/call", bare, None, sync, "SyncCache"),
     ]
 
 

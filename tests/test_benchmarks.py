@@ -1,0 +1,26 @@
+"""The benchmarks keep running (a --quick smoke run); their targets are reported, not asserted."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_benchmarks_run(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = out.read_text()
+    names = {row["benchmark"] for row in json.loads(text)["results"]}
+    assert names == {"cpu_throughput", "fixed_cost", "lookup_128k", "sync_overhead"}
