@@ -143,6 +143,10 @@ def test_keys_match_across_processes() -> None:
         ([1.5, 2.0], "must be integers"),
         (np.array([-1], dtype="<i4"), r"\[0, 2\*\*31\)"),
         (["a", "b"], "must be integers"),
+        ([1, 2**70], "must be integers"),
+        (np.array([2**31], dtype=np.uint32), r"\[0, 2\*\*31\)"),
+        (list(range(-1, 100)), r"\[0, 2\*\*31\)"),
+        (torch.tensor([[1]]), "one-dimensional"),
     ],
 )
 def test_bad_tokens_are_rejected(tokens: object, message: str) -> None:

@@ -20,6 +20,7 @@ from lmplug.core.leases import Lease, LeaseTable
 from lmplug.core.memory import AllocatorStatistics, ChunkAllocator, HeapAllocator, KVChunk
 from lmplug.core.metrics import CacheMetrics
 from lmplug.core.tier import Capability, TierStatistics
+from lmplug.core.transfer import copy_from_chunks, copy_into_chunks
 from lmplug.errors import CacheClosedError, KVShapeError
 from lmplug.hooks.dispatch import Pipeline, TierSlot, bind_tier
 from lmplug.hooks.manager import PluginHost
@@ -139,12 +140,13 @@ class Cache:
         """How many leading tokens of ``tokens`` have their KV cached (contiguous from token 0)."""
         self._check_open()
         array = canonical_tokens(tokens)
-        keys = self.keymaker.keys(array)
+        keys = self.keymaker.chunk_keys(array)
         found = await self.pipeline.contains(keys) if keys else 0
         hit = min(found * self.config.chunk_size, array.size)
-        self.metrics.lookups.inc()
-        self.metrics.lookup_tokens.inc(array.size)
-        self.metrics.hit_tokens.inc(hit)
+        counts = self.metrics.counts
+        counts.lookups += 1
+        counts.lookup_tokens += array.size
+        counts.lookup_hit_tokens += hit
         return hit
 
     async def store(self, tokens: object, kv: torch.Tensor) -> int:
@@ -157,32 +159,32 @@ class Cache:
         self._check_open()
         array = canonical_tokens(tokens)
         kv = self.layout.check(kv, array.size)
-        keys = self.keymaker.keys(array)
+        keys = self.keymaker.chunk_keys(array)
         if not keys:
             return 0
         size = self.config.chunk_size
         held = await self.pipeline.held_by_all(keys)
         chunks: list[KVChunk] = []
+        allocate = self.allocator.allocate
         try:
             for index in range(held, len(keys)):
-                start = index * size
-                end = min(start + size, array.size)
-                chunk = self.allocator.allocate(end - start)
+                chunk = allocate(min(size, array.size - index * size))
                 if chunk is None:
                     break
                 chunks.append(chunk)
-                chunk.tensor.copy_(kv[:, :, start:end], non_blocking=True)
             if chunks:
+                copy_into_chunks(kv, held * size, chunks)
                 if kv.is_cuda:
                     torch.cuda.current_stream(kv.device).synchronize()
                 await self.pipeline.store(keys[held : held + len(chunks)], chunks)
         finally:
             for chunk in chunks:
                 chunk.release()
-        stored_tokens = sum(chunk.num_tokens for chunk in chunks)
-        self.metrics.stores.inc()
-        self.metrics.stored_tokens.inc(stored_tokens)
-        self.metrics.stored_bytes.inc(sum(chunk.nbytes for chunk in chunks))
+        counts = self.metrics.counts
+        counts.stores += 1
+        for chunk in chunks:
+            counts.stored_tokens += chunk.num_tokens
+            counts.stored_bytes += chunk.nbytes
         return min((held + len(chunks)) * size, array.size)
 
     async def retrieve(self, tokens: object, *, out: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
@@ -198,26 +200,23 @@ class Cache:
             if out.dim() != 4 or out.shape[2] < array.size:
                 raise KVShapeError(f"out has shape {list(out.shape)}; it must cover {array.size} tokens")
             self.layout.check(out, int(out.shape[2]))
-        keys = self.keymaker.keys(array)
+        keys = self.keymaker.chunk_keys(array)
         chunks = await self.pipeline.retrieve(keys, self._token_counts(array.size, len(keys))) if keys else []
         try:
             num_tokens = sum(chunk.num_tokens for chunk in chunks)
             if out is None:
                 out = torch.empty(self.layout.shape(num_tokens), dtype=self.layout.dtype)
-            position = 0
-            for chunk in chunks:
-                end = position + chunk.num_tokens
-                out[:, :, position:end].copy_(chunk.tensor, non_blocking=True)
-                position = end
+            copy_from_chunks(chunks, out)
             if out.is_cuda and chunks:
                 torch.cuda.current_stream(out.device).synchronize()
         finally:
             for chunk in chunks:
                 chunk.release()
-        self.metrics.retrieves.inc()
-        self.metrics.retrieved_tokens.inc(num_tokens)
-        self.metrics.retrieved_bytes.inc(num_tokens * self.layout.bytes_per_token)
-        return out.narrow(2, 0, num_tokens), num_tokens
+        counts = self.metrics.counts
+        counts.retrieves += 1
+        counts.retrieved_tokens += num_tokens
+        counts.retrieved_bytes += num_tokens * self.layout.bytes_per_token
+        return (out if out.shape[2] == num_tokens else out.narrow(2, 0, num_tokens)), num_tokens
 
     async def lease(self, tokens: object, *, ttl: float | None = None) -> Lease:
         """Pin the leading cached chunks of ``tokens`` in host memory for ``ttl`` seconds or until released.
@@ -227,7 +226,7 @@ class Cache:
         """
         self._check_open()
         array = canonical_tokens(tokens)
-        keys = self.keymaker.keys(array)
+        keys = self.keymaker.chunk_keys(array)
         chunks = await self.pipeline.retrieve(keys, self._token_counts(array.size, len(keys))) if keys else []
         num_tokens = sum(chunk.num_tokens for chunk in chunks)
         return self._leases.grant(chunks, num_tokens, self.config.lease_timeout if ttl is None else ttl)
@@ -255,11 +254,11 @@ class Cache:
             logger.exception("an lmplug_chunks_evicted listener failed")
 
     def _lease_expired(self, lease: Lease) -> None:
-        self.metrics.expired_leases.inc()
+        self.metrics.counts.expired_leases += 1
         logger.info("lease %d over %d tokens expired and was released", lease.lease_id, lease.num_tokens)
 
     def _tier_failed(self, tier: str, operation: str, exc: BaseException) -> None:
-        self.metrics.tier_errors.labels(tier, operation).inc()
+        self.metrics.tier_errors[tier, operation] += 1
         key = (tier, operation, type(exc))
         now = time.monotonic()
         if now - self._warned.get(key, -_WARN_EVERY) >= _WARN_EVERY:

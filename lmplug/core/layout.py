@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,22 +28,22 @@ class KVLayout:
     num_kv_heads: int
     head_size: int
     dtype: torch.dtype
+    hidden_size: int = field(init=False, repr=False)
+    bytes_per_token: int = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # Derived once: both sit on the per-chunk hot path.
+        hidden = self.num_kv_heads * self.head_size
+        object.__setattr__(self, "hidden_size", hidden)
+        object.__setattr__(self, "bytes_per_token", 2 * self.num_layers * hidden * self.dtype.itemsize)
 
     @classmethod
     def from_model(cls, model: ModelConfig) -> KVLayout:
         return cls(model.num_layers, model.num_kv_heads, model.head_size, DTYPES[model.dtype])
 
     @property
-    def hidden_size(self) -> int:
-        return self.num_kv_heads * self.head_size
-
-    @property
     def itemsize(self) -> int:
         return self.dtype.itemsize
-
-    @property
-    def bytes_per_token(self) -> int:
-        return 2 * self.num_layers * self.hidden_size * self.itemsize
 
     def shape(self, num_tokens: int) -> tuple[int, int, int, int]:
         return (2, self.num_layers, num_tokens, self.hidden_size)

@@ -33,9 +33,10 @@ class KVChunk:
         *,
         owner: object = None,
         handle: int = -1,
+        nbytes: int | None = None,
     ) -> None:
         self.tensor = tensor
-        self.nbytes = tensor.numel() * tensor.element_size()
+        self.nbytes = tensor.numel() * tensor.element_size() if nbytes is None else nbytes
         self.owner = owner
         """The allocator whose memory this is (tiers use it to tell their own chunks)."""
         self.handle = handle

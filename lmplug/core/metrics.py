@@ -1,66 +1,88 @@
-"""Prometheus metrics of one cache, in a registry the cache owns (never the global one)."""
+"""Prometheus metrics of one cache, in a registry the cache owns (never the global one).
+
+The data path bumps plain integer counters (:class:`Counts`); a collector turns them and
+each tier's statistics into Prometheus families only when the registry is scraped, so a
+lookup pays nanoseconds for its metrics, not a lock per counter.
+"""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, fields
 
-from prometheus_client import CollectorRegistry, Counter, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from lmplug.core.tier import TierStatistics
 
 
-class _TierCollector(Collector):
-    def __init__(self, snapshot: Callable[[], Sequence[TierStatistics]]) -> None:
-        self._snapshot = snapshot
+@dataclass(slots=True)
+class Counts:
+    """Monotonic counters of the cache's data path (``lmplug_<name>_total``)."""
 
-    def collect(self) -> Iterator[Metric]:
-        families = {
-            "chunks": GaugeMetricFamily("lmplug_tier_chunks", "Chunks held by the tier.", labels=["tier", "type"]),
-            "used_bytes": GaugeMetricFamily(
-                "lmplug_tier_used_bytes", "Bytes held by the tier.", labels=["tier", "type"]
-            ),
-            "capacity_bytes": GaugeMetricFamily(
-                "lmplug_tier_capacity_bytes", "Configured capacity of the tier.", labels=["tier", "type"]
-            ),
-            "pinned": GaugeMetricFamily(
-                "lmplug_tier_pinned_chunks", "Chunks pinned in the tier.", labels=["tier", "type"]
-            ),
-            "hits": GaugeMetricFamily("lmplug_tier_hits", "Chunks the tier served.", labels=["tier", "type"]),
-            "evictions": GaugeMetricFamily(
-                "lmplug_tier_evictions", "Chunks the tier evicted.", labels=["tier", "type"]
-            ),
-        }
-        for stats in self._snapshot():
-            labels = [stats.name, stats.type]
-            for field_name, family in families.items():
-                value = getattr(stats, field_name)
-                if value is not None:
-                    family.add_metric(labels, float(value))
-        yield from families.values()
+    lookups: int = field(default=0, metadata={"help": "Lookups answered."})
+    lookup_tokens: int = field(default=0, metadata={"help": "Tokens asked about in lookups."})
+    lookup_hit_tokens: int = field(default=0, metadata={"help": "Leading tokens lookups found cached."})
+    stores: int = field(default=0, metadata={"help": "Store calls."})
+    stored_tokens: int = field(default=0, metadata={"help": "Tokens whose KV was newly stored."})
+    stored_bytes: int = field(default=0, metadata={"help": "Bytes of KV newly stored."})
+    retrieves: int = field(default=0, metadata={"help": "Retrieve calls."})
+    retrieved_tokens: int = field(default=0, metadata={"help": "Tokens whose KV was retrieved."})
+    retrieved_bytes: int = field(default=0, metadata={"help": "Bytes of KV retrieved."})
+    expired_leases: int = field(default=0, metadata={"help": "Leases released by their time-out."})
 
 
-class CacheMetrics:
-    """Counters for lookups, hits, stored and retrieved tokens and bytes, and tier errors."""
+_TIER_GAUGES = {
+    "chunks": "Chunks held by the tier.",
+    "used_bytes": "Bytes held by the tier.",
+    "capacity_bytes": "Configured capacity of the tier.",
+    "pinned": "Chunks pinned in the tier.",
+}
+_TIER_COUNTERS = {
+    "hits": "Chunks the tier served.",
+    "misses": "Retrieves the tier could not serve.",
+    "stored": "Chunks the tier admitted.",
+    "evictions": "Chunks the tier evicted.",
+}
+
+
+class CacheMetrics(Collector):
+    """The cache's counters, tier errors and tier statistics, exposed as Prometheus metrics."""
 
     def __init__(self, tier_snapshot: Callable[[], Sequence[TierStatistics]]) -> None:
+        self.counts = Counts()
+        self.tier_errors: Counter[tuple[str, str]] = Counter()
+        """Failed tier operations that degraded to a miss or a skip, by (tier, operation)."""
+        self._tier_snapshot = tier_snapshot
         self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self.lookups = Counter("lmplug_lookups", "Lookups answered.", registry=r)
-        self.lookup_tokens = Counter("lmplug_lookup_tokens", "Tokens asked about in lookups.", registry=r)
-        self.hit_tokens = Counter("lmplug_lookup_hit_tokens", "Leading tokens lookups found cached.", registry=r)
-        self.stored_tokens = Counter("lmplug_stored_tokens", "Tokens whose KV was newly stored.", registry=r)
-        self.stored_bytes = Counter("lmplug_stored_bytes", "Bytes of KV newly stored.", registry=r)
-        self.retrieved_tokens = Counter("lmplug_retrieved_tokens", "Tokens whose KV was retrieved.", registry=r)
-        self.retrieved_bytes = Counter("lmplug_retrieved_bytes", "Bytes of KV retrieved.", registry=r)
-        self.retrieves = Counter("lmplug_retrieves", "Retrieve calls.", registry=r)
-        self.stores = Counter("lmplug_stores", "Store calls.", registry=r)
-        self.tier_errors = Counter(
-            "lmplug_tier_errors", "Tier operations that failed and degraded.", ["tier", "operation"], registry=r
+        self.registry.register(self)
+
+    def collect(self) -> Iterator[Metric]:
+        for item in fields(Counts):
+            family = CounterMetricFamily(f"lmplug_{item.name}", item.metadata["help"])
+            family.add_metric([], getattr(self.counts, item.name))
+            yield family
+        errors = CounterMetricFamily(
+            "lmplug_tier_errors", "Tier operations that failed and degraded.", labels=["tier", "operation"]
         )
-        self.expired_leases = Counter("lmplug_expired_leases", "Leases released by their time-out.", registry=r)
-        r.register(_TierCollector(tier_snapshot))
+        for (tier_name, operation), count in sorted(self.tier_errors.items()):
+            errors.add_metric([tier_name, operation], count)
+        yield errors
+        stats = self._tier_snapshot()
+        for name, help_text in _TIER_GAUGES.items():
+            gauge = GaugeMetricFamily(f"lmplug_tier_{name}", help_text, labels=["tier", "type"])
+            for tier in stats:
+                value = getattr(tier, name)
+                if value is not None:
+                    gauge.add_metric([tier.name, tier.type], float(value))
+            yield gauge
+        for name, help_text in _TIER_COUNTERS.items():
+            counter = CounterMetricFamily(f"lmplug_tier_{name}", help_text, labels=["tier", "type"])
+            for tier in stats:
+                counter.add_metric([tier.name, tier.type], float(getattr(tier, name)))
+            yield counter
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

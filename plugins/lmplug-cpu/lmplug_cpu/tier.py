@@ -83,10 +83,8 @@ class CpuTier(Tier):
     def allocate(self, num_tokens: int) -> KVChunk | None:
         """A chunk from the pool, evicting unpinned, unused chunks until one fits; ``None`` if none can."""
         pool = self.pool
-        if not pool.fits(num_tokens):
-            return None
         chunk = pool.allocate(num_tokens)
-        if chunk is not None:
+        if chunk is not None or not pool.fits(num_tokens):
             return chunk
         evicted: list[ChunkKey] = []
         while chunk is None:
