@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -85,6 +87,10 @@ def build_parser(host: PluginHost) -> tuple[argparse.ArgumentParser, dict[str, C
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # The command is a process entry point, so it may set up logging (a library never does).
+    logging.basicConfig(
+        level=os.environ.get("LMPLUG_LOG_LEVEL", "WARNING").upper(), format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         host = PluginHost.from_environment()
         parser, runners = build_parser(host)

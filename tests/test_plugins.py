@@ -140,6 +140,47 @@ class _WrongSignature(_Unmarked):
         return 0
 
 
+class _SyncEvict(_Unmarked):
+    @lmplug.hookimpl
+    def lmplug_evict(self, keys: Any) -> int:  # type: ignore[override]
+        return 0
+
+
+async def test_a_data_path_hook_that_is_not_async_is_a_contract_error() -> None:
+    host = _host_with(lmplug.TierType("sync", lmplug.StrictModel, lambda c, o: _SyncEvict(c)))
+    with pytest.raises(PluginContractError, match="lmplug_evict must be an async method"):
+        async with lmplug.open_cache(make_config([{"type": "sync"}]), plugins=host):
+            pass
+
+
+class _AsyncComposition:
+    @lmplug.hookimpl
+    async def lmplug_register_tier_types(self, register: Any) -> None:
+        return None
+
+
+class _ModuleLevelDataPath:
+    @lmplug.hookimpl
+    async def lmplug_store(self, keys: Any, chunks: Any) -> None:
+        return None
+
+
+@pytest.mark.parametrize(
+    ("plugin", "message"),
+    [
+        (_AsyncComposition(), "synchronous composition hook; it must not be async"),
+        (_ModuleLevelDataPath(), "implement it as an async method of the tier object"),
+    ],
+)
+def test_hooks_of_the_wrong_colour_fail_the_plugin(plugin: object, message: str) -> None:
+    host = PluginHost.from_environment({"LMPLUG_PLUGINS": ""})
+    host.register(plugin, "colour")
+    error = host.plugins["colour"].error
+    assert error is not None
+    assert message in error
+    assert host.pm.get_plugin("colour") is None
+
+
 async def test_a_tier_hook_without_the_marker_is_a_contract_error() -> None:
     host = _host_with(lmplug.TierType("unmarked", lmplug.StrictModel, lambda c, o: _Unmarked(c)))
     with pytest.raises(PluginContractError, match="does not implement lmplug_evict"):

@@ -18,6 +18,7 @@ contains) or a skipped write (store, transfer): the engine keeps serving.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
@@ -66,6 +67,11 @@ def bind_tier(pm: pluggy.PluginManager, name: str, tier: Tier) -> TierSlot:
             raise PluginContractError(
                 f"tier {name!r} ({type(tier).__qualname__}) does not implement {hook_name}; "
                 "mark the method with @lmplug.hookimpl"
+            )
+        if not inspect.iscoroutinefunction(impl.function):
+            pm.unregister(name=plugin_name)
+            raise PluginContractError(
+                f"tier {name!r} ({type(tier).__qualname__}): {hook_name} must be an async method (async def)"
             )
         functions[hook_name.removeprefix("lmplug_")] = impl.function
     return TierSlot(name=name, tier=tier, **functions)

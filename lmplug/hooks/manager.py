@@ -14,6 +14,7 @@ Environment switches:
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from collections.abc import Mapping
@@ -40,6 +41,19 @@ def make_plugin_manager() -> pluggy.PluginManager:
     pm = pluggy.PluginManager(PROJECT)
     pm.add_hookspecs(specs)
     return pm
+
+
+def _check_composition_hooks(pm: pluggy.PluginManager, plugin: object) -> None:
+    """A plugin module implements only the synchronous composition hooks."""
+    for caller in pm.get_hookcallers(plugin) or ():
+        if caller.name in specs.DATA_PATH_HOOKS:
+            raise PluginContractError(
+                f"{caller.name} is a data-path hook: implement it as an async method of the tier object "
+                "your tier factory builds, not on the plugin module"
+            )
+        for impl in caller.get_hookimpls():
+            if impl.plugin is plugin and inspect.iscoroutinefunction(impl.function):
+                raise PluginContractError(f"{caller.name} is a synchronous composition hook; it must not be async")
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +118,12 @@ class PluginHost:
         module = getattr(plugin, "__name__", type(plugin).__name__)
         try:
             self.pm.register(plugin, name=name)
+            _check_composition_hooks(self.pm, plugin)
         except (ValueError, pluggy.PluginValidationError) as exc:
+            self._failed(name, distribution, version, module, exc)
+            return
+        except PluginContractError as exc:
+            self.pm.unregister(name=name)
             self._failed(name, distribution, version, module, exc)
             return
         offered: list[TierType[Any]] = []
