@@ -17,16 +17,14 @@ Target: store and retrieve each at >= 0.8x the torch memcpy.
 
 from __future__ import annotations
 
-import functools
 import time
 from typing import Any
 
-import anyio
 import numpy as np
 import torch
 
 import lmplug
-from benchmarks.harness import Backend, GiB, MiB, Result, Settings, Stopwatch, Target, sample_async
+from benchmarks.harness import Backend, GiB, MiB, Result, Settings, Stopwatch, Target, run_per_backend, sample_async
 
 NAME = "cpu_throughput"
 SUMMARY = "L1 store/retrieve GiB/s vs same-run memcpy (target >= 0.8x)"
@@ -164,7 +162,4 @@ async def _main(settings: Settings, backend: Backend) -> list[Result]:
 
 
 def run(settings: Settings) -> list[Result]:
-    results: list[Result] = []
-    for backend in settings.backends:
-        results += anyio.run(functools.partial(_main, settings, backend), backend=backend)
-    return results
+    return run_per_backend(_main, settings)

@@ -12,15 +12,23 @@ Target: <= 20 us per chunk for every op.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
-import anyio
 import numpy as np
 import torch
 
 import lmplug
-from benchmarks.harness import Backend, Result, Settings, Stopwatch, Target, per_call, per_call_async, sample_async
+from benchmarks.harness import (
+    Backend,
+    Result,
+    Settings,
+    Stopwatch,
+    Target,
+    per_call,
+    per_call_async,
+    run_per_backend,
+    sample_async,
+)
 
 NAME = "fixed_cost"
 SUMMARY = "us per chunk of lookup/store/retrieve with tiny chunks (target <= 20 us)"
@@ -100,7 +108,4 @@ async def _main(settings: Settings, backend: Backend) -> list[Result]:
 
 
 def run(settings: Settings) -> list[Result]:
-    results: list[Result] = []
-    for backend in settings.backends:
-        results += anyio.run(functools.partial(_main, settings, backend), backend=backend)
-    return results
+    return run_per_backend(_main, settings)

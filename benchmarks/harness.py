@@ -8,6 +8,7 @@ reports the median and the spread (half the min-to-max range, relative to the me
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import time
@@ -15,6 +16,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+import anyio
 
 Backend = Literal["asyncio", "trio"]
 MIN_REPEATS = 5
@@ -157,6 +160,14 @@ async def sample_async(cases: Mapping[str, AsyncSample], settings: Settings) -> 
         for name, case in cases.items():
             samples[name].append(await case())
     return {name: Stats.of(values) for name, values in samples.items()}
+
+
+def run_per_backend(main: Callable[[Settings, Backend], Awaitable[list[Result]]], settings: Settings) -> list[Result]:
+    """Run an async benchmark once on each requested event loop and gather its results."""
+    results: list[Result] = []
+    for backend in settings.backends:
+        results += anyio.run(functools.partial(main, settings, backend), backend=backend)
+    return results
 
 
 def sample_sync(cases: Mapping[str, SyncSample], settings: Settings) -> dict[str, Stats]:
