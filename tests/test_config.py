@@ -194,3 +194,12 @@ async def test_tier_size_with_bad_unit_is_rejected_with_its_path() -> None:
     with pytest.raises(ConfigError, match=r"tiers\[0\]\.capacity"):
         async with lmplug.open_cache(config):
             pass
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_example_stacks_are_valid(path: Path) -> None:
+    from lmplug.core.composer import plan_tiers
+    from lmplug.hooks.manager import PluginHost
+
+    planned = plan_tiers(load_config(path, environ={}), PluginHost.from_environment({}))
+    assert planned
