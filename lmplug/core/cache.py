@@ -58,14 +58,16 @@ class Cache:
         self._plugins = plugins
         self._environ = environ
         self._stack: AsyncExitStack | None = None
+        self._entered = False
         self._open = False
         self._warned: dict[tuple[str, str, type[BaseException]], float] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
     async def __aenter__(self) -> Cache:
-        if self._stack is not None:
+        if self._entered:
             raise RuntimeError("a Cache can be opened only once")
+        self._entered = True
         self.config: LmplugConfig = load_config(self._source, environ=self._environ)
         self.plugins = self._plugins or PluginHost.from_environment(self._environ)
         self.layout = KVLayout.from_model(self.config.model)
@@ -90,7 +92,7 @@ class Cache:
                 None,
             ) or HeapAllocator(self.layout)
             for slot in slots:
-                slot.tier.context._allocator = self.allocator
+                slot.tier.context.bind_allocator(self.allocator)
             self.pipeline = Pipeline(slots, self.layout, self._tier_failed)
             self.metrics = CacheMetrics(self._tier_statistics)
             task_group = await stack.enter_async_context(anyio.create_task_group())
@@ -113,7 +115,6 @@ class Cache:
         self._open = False
         stack, self._stack = self._stack, None
         if stack is not None:
-            self._stack = AsyncExitStack()  # keeps a second __aenter__ refused
             # Not shielded here: the stack holds the task group, whose scope must exit as it was
             # entered; tiers shield their own awaits in aclose().
             await stack.aclose()

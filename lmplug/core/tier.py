@@ -76,6 +76,10 @@ class TierContext:
             raise RuntimeError("the chunk allocator is bound after every tier is constructed")
         return self._allocator
 
+    def bind_allocator(self, allocator: ChunkAllocator) -> None:
+        """Called by the cache once every tier is built and the pipeline's allocator is chosen."""
+        self._allocator = allocator
+
     def evicted(self, keys: Sequence[ChunkKey]) -> None:
         """Tell the cache (and ``lmplug_chunks_evicted`` listeners) that this tier dropped ``keys``."""
         if keys:
