@@ -39,12 +39,15 @@ _TIER_GAUGES = {
     "used_bytes": "Bytes held by the tier.",
     "capacity_bytes": "Configured capacity of the tier.",
     "pinned": "Chunks pinned in the tier.",
+    "pending_writes": "Chunks queued for a write-behind write.",
 }
 _TIER_COUNTERS = {
     "hits": "Chunks the tier served.",
     "misses": "Retrieves the tier could not serve.",
     "stored": "Chunks the tier admitted.",
     "evictions": "Chunks the tier evicted.",
+    "errors": "Operations the tier itself reported as failed.",
+    "skipped_writes": "Chunks not written because the write-behind queue was full.",
 }
 
 

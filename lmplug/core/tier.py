@@ -55,6 +55,8 @@ class TierStatistics:
     evictions: int = 0
     errors: int = 0
     pinned: int = 0
+    pending_writes: int = 0
+    skipped_writes: int = 0
 
 
 @dataclass(slots=True)

@@ -1,0 +1,396 @@
+"""The L3 local-disk tier: one file per chunk, write-behind, an index that survives restarts."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import anyio
+from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from pydantic import Field, PositiveInt
+
+from lmplug import (
+    ByteSize,
+    Capability,
+    ChunkKey,
+    ConfigError,
+    CorruptChunk,
+    KVChunk,
+    StrictModel,
+    Tier,
+    TierContext,
+    TierStatistics,
+    TierUnavailable,
+    hookimpl,
+)
+from lmplug.core.serde import ChunkHeader, payload_checksum
+from lmplug_disk import files
+
+logger = logging.getLogger("lmplug.disk")
+_REPORT_EVERY = 60.0
+
+
+class DiskTierConfig(StrictModel):
+    """Options of a ``type: disk`` tier."""
+
+    path: str = Field(min_length=1, description="Directory for chunk files (created if missing).")
+    capacity: ByteSize = Field(default=16 * 1024**3, gt=0, description="Bytes of chunk files to keep.")
+    io_mode: Literal["auto", "direct", "buffered"] = Field(
+        default="auto", description="O_DIRECT, the page cache, or O_DIRECT where the filesystem supports it."
+    )
+    write_queue: PositiveInt = Field(default=256, description="Chunks waiting to be written; more are skipped.")
+    writers: PositiveInt = Field(default=2, description="Files written at once.")
+    readers: PositiveInt = Field(default=4, description="Files read at once.")
+    fsync: Literal["never", "always"] = Field(
+        default="never", description="'always' also survives power loss (a crash never leaves partial files)."
+    )
+
+
+@dataclass(slots=True)
+class _Entry:
+    tokens: int
+    size: int
+
+
+class DiskTier(Tier):
+    """Chunk files under ``<path>/lmplug-<fingerprint>/``, owned by one process at a time."""
+
+    capabilities = frozenset({Capability.PERSISTENT, Capability.WRITE_BEHIND})
+
+    def __init__(self, context: TierContext, options: DiskTierConfig) -> None:
+        super().__init__(context)
+        self.options = options
+        self.root = Path(options.path) / f"lmplug-{context.fingerprint.hex()}"
+        largest = files.file_size(context.layout.nbytes(context.config.chunk_size))
+        if largest > options.capacity:
+            raise ConfigError(
+                f"tier {context.name!r}: capacity {options.capacity} bytes cannot hold "
+                f"one chunk file of {largest} bytes; raise capacity"
+            )
+        self.direct = False
+        self._index: OrderedDict[ChunkKey, _Entry] = OrderedDict()
+        self._pending: dict[ChunkKey, KVChunk] = {}
+        self._cancelled: set[ChunkKey] = set()
+        self._used = 0
+        self._read_limiter = anyio.CapacityLimiter(options.readers)
+        self._write_limiter = anyio.CapacityLimiter(options.writers)
+        self._reads_in_flight = 0
+        self._reads_done = anyio.Event()
+        self._drained = anyio.Event()
+        self._drained.set()
+        self._lock_fd = -1
+        self._group: TaskGroup | None = None
+        self._send: MemoryObjectSendStream[tuple[ChunkKey, KVChunk]] | None = None
+        self._reported: dict[str, float] = {}
+        self._hits = self._misses = self._stored = self._evictions = self._errors = self._skipped = 0
+        self.scan_seconds = 0.0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> DiskTier:
+        found = await anyio.to_thread.run_sync(self._open_directory)
+        for item in sorted(found, key=lambda item: item.mtime_ns):
+            self._index[item.key] = _Entry(item.tokens, item.size)
+            self._used += item.size
+        try:
+            await anyio.to_thread.run_sync(files.remove_files, self._evict_to(self.options.capacity))
+        except BaseException:
+            self._unlock()
+            raise
+        send, receive = anyio.create_memory_object_stream[tuple[ChunkKey, KVChunk]](self.options.write_queue)
+        self._send = send
+        group = anyio.create_task_group()
+        await group.__aenter__()
+        self._group = group
+        with receive:
+            for _ in range(self.options.writers):
+                group.start_soon(self._writer, receive.clone())
+        logger.info(
+            "disk tier %r: %s, %d chunks (%d bytes) indexed in %.3f s, %s I/O",
+            self.name, self.root, len(self._index), self._used, self.scan_seconds,
+            "O_DIRECT" if self.direct else "buffered",
+        )  # fmt: skip
+        return self
+
+    def _open_directory(self) -> list[files.FoundChunk]:
+        """Create and lock the directory, pick the I/O mode, and scan what a past run left."""
+        started = time.perf_counter()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            lock_fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise TierUnavailable(f"tier {self.name!r}: cannot use {self.root}: {exc.strerror or exc}") from exc
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(lock_fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(lock_fd)
+            raise TierUnavailable(
+                f"tier {self.name!r}: {self.root} is in use by another lmplug process (pid {holder}); "
+                "give each process its own disk path"
+            ) from None
+        self._lock_fd = lock_fd
+        try:
+            os.ftruncate(lock_fd, 0)
+            os.pwrite(lock_fd, f"{os.getpid()}\n".encode(), 0)
+            mode = self.options.io_mode
+            supported = files.probe_direct_io(self.root)
+            if mode == "direct" and not supported:
+                raise TierUnavailable(f"tier {self.name!r}: the filesystem of {self.root} does not support O_DIRECT")
+            self.direct = supported and mode != "buffered"
+            found = list(files.scan(self.root, self.context.layout.bytes_per_token))
+        except OSError as exc:
+            self._unlock()
+            raise TierUnavailable(f"tier {self.name!r}: cannot use {self.root}: {exc.strerror or exc}") from exc
+        except BaseException:
+            self._unlock()
+            raise
+        self.scan_seconds = time.perf_counter() - started
+        return found
+
+    def _unlock(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # closing the descriptor drops the flock
+            self._lock_fd = -1
+
+    async def drain(self) -> None:
+        """Wait until every queued write has reached the disk (or failed and been reported)."""
+        await self._drained.wait()
+
+    async def aclose(self) -> None:
+        """Finish queued writes, stop the writers and release the directory. Idempotent."""
+        send, self._send = self._send, None
+        group, self._group = self._group, None
+        if send is not None:
+            send.close()  # writers drain what is queued, then stop
+        if group is not None:
+            # The group's scope must exit as it was entered (no shield around it): when the
+            # caller is cancelled, queued writes are dropped rather than awaited.
+            await group.__aexit__(None, None, None)
+        for chunk in self._pending.values():
+            chunk.release()
+        self._pending.clear()
+        self._drained.set()
+        self._unlock()
+
+    # ------------------------------------------------------------------ data path
+
+    @hookimpl
+    async def lmplug_contains(self, keys: Sequence[ChunkKey]) -> int:
+        index, pending = self._index, self._pending
+        found = 0
+        cancelled = self._cancelled
+        for key in keys:
+            if key not in index and (key not in pending or key in cancelled):
+                break
+            found += 1
+        return found
+
+    @hookimpl
+    async def lmplug_retrieve(self, keys: Sequence[ChunkKey]) -> list[KVChunk]:
+        chunks: list[KVChunk] = []
+        reads: list[tuple[ChunkKey, _Entry, KVChunk]] = []
+        for key in keys:
+            waiting = self._pending.get(key)
+            if waiting is not None and not reads and key not in self._cancelled:
+                chunks.append(waiting.acquire())  # still in memory, queued for writing
+                continue
+            entry = self._index.get(key)
+            if entry is None:
+                break
+            chunk = self.context.allocator.allocate(entry.tokens)
+            if chunk is None:
+                break
+            reads.append((key, entry, chunk))
+        if reads:
+            chunks += await self._read(reads)
+        self._hits += len(chunks)
+        if len(chunks) < len(keys):
+            self._misses += 1
+        return chunks
+
+    async def _read(self, reads: list[tuple[ChunkKey, _Entry, KVChunk]]) -> list[KVChunk]:
+        self._reads_in_flight += 1
+        try:
+            done, failure = await anyio.to_thread.run_sync(self._read_files, reads, limiter=self._read_limiter)
+        finally:
+            self._reads_in_flight -= 1
+            if not self._reads_in_flight:
+                self._reads_done.set()
+                self._reads_done = anyio.Event()
+        for _, _, chunk in reads[done:]:
+            chunk.release()
+        if failure is not None:
+            self._failed_read(reads[done][0], failure)
+        for key, _, _ in reads[:done]:
+            if key in self._index:
+                self._index.move_to_end(key)
+        return [chunk for _, _, chunk in reads[:done]]
+
+    def _read_files(self, reads: list[tuple[ChunkKey, _Entry, KVChunk]]) -> tuple[int, Exception | None]:
+        """Read files in order; how many were read, and why the next one failed."""
+        layout = self.context.layout
+        for done, (key, entry, chunk) in enumerate(reads):
+            path = files.chunk_path(self.root, key, entry.tokens)
+            try:
+                files.read_chunk_file(
+                    path, key, layout, entry.tokens, chunk.raw(), chunk.tensor.data_ptr(), direct=self.direct
+                )
+                os.utime(path)  # recency survives a restart: the index is rebuilt in mtime order
+            except (OSError, CorruptChunk) as exc:
+                return done, exc
+        return len(reads), None
+
+    def _failed_read(self, key: ChunkKey, failure: Exception) -> None:
+        entry = self._index.pop(key, None)
+        if entry is None:
+            return
+        self._used -= entry.size
+        path = files.chunk_path(self.root, key, entry.tokens)
+        if isinstance(failure, CorruptChunk) or (isinstance(failure, OSError) and failure.errno == errno.ENOENT):
+            # Never served: the file is dropped (deleted here, on the loop: it is one unlink).
+            with contextlib.suppress(OSError):
+                path.unlink()
+            self._report("read", f"dropped {path.name}: {failure}")
+        else:
+            self._report("read", f"cannot read {path}: {failure}")
+        self.context.evicted([key])
+
+    @hookimpl
+    async def lmplug_store(self, keys: Sequence[ChunkKey], chunks: Sequence[KVChunk]) -> None:
+        send = self._send
+        if send is None:
+            return
+        for key, chunk in zip(keys, chunks, strict=True):
+            if key in self._index or key in self._pending:
+                continue
+            self._cancelled.discard(key)
+            try:
+                send.send_nowait((key, chunk))
+            except anyio.WouldBlock:
+                self._skipped += 1  # the disk is behind: skip rather than block the engine
+                continue
+            self._pending[key] = chunk.acquire()
+            self._drained = anyio.Event() if self._drained.is_set() else self._drained
+
+    async def _writer(self, receive: MemoryObjectReceiveStream[tuple[ChunkKey, KVChunk]]) -> None:
+        async with receive:
+            async for key, chunk in receive:
+                try:
+                    while self._reads_in_flight:
+                        await self._reads_done.wait()  # reads first: they are what an engine waits on
+                    await self._write(key, chunk)
+                finally:
+                    if self._pending.pop(key, None) is not None:
+                        chunk.release()
+                    if not self._pending:
+                        self._drained.set()
+
+    async def _write(self, key: ChunkKey, chunk: KVChunk) -> None:
+        tokens = chunk.num_tokens
+        size = files.file_size(chunk.nbytes)
+        victims = self._evict_to(self.options.capacity - size)
+        self._used += size  # reserved while the write is in flight
+        path = files.chunk_path(self.root, key, tokens)
+        try:
+            await anyio.to_thread.run_sync(self._write_file, path, key, chunk, victims, limiter=self._write_limiter)
+        except OSError as exc:
+            self._used -= size
+            self._errors += 1
+            self._report(f"write-{exc.errno}", f"cannot write {path}: {exc.strerror or exc}; chunk skipped")
+            return
+        if key in self._cancelled:  # evicted on command while it was being written
+            self._cancelled.discard(key)
+            self._used -= size
+            await anyio.to_thread.run_sync(files.remove_files, [path], limiter=self._write_limiter)
+            return
+        self._index[key] = _Entry(tokens, size)
+        self._stored += 1
+
+    def _write_file(self, path: Path, key: ChunkKey, chunk: KVChunk, victims: list[Path]) -> None:
+        files.remove_files(victims)
+        payload = chunk.raw()
+        header = ChunkHeader.describe(key, self.context.layout, chunk.num_tokens, payload_checksum(payload))
+        write = files.write_chunk_file
+        try:
+            write(
+                path, header, payload, chunk.tensor.data_ptr(), direct=self.direct, fsync=self.options.fsync == "always"
+            )
+        except FileNotFoundError:
+            # The directory vanished (cleaned up under us): recreate it once and retry.
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write(
+                path, header, payload, chunk.tensor.data_ptr(), direct=self.direct, fsync=self.options.fsync == "always"
+            )
+
+    def _evict_to(self, budget: int) -> list[Path]:
+        """Drop least recently used entries until at most ``budget`` bytes are used; their paths."""
+        victims: list[Path] = []
+        dropped: list[ChunkKey] = []
+        while self._used > budget and self._index:
+            key, entry = self._index.popitem(last=False)
+            self._used -= entry.size
+            victims.append(files.chunk_path(self.root, key, entry.tokens))
+            dropped.append(key)
+        if dropped:
+            self._evictions += len(dropped)
+            self.context.evicted(dropped)
+        return victims
+
+    @hookimpl
+    async def lmplug_evict(self, keys: Sequence[ChunkKey]) -> int:
+        victims: list[Path] = []
+        dropped: list[ChunkKey] = []
+        for key in keys:
+            if key in self._pending:
+                self._cancelled.add(key)
+                dropped.append(key)
+                continue
+            entry = self._index.pop(key, None)
+            if entry is not None:
+                self._used -= entry.size
+                victims.append(files.chunk_path(self.root, key, entry.tokens))
+                dropped.append(key)
+        if victims:
+            await anyio.to_thread.run_sync(files.remove_files, victims, limiter=self._write_limiter)
+        if dropped:
+            self._evictions += len(dropped)
+            self.context.evicted(dropped)
+        return len(dropped)
+
+    # ------------------------------------------------------------------ reporting
+
+    def _report(self, kind: str, message: str) -> None:
+        """Log a failure at WARNING once a minute per kind (DEBUG otherwise); the tier keeps serving."""
+        now = time.monotonic()
+        if now - self._reported.get(kind, -_REPORT_EVERY) >= _REPORT_EVERY:
+            self._reported[kind] = now
+            logger.warning("disk tier %r: %s", self.name, message)
+        else:
+            logger.debug("disk tier %r: %s", self.name, message)
+
+    def statistics(self) -> TierStatistics:
+        return TierStatistics(
+            name=self.name,
+            type=self.context.type,
+            chunks=len(self._index),
+            used_bytes=self._used,
+            capacity_bytes=self.options.capacity,
+            hits=self._hits,
+            misses=self._misses,
+            stored=self._stored,
+            evictions=self._evictions,
+            errors=self._errors,
+            pending_writes=len(self._pending),
+            skipped_writes=self._skipped,
+        )
