@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CHUNK, CHUNK_FILE, chunk_files, disk_config, prompt
 
 import lmplug
 from lmplug.testing import reference_kv
+
+from conftest import CHUNK, CHUNK_FILE, chunk_files, disk_config, prompt
 
 
 def disk_tier(cache: lmplug.Cache) -> lmplug.Tier:
@@ -62,6 +63,7 @@ async def test_a_disk_hit_is_promoted_into_l1(tmp_path: Path) -> None:
         await disk_tier(cache).drain()
         await cache.evict(tokens, tiers=["cpu"])
         kv, count = await cache.retrieve(tokens)
+        assert count == len(tokens)
         assert torch.equal(kv, reference_kv(tokens, config))
         assert await cache.pipeline.slots[0].contains(cache.keys(tokens)) == 3
         assert cache.statistics().tiers[1].hits == 3
@@ -75,6 +77,7 @@ async def test_store_returns_before_the_disk_write_and_queued_chunks_are_served(
         stats = cache.statistics().tiers[0]
         assert stats.pending_writes + stats.chunks == 4
         kv, count = await cache.retrieve(tokens)  # from the queue or from the files: the same KV
+        assert count == len(tokens)
         assert torch.equal(kv, reference_kv(tokens, config))
         await disk_tier(cache).drain()
         assert cache.statistics().tiers[0].pending_writes == 0

@@ -13,10 +13,11 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import chunk_files, prompt
 
 import lmplug
 from lmplug.testing import make_config, reference_kv
+
+from conftest import chunk_files, prompt
 
 WRITER = """
 import json, sys, anyio, lmplug
