@@ -76,8 +76,8 @@ async def test_a_configured_tier_whose_plugin_is_broken_fails_startup(third_part
 
 
 async def test_a_tier_type_nobody_provides_names_the_package_to_install() -> None:
-    with pytest.raises(PluginUnavailable, match="pip install lmplug-disk"):
-        async with lmplug.open_cache(make_config([{"type": "disk"}])):
+    with pytest.raises(PluginUnavailable, match="pip install lmplug-gds"):
+        async with lmplug.open_cache(make_config([{"type": "gds"}])):
             pass
 
 
@@ -274,11 +274,11 @@ def test_cli_config_check_names_the_bad_key(tmp_path: Path, config_file: Path) -
 
 
 def test_cli_config_check_names_a_missing_plugin(tmp_path: Path, config_file: Path) -> None:
-    bad = tmp_path / "disk.yaml"
-    bad.write_text(config_file.read_text().replace("type: cpu", "type: disk"))
+    bad = tmp_path / "gds.yaml"
+    bad.write_text(config_file.read_text().replace("type: cpu", "type: gds"))
     result = _lmplug("config", "check", str(bad))
     assert result.returncode == 2
-    assert "pip install lmplug-disk" in result.stderr
+    assert "pip install lmplug-gds" in result.stderr
 
 
 def test_reference_kv_is_prefix_dependent() -> None:

@@ -14,7 +14,7 @@ import torch
 import lmplug
 from lmplug.testing import reference_kv
 
-from conftest import CHUNK, CHUNK_FILE, chunk_files, disk_config, prompt
+from disk_testing import CHUNK, CHUNK_FILE, chunk_files, disk_config, prompt
 
 
 def disk_tier(cache: lmplug.Cache) -> lmplug.Tier:

@@ -17,7 +17,7 @@ import torch
 import lmplug
 from lmplug.testing import make_config, reference_kv
 
-from conftest import chunk_files, prompt
+from disk_testing import chunk_files, prompt
 
 WRITER = """
 import json, sys, anyio, lmplug

@@ -1,0 +1,25 @@
+"""Helpers shared by the disk tier's tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lmplug.testing import make_config
+
+CHUNK = 16
+CHUNK_FILE = 4096 + 4096  # header block + 2 KiB payload padded to a block
+
+
+def disk_config(path: Path, *, cpu: bool = False, **options: Any) -> dict[str, Any]:
+    tiers: list[dict[str, Any]] = [{"type": "cpu", "capacity": "1MiB"}] if cpu else []
+    tiers.append({"type": "disk", "path": str(path), **options})
+    return make_config(tiers, chunk_size=CHUNK)
+
+
+def prompt(seed: int, chunks: int) -> list[int]:
+    return [(seed * 7717 + i * 13) % 30_000 for i in range(chunks * CHUNK)]
+
+
+def chunk_files(root: Path) -> list[Path]:
+    return sorted(root.glob("lmplug-*/??/*.kv"))
