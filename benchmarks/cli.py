@@ -20,10 +20,17 @@ from typing import Any, cast
 
 import torch
 
-from benchmarks import cpu_throughput, fixed_cost, lookup_128k, sync_overhead
+from benchmarks import cpu_throughput, disk_restart, disk_throughput, fixed_cost, lookup_128k, sync_overhead
 from benchmarks.harness import Backend, Result, Settings, format_table, write_json
 
-MODULES: tuple[ModuleType, ...] = (cpu_throughput, fixed_cost, lookup_128k, sync_overhead)
+MODULES: tuple[ModuleType, ...] = (
+    cpu_throughput,
+    fixed_cost,
+    lookup_128k,
+    sync_overhead,
+    disk_throughput,
+    disk_restart,
+)
 
 
 def _registry() -> dict[str, tuple[str, Callable[[Settings], list[Result]]]]:

@@ -22,7 +22,15 @@ from lmplug.core.config import LmplugConfig, ModelConfig, StrictModel, TierConfi
 from lmplug.core.keys import ChunkKey, KeyMaker, canonical_tokens
 from lmplug.core.layout import KVLayout
 from lmplug.core.leases import Lease
-from lmplug.core.memory import AllocatorStatistics, ChunkAllocator, HeapAllocator, KVChunk, cuda_available
+from lmplug.core.memory import (
+    IO_ALIGNMENT,
+    AllocatorStatistics,
+    ChunkAllocator,
+    HeapAllocator,
+    KVChunk,
+    aligned_empty,
+    cuda_available,
+)
 from lmplug.core.sync import SyncCache
 from lmplug.core.tier import Capability, Tier, TierContext, TierStatistics, TierType
 from lmplug.core.units import ByteSize, Duration, parse_duration, parse_size
@@ -45,6 +53,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree wi
     __version__ = "0.0.0"
 
 __all__ = [
+    "IO_ALIGNMENT",
     "AllocatorStatistics",
     "ByteSize",
     "Cache",
@@ -77,6 +86,7 @@ __all__ = [
     "TierType",
     "TierUnavailable",
     "__version__",
+    "aligned_empty",
     "canonical_tokens",
     "cuda_available",
     "hookimpl",

@@ -23,4 +23,4 @@ def test_benchmarks_run(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     text = out.read_text()
     names = {row["benchmark"] for row in json.loads(text)["results"]}
-    assert names == {"cpu_throughput", "fixed_cost", "lookup_128k", "sync_overhead"}
+    assert names == {"cpu_throughput", "fixed_cost", "lookup_128k", "sync_overhead", "disk_throughput", "disk_restart"}

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import bisect
 
-import torch
-
-from lmplug import AllocatorStatistics, KVChunk, KVLayout, cuda_available
+from lmplug import AllocatorStatistics, KVChunk, KVLayout, aligned_empty, cuda_available
 
 
 class HostPool:
@@ -26,9 +24,10 @@ class HostPool:
         self.alignment = alignment
         self.capacity = capacity - capacity % alignment
         self.pinned = cuda_available() if pin_memory is None else pin_memory
-        self.buffer = torch.empty(self.capacity, dtype=torch.uint8, pin_memory=self.pinned)
+        self.buffer = aligned_empty(self.capacity, pin_memory=self.pinned, alignment=max(alignment, 64))
         # Chunks are carved from a typed view with as_strided: one tensor op instead of three.
         self._typed = self.buffer[: self.capacity - self.capacity % layout.itemsize].view(layout.dtype)
+        self._base = self._typed.storage_offset()  # as_strided offsets count from the storage's start
         self._by_start: dict[int, int] = {}
         self._by_end: dict[int, int] = {}
         self._by_size: dict[int, dict[int, None]] = {}
@@ -59,7 +58,7 @@ class HostPool:
         tensor = self._typed.as_strided(
             (2, layout.num_layers, num_tokens, hidden),
             (layout.num_layers * plane, plane, hidden, 1),
-            start // layout.itemsize,
+            self._base + start // layout.itemsize,
         )
         return KVChunk(tensor, self._free, owner=self, handle=start, nbytes=nbytes)
 

@@ -10,7 +10,6 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -37,6 +36,7 @@ from lmplug.core.serde import ChunkHeader, payload_checksum
 from lmplug_disk import files
 
 logger = logging.getLogger("lmplug.disk")
+_NOT_READ = CorruptChunk("not read: an earlier file of the same retrieve failed")
 _REPORT_EVERY = 60.0
 
 
@@ -56,12 +56,6 @@ class DiskTierConfig(StrictModel):
     )
 
 
-@dataclass(slots=True)
-class _Entry:
-    tokens: int
-    size: int
-
-
 class DiskTier(Tier):
     """Chunk files under ``<path>/lmplug-<fingerprint>/``, owned by one process at a time."""
 
@@ -78,7 +72,7 @@ class DiskTier(Tier):
                 f"one chunk file of {largest} bytes; raise capacity"
             )
         self.direct = False
-        self._index: OrderedDict[ChunkKey, _Entry] = OrderedDict()
+        self._index: OrderedDict[ChunkKey, int] = OrderedDict()  # key -> tokens, least recently used first
         self._pending: dict[ChunkKey, KVChunk] = {}
         self._cancelled: set[ChunkKey] = set()
         self._used = 0
@@ -98,10 +92,7 @@ class DiskTier(Tier):
     # ------------------------------------------------------------------ lifecycle
 
     async def __aenter__(self) -> DiskTier:
-        found = await anyio.to_thread.run_sync(self._open_directory)
-        for item in sorted(found, key=lambda item: item.mtime_ns):
-            self._index[item.key] = _Entry(item.tokens, item.size)
-            self._used += item.size
+        await anyio.to_thread.run_sync(self._open_directory)
         try:
             await anyio.to_thread.run_sync(files.remove_files, self._evict_to(self.options.capacity))
         except BaseException:
@@ -122,8 +113,11 @@ class DiskTier(Tier):
         )  # fmt: skip
         return self
 
-    def _open_directory(self) -> list[files.FoundChunk]:
-        """Create and lock the directory, pick the I/O mode, and scan what a past run left."""
+    def _size(self, tokens: int) -> int:
+        return files.file_size(tokens * self.context.layout.bytes_per_token)
+
+    def _open_directory(self) -> None:
+        """Create and lock the directory, pick the I/O mode, and index what a past run left."""
         started = time.perf_counter()
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -148,15 +142,16 @@ class DiskTier(Tier):
             if mode == "direct" and not supported:
                 raise TierUnavailable(f"tier {self.name!r}: the filesystem of {self.root} does not support O_DIRECT")
             self.direct = supported and mode != "buffered"
-            found = list(files.scan(self.root, self.context.layout.bytes_per_token))
+            found = files.scan(self.root, self.context.layout.bytes_per_token)
         except OSError as exc:
             self._unlock()
             raise TierUnavailable(f"tier {self.name!r}: cannot use {self.root}: {exc.strerror or exc}") from exc
         except BaseException:
             self._unlock()
             raise
+        self._index = OrderedDict((key, tokens) for _, key, tokens in found)
+        self._used = sum(self._size(tokens) for _, _, tokens in found)
         self.scan_seconds = time.perf_counter() - started
-        return found
 
     def _unlock(self) -> None:
         if self._lock_fd >= 0:
@@ -199,19 +194,19 @@ class DiskTier(Tier):
     @hookimpl
     async def lmplug_retrieve(self, keys: Sequence[ChunkKey]) -> list[KVChunk]:
         chunks: list[KVChunk] = []
-        reads: list[tuple[ChunkKey, _Entry, KVChunk]] = []
+        reads: list[tuple[ChunkKey, int, KVChunk]] = []
         for key in keys:
             waiting = self._pending.get(key)
             if waiting is not None and not reads and key not in self._cancelled:
                 chunks.append(waiting.acquire())  # still in memory, queued for writing
                 continue
-            entry = self._index.get(key)
-            if entry is None:
+            tokens = self._index.get(key)
+            if tokens is None:
                 break
-            chunk = self.context.allocator.allocate(entry.tokens)
+            chunk = self.context.allocator.allocate(tokens)
             if chunk is None:
                 break
-            reads.append((key, entry, chunk))
+            reads.append((key, tokens, chunk))
         if reads:
             chunks += await self._read(reads)
         self._hits += len(chunks)
@@ -219,32 +214,49 @@ class DiskTier(Tier):
             self._misses += 1
         return chunks
 
-    async def _read(self, reads: list[tuple[ChunkKey, _Entry, KVChunk]]) -> list[KVChunk]:
+    async def _read(self, reads: list[tuple[ChunkKey, int, KVChunk]]) -> list[KVChunk]:
+        """Read the files, up to ``readers`` at once; the chunks of the leading files that read well."""
+        lanes = min(self.options.readers, len(reads))
+        outcome: list[Exception | None] = [None] * len(reads)
+
+        async def lane(first: int) -> None:
+            # Lane i reads files i, i + lanes, ...: each lane is one worker thread's queue.
+            batch = reads[first::lanes]
+            done, failure = await anyio.to_thread.run_sync(self._read_files, batch, limiter=self._read_limiter)
+            if failure is not None:
+                outcome[first + done * lanes] = failure
+                for later in range(first + (done + 1) * lanes, len(reads), lanes):
+                    outcome[later] = _NOT_READ
+
         self._reads_in_flight += 1
         try:
-            done, failure = await anyio.to_thread.run_sync(self._read_files, reads, limiter=self._read_limiter)
+            async with anyio.create_task_group() as group:
+                for first in range(lanes):
+                    group.start_soon(lane, first)
         finally:
             self._reads_in_flight -= 1
             if not self._reads_in_flight:
                 self._reads_done.set()
                 self._reads_done = anyio.Event()
-        for _, _, chunk in reads[done:]:
-            chunk.release()
-        if failure is not None:
-            self._failed_read(reads[done][0], failure)
-        for key, _, _ in reads[:done]:
-            if key in self._index:
+        good = next((index for index, failure in enumerate(outcome) if failure is not None), len(reads))
+        for index, (key, _, chunk) in enumerate(reads):
+            if index >= good:
+                chunk.release()
+                failure = outcome[index]
+                if failure is not None and failure is not _NOT_READ:
+                    self._failed_read(key, failure)
+            elif key in self._index:
                 self._index.move_to_end(key)
-        return [chunk for _, _, chunk in reads[:done]]
+        return [chunk for _, _, chunk in reads[:good]]
 
-    def _read_files(self, reads: list[tuple[ChunkKey, _Entry, KVChunk]]) -> tuple[int, Exception | None]:
+    def _read_files(self, reads: list[tuple[ChunkKey, int, KVChunk]]) -> tuple[int, Exception | None]:
         """Read files in order; how many were read, and why the next one failed."""
         layout = self.context.layout
-        for done, (key, entry, chunk) in enumerate(reads):
-            path = files.chunk_path(self.root, key, entry.tokens)
+        for done, (key, tokens, chunk) in enumerate(reads):
+            path = files.chunk_path(self.root, key, tokens)
             try:
                 files.read_chunk_file(
-                    path, key, layout, entry.tokens, chunk.raw(), chunk.tensor.data_ptr(), direct=self.direct
+                    path, key, layout, tokens, chunk.raw(), chunk.tensor.data_ptr(), direct=self.direct
                 )
                 os.utime(path)  # recency survives a restart: the index is rebuilt in mtime order
             except (OSError, CorruptChunk) as exc:
@@ -252,11 +264,11 @@ class DiskTier(Tier):
         return len(reads), None
 
     def _failed_read(self, key: ChunkKey, failure: Exception) -> None:
-        entry = self._index.pop(key, None)
-        if entry is None:
+        tokens = self._index.pop(key, None)
+        if tokens is None:
             return
-        self._used -= entry.size
-        path = files.chunk_path(self.root, key, entry.tokens)
+        self._used -= self._size(tokens)
+        path = files.chunk_path(self.root, key, tokens)
         if isinstance(failure, CorruptChunk) or (isinstance(failure, OSError) and failure.errno == errno.ENOENT):
             # Never served: the file is dropped (deleted here, on the loop: it is one unlink).
             with contextlib.suppress(OSError):
@@ -314,7 +326,7 @@ class DiskTier(Tier):
             self._used -= size
             await anyio.to_thread.run_sync(files.remove_files, [path], limiter=self._write_limiter)
             return
-        self._index[key] = _Entry(tokens, size)
+        self._index[key] = tokens
         self._stored += 1
 
     def _write_file(self, path: Path, key: ChunkKey, chunk: KVChunk, victims: list[Path]) -> None:
@@ -338,9 +350,9 @@ class DiskTier(Tier):
         victims: list[Path] = []
         dropped: list[ChunkKey] = []
         while self._used > budget and self._index:
-            key, entry = self._index.popitem(last=False)
-            self._used -= entry.size
-            victims.append(files.chunk_path(self.root, key, entry.tokens))
+            key, tokens = self._index.popitem(last=False)
+            self._used -= self._size(tokens)
+            victims.append(files.chunk_path(self.root, key, tokens))
             dropped.append(key)
         if dropped:
             self._evictions += len(dropped)
@@ -356,10 +368,10 @@ class DiskTier(Tier):
                 self._cancelled.add(key)
                 dropped.append(key)
                 continue
-            entry = self._index.pop(key, None)
-            if entry is not None:
-                self._used -= entry.size
-                victims.append(files.chunk_path(self.root, key, entry.tokens))
+            tokens = self._index.pop(key, None)
+            if tokens is not None:
+                self._used -= self._size(tokens)
+                victims.append(files.chunk_path(self.root, key, tokens))
                 dropped.append(key)
         if victims:
             await anyio.to_thread.run_sync(files.remove_files, victims, limiter=self._write_limiter)

@@ -158,6 +158,8 @@ async def test_a_damaged_file_is_a_miss_and_is_removed(
         assert torch.equal(kv, reference_kv(tokens, config)[:, :, :CHUNK])
         assert not second.exists()
         assert await cache.lookup(tokens) == CHUNK
+        # The third file, read in parallel with the damaged one, is intact and stays.
+        assert await cache.pipeline.slots[0].contains(cache.keys(tokens)[2:]) == 1
     assert any("dropped" in record.getMessage() for record in caplog.records)
 
 
