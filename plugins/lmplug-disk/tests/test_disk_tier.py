@@ -8,6 +8,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import anyio
 import pytest
 import torch
 
@@ -300,3 +301,18 @@ async def test_an_unusable_path_is_a_clear_startup_error(tmp_path: Path) -> None
     with pytest.raises(lmplug.TierUnavailable, match="cannot use"):
         async with lmplug.open_cache(disk_config(blocker)):
             pass
+
+
+async def test_writes_wait_while_reads_are_in_flight(tmp_path: Path) -> None:
+    config = disk_config(tmp_path, cpu=True)
+    async with lmplug.open_cache(config) as cache:
+        tier = disk_tier(cache)
+        tier._reads_in_flight = 1  # type: ignore[attr-defined]  # as if an engine's load were reading
+        tokens = prompt(18, 2)
+        await cache.store(tokens, reference_kv(tokens, config))
+        await anyio.sleep(0.2)
+        assert chunk_files(tmp_path) == []  # the writers hold back
+        tier._reads_in_flight = 0  # type: ignore[attr-defined]
+        tier._reads_done.set()  # type: ignore[attr-defined]
+        await tier.drain()
+        assert len(chunk_files(tmp_path)) == 2
