@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lmplug import ChunkKey, CorruptChunk, KVLayout
-from lmplug.core.serde import ChunkHeader, payload_checksum
+from lmplug.core.serde import HEADER, ChunkHeader, payload_checksum
 
 BLOCK = 4096
 _ZEROS = bytes(BLOCK)
@@ -66,9 +66,9 @@ def probe_direct_io(root: Path) -> bool:
             probe.unlink()
 
 
-def _transfer_all(fd: int, buffers: list[memoryview], write: bool) -> int:
-    """pwritev/preadv the buffers back to back from offset 0, resuming after short transfers."""
-    offset = 0
+def _transfer_all(fd: int, buffers: list[memoryview], write: bool, offset: int = 0) -> int:
+    """pwritev/preadv the buffers back to back from ``offset``; bytes moved (resumes short transfers)."""
+    first = offset
     pending = [view for view in buffers if view.nbytes]
     while pending:
         done = os.pwritev(fd, pending, offset) if write else os.preadv(fd, pending, offset)
@@ -80,7 +80,7 @@ def _transfer_all(fd: int, buffers: list[memoryview], write: bool) -> int:
             pending.pop(0)
         if pending and done:
             pending[0] = pending[0][done:]
-    return offset
+    return offset - first
 
 
 class _Staging:
@@ -167,31 +167,56 @@ def write_chunk_file(
             os.close(directory)
 
 
-def read_chunk_file(
-    path: Path, key: ChunkKey, layout: KVLayout, tokens: int, payload: memoryview, address: int, *, direct: bool
-) -> None:
-    """Read one chunk file into ``payload`` and verify it; :class:`CorruptChunk` says what is wrong."""
-    nbytes = payload.nbytes
+SEGMENT = 8 * 2**20
+"""Payload bytes one reader moves at a time: large chunks are read by several threads at once."""
+
+
+def read_chunk_part(path: Path, payload: memoryview, start: int, end: int, address: int, *, direct: bool) -> bytes:
+    """Read payload bytes ``[start, end)`` of a chunk file into ``payload[start:end]``.
+
+    The part that starts at 0 also reads the header block, checks the file's size, and
+    returns the header's bytes (verify them with :func:`verify_chunk` once every part is
+    in); other parts return ``b""``. ``start`` is a multiple of the 4 KiB block.
+    """
+    part = payload[start:end]
+    nbytes = part.nbytes
     flags = os.O_RDONLY | os.O_CLOEXEC | (os.O_DIRECT if direct else 0)
     fd = os.open(path, flags)
     staging = _Staging.of(BLOCK + (round_up(nbytes) if direct and address % BLOCK else BLOCK))
     try:
-        size = os.fstat(fd).st_size
-        if size != file_size(nbytes):
-            raise CorruptChunk(f"{path.name}: {size} bytes on disk, {file_size(nbytes)} expected (truncated?)")
-        header_block = staging.view(0, BLOCK)
-        buffers, tail = _payload_iovec(payload, address, direct, staging)
-        read = _transfer_all(fd, [header_block, *buffers], write=False)
-        if read < BLOCK + nbytes:
-            raise CorruptChunk(f"{path.name}: read {read} bytes, {BLOCK + nbytes} expected (truncated)")
-        header = ChunkHeader.unpack(header_block)
-        header.expect(key, layout, tokens)
+        buffers, tail = _payload_iovec(part, address + start, direct, staging)
+        if start == 0:
+            size = os.fstat(fd).st_size
+            if size != file_size(payload.nbytes):
+                raise CorruptChunk(f"{path.name}: {size} bytes on disk, {file_size(payload.nbytes)} expected")
+            buffers.insert(0, staging.view(0, BLOCK))
+            expected = BLOCK + nbytes
+        else:
+            expected = nbytes
+        read = _transfer_all(fd, buffers, write=False, offset=0 if start == 0 else BLOCK + start)
+        if read < expected:
+            raise CorruptChunk(f"{path.name}: read {read} bytes, {expected} expected (truncated)")
         if tail < nbytes:
-            payload[tail:] = staging.view(BLOCK, nbytes - tail)
-        if payload_checksum(payload) != header.checksum:
-            raise CorruptChunk(f"{path.name}: payload checksum mismatch")
+            part[tail:] = staging.view(BLOCK, nbytes - tail)
+        return bytes(staging.view(0, HEADER.size)) if start == 0 else b""
     finally:
         os.close(fd)
+
+
+def verify_chunk(path: Path, header: bytes, key: ChunkKey, layout: KVLayout, tokens: int, payload: memoryview) -> None:
+    """Raise :class:`CorruptChunk` unless ``header`` and ``payload`` are ``key``'s KV."""
+    parsed = ChunkHeader.unpack(header)
+    parsed.expect(key, layout, tokens)
+    if payload_checksum(payload) != parsed.checksum:
+        raise CorruptChunk(f"{path.name}: payload checksum mismatch")
+
+
+def read_chunk_file(
+    path: Path, key: ChunkKey, layout: KVLayout, tokens: int, payload: memoryview, address: int, *, direct: bool
+) -> None:
+    """Read one chunk file into ``payload`` and verify it; :class:`CorruptChunk` says what is wrong."""
+    header = read_chunk_part(path, payload, 0, payload.nbytes, address, direct=direct)
+    verify_chunk(path, header, key, layout, tokens, payload)
 
 
 def _parse(name: str) -> tuple[ChunkKey, int] | None:

@@ -36,7 +36,6 @@ from lmplug.core.serde import ChunkHeader, payload_checksum
 from lmplug_disk import files
 
 logger = logging.getLogger("lmplug.disk")
-_NOT_READ = CorruptChunk("not read: an earlier file of the same retrieve failed")
 _REPORT_EVERY = 60.0
 
 
@@ -215,53 +214,102 @@ class DiskTier(Tier):
         return chunks
 
     async def _read(self, reads: list[tuple[ChunkKey, int, KVChunk]]) -> list[KVChunk]:
-        """Read the files, up to ``readers`` at once; the chunks of the leading files that read well."""
-        lanes = min(self.options.readers, len(reads))
-        outcome: list[Exception | None] = [None] * len(reads)
+        """Read the files (large ones in segments), up to ``readers`` at once; the leading good chunks."""
+        parts = [
+            (index, start, min(start + files.SEGMENT, chunk.nbytes))
+            for index, (_, _, chunk) in enumerate(reads)
+            for start in range(0, chunk.nbytes, files.SEGMENT)
+        ]
+        lanes = min(self.options.readers, len(parts))
+        headers = [b""] * len(reads)
+        failures: list[Exception | None] = [None] * len(reads)
+        verified = [False] * len(reads)
 
         async def lane(first: int) -> None:
-            # Lane i reads files i, i + lanes, ...: each lane is one worker thread's queue.
-            batch = reads[first::lanes]
-            done, failure = await anyio.to_thread.run_sync(self._read_files, batch, limiter=self._read_limiter)
-            if failure is not None:
-                outcome[first + done * lanes] = failure
-                for later in range(first + (done + 1) * lanes, len(reads), lanes):
-                    outcome[later] = _NOT_READ
+            # Lane i reads parts i, i + lanes, ...: each lane is one worker thread's queue.
+            await anyio.to_thread.run_sync(
+                self._read_parts, reads, parts[first::lanes], headers, failures, verified, limiter=self._read_limiter
+            )
 
         self._reads_in_flight += 1
         try:
             async with anyio.create_task_group() as group:
                 for first in range(lanes):
                     group.start_soon(lane, first)
+            good = await anyio.to_thread.run_sync(
+                self._verify, reads, headers, failures, verified, limiter=self._read_limiter
+            )
         finally:
             self._reads_in_flight -= 1
             if not self._reads_in_flight:
                 self._reads_done.set()
                 self._reads_done = anyio.Event()
-        good = next((index for index, failure in enumerate(outcome) if failure is not None), len(reads))
         for index, (key, _, chunk) in enumerate(reads):
-            if index >= good:
-                chunk.release()
-                failure = outcome[index]
-                if failure is not None and failure is not _NOT_READ:
-                    self._failed_read(key, failure)
-            elif key in self._index:
-                self._index.move_to_end(key)
+            if index < good:
+                if key in self._index:
+                    self._index.move_to_end(key)
+                continue
+            chunk.release()
+            failure = failures[index]
+            if index == good and failure is not None:
+                self._failed_read(key, failure)
         return [chunk for _, _, chunk in reads[:good]]
 
-    def _read_files(self, reads: list[tuple[ChunkKey, int, KVChunk]]) -> tuple[int, Exception | None]:
-        """Read files in order; how many were read, and why the next one failed."""
-        layout = self.context.layout
-        for done, (key, tokens, chunk) in enumerate(reads):
+    def _read_parts(
+        self,
+        reads: list[tuple[ChunkKey, int, KVChunk]],
+        parts: list[tuple[int, int, int]],
+        headers: list[bytes],
+        failures: list[Exception | None],
+        verified: list[bool],
+    ) -> None:
+        """Read some parts of some files (a worker thread's share); failures are recorded per file."""
+        for index, start, end in parts:
+            if failures[index] is not None:
+                continue
+            key, tokens, chunk = reads[index]
             path = files.chunk_path(self.root, key, tokens)
             try:
-                files.read_chunk_file(
-                    path, key, layout, tokens, chunk.raw(), chunk.tensor.data_ptr(), direct=self.direct
+                header = files.read_chunk_part(
+                    path, chunk.raw(), start, end, chunk.tensor.data_ptr(), direct=self.direct
                 )
+            except (OSError, CorruptChunk) as exc:
+                failures[index] = exc
+                continue
+            if start == 0 and end == chunk.nbytes:
+                # A one-part file is checked right here, overlapping other lanes' reads.
+                try:
+                    files.verify_chunk(path, header, key, self.context.layout, tokens, chunk.raw())
+                    os.utime(path)  # recency survives a restart: the index is rebuilt in mtime order
+                except (OSError, CorruptChunk) as exc:
+                    failures[index] = exc
+                    continue
+                verified[index] = True
+            elif start == 0:
+                headers[index] = header
+
+    def _verify(
+        self,
+        reads: list[tuple[ChunkKey, int, KVChunk]],
+        headers: list[bytes],
+        failures: list[Exception | None],
+        verified: list[bool],
+    ) -> int:
+        """Check the multi-part files' headers and checksums in order; how many leading files are good."""
+        layout = self.context.layout
+        for index, (key, tokens, chunk) in enumerate(reads):
+            if failures[index] is not None:
+                return index
+            if verified[index]:
+                continue
+            path = files.chunk_path(self.root, key, tokens)
+            try:
+                files.verify_chunk(path, headers[index], key, layout, tokens, chunk.raw())
                 os.utime(path)  # recency survives a restart: the index is rebuilt in mtime order
             except (OSError, CorruptChunk) as exc:
-                return done, exc
-        return len(reads), None
+                failures[index] = exc
+                return index
+        return len(reads)
 
     def _failed_read(self, key: ChunkKey, failure: Exception) -> None:
         tokens = self._index.pop(key, None)

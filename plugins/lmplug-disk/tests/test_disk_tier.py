@@ -316,3 +316,31 @@ async def test_writes_wait_while_reads_are_in_flight(tmp_path: Path) -> None:
         tier._reads_done.set()  # type: ignore[attr-defined]
         await tier.drain()
         assert len(chunk_files(tmp_path)) == 2
+
+
+@pytest.mark.parametrize("io_mode", ["direct", "buffered"])
+async def test_large_chunks_are_read_in_parallel_segments(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, io_mode: str
+) -> None:
+    from lmplug_disk import files
+
+    monkeypatch.setattr(files, "SEGMENT", 4096)  # 7 KiB chunks: a full block and an unaligned tail each
+    config = disk_config(tmp_path, cpu=True, io_mode=io_mode)
+    config["model"].update(num_layers=7)
+    async with lmplug.open_cache(config) as cache:
+        tokens = prompt(19, 6)
+        await cache.store(tokens, reference_kv(tokens, config))
+        await disk_tier(cache).drain()
+        await cache.evict(tokens, tiers=["cpu"])
+        kv, count = await cache.retrieve(tokens)
+        assert count == len(tokens)
+        assert torch.equal(kv, reference_kv(tokens, config))
+        await cache.evict(tokens, tiers=["cpu"])
+        fourth = next(p for p in chunk_files(tmp_path) if p.name.startswith(cache.keys(tokens)[3].hex()))
+        data = bytearray(fourth.read_bytes())
+        data[4096 + 5000] ^= 0x40  # in the second segment of the fourth chunk
+        fourth.write_bytes(bytes(data))
+        kv, count = await cache.retrieve(tokens)
+        assert count == 3 * CHUNK
+        assert torch.equal(kv, reference_kv(tokens, config)[:, :, :count])
+        assert not fourth.exists()
