@@ -1,0 +1,111 @@
+"""Gather/scatter between vLLM's paged layouts and lmplug's chunk layout, against a per-token reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lmplug
+from lmplug.errors import KVShapeError
+from lmplug.integrations.vllm.paged import Slots, layout_for
+
+HEADS, DIM, BLOCK, BLOCKS, LAYERS = 2, 4, 8, 6, 3
+
+
+def naive_get(name: str, layer: torch.Tensor, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V ``[heads, dim]`` of one slot, read the slow, obvious way from the documented layout."""
+    block, offset = divmod(slot, BLOCK)
+    if name == "cpu":
+        k = torch.empty(HEADS, DIM, dtype=layer.dtype)
+        v = torch.empty(HEADS, DIM, dtype=layer.dtype)
+        for head in range(HEADS):
+            flat = layer[block, head].reshape(-1)
+            for dim in range(DIM):
+                k[head, dim] = flat[dim * BLOCK + offset]  # K stored transposed: [dim, slot]
+                v[head, dim] = flat[BLOCK * DIM + offset * DIM + dim]  # then V: [slot, dim]
+        return k, v
+    if name == "flash":
+        return layer[0, block, offset], layer[1, block, offset]
+    return layer[block, 0, offset], layer[block, 1, offset]
+
+
+def make_layers(name: str, device: str = "cpu") -> list[torch.Tensor]:
+    layout = layout_for(name, HEADS, DIM, BLOCK)
+    layers = [torch.randn(layout.cache_shape(BLOCKS), device=device).to(torch.bfloat16) for _ in range(LAYERS)]
+    if name == "flash":
+        # A permuted physical order (heads before slots), as some backends allocate it.
+        layers = [layer.permute(0, 1, 3, 2, 4).contiguous().permute(0, 1, 3, 2, 4) for layer in layers]
+        assert not layers[0].is_contiguous()
+    return layers
+
+
+@pytest.mark.parametrize("name", ["cpu", "flash", "flashinfer"])
+def test_gather_matches_the_layout_definition(name: str) -> None:
+    layout = layout_for(name, HEADS, DIM, BLOCK)
+    layers = make_layers(name)
+    slot_list = [13, 8, 47, 9, 30, 31, 0]  # out of order, across blocks
+    out = torch.empty(2, LAYERS, len(slot_list), HEADS * DIM, dtype=torch.bfloat16)
+    layout.gather(layers, Slots.of(torch.tensor(slot_list), BLOCK, torch.device("cpu")), out)
+    for index, layer in enumerate(layers):
+        for token, slot in enumerate(slot_list):
+            k, v = naive_get(name, layer, slot)
+            assert torch.equal(out[0, index, token], k.reshape(-1))
+            assert torch.equal(out[1, index, token], v.reshape(-1))
+
+
+@pytest.mark.parametrize("name", ["cpu", "flash", "flashinfer"])
+def test_scatter_writes_only_the_given_slots(name: str) -> None:
+    layout = layout_for(name, HEADS, DIM, BLOCK)
+    layers = make_layers(name)
+    before = [layer.clone() for layer in layers]
+    slot_list = [17, 3, 40, 41]
+    kv = torch.randn(2, LAYERS, len(slot_list), HEADS * DIM).to(torch.bfloat16)
+    slots = Slots.of(torch.tensor(slot_list), BLOCK, torch.device("cpu"))
+    layout.scatter(layers, slots, kv)
+    for index, layer in enumerate(layers):
+        for token, slot in enumerate(slot_list):
+            k, v = naive_get(name, layer, slot)
+            assert torch.equal(k.reshape(-1), kv[0, index, token])
+            assert torch.equal(v.reshape(-1), kv[1, index, token])
+        untouched = [slot for slot in range(BLOCKS * BLOCK) if slot not in slot_list]
+        for slot in untouched:
+            assert all(
+                torch.equal(a, b)
+                for a, b in zip(naive_get(name, layer, slot), naive_get(name, before[index], slot), strict=True)
+            )
+    out = torch.empty_like(kv)
+    layout.gather(layers, slots, out)
+    assert torch.equal(out, kv)
+
+
+def test_cpu_layout_refuses_a_layer_it_would_have_to_copy() -> None:
+    layout = layout_for("cpu", HEADS, DIM, BLOCK)
+    layer = torch.randn(BLOCKS, HEADS, 2 * DIM, BLOCK).transpose(2, 3)  # right shape, non-viewable strides
+    with pytest.raises(RuntimeError):
+        layout.scatter(
+            [layer], Slots.of(torch.tensor([1]), BLOCK, torch.device("cpu")), torch.zeros(2, 1, 1, HEADS * DIM)
+        )
+
+
+def test_check_names_the_expected_shape() -> None:
+    layout = layout_for("flash", HEADS, DIM, BLOCK)
+    layout.check(torch.empty(layout.cache_shape(BLOCKS)))
+    with pytest.raises(KVShapeError, match="is not the 'flash' layout"):
+        layout.check(torch.empty(BLOCKS, 2, BLOCK, HEADS, DIM))
+    with pytest.raises(KVShapeError, match="supports cpu, flash, flashinfer"):
+        layout_for("mla", HEADS, DIM, BLOCK)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not lmplug.cuda_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["flash", "flashinfer"])
+def test_cuda_round_trip(name: str) -> None:
+    layout = layout_for(name, HEADS, DIM, BLOCK)
+    layers = make_layers(name, device="cuda")
+    slots = Slots.of(torch.tensor([5, 22, 23, 40]), BLOCK, torch.device("cuda"))
+    kv = torch.randn(2, LAYERS, 4, HEADS * DIM, device="cuda").to(torch.bfloat16)
+    layout.scatter(layers, slots, kv)
+    out = torch.empty_like(kv)
+    layout.gather(layers, slots, out)
+    torch.cuda.synchronize()
+    assert torch.equal(out, kv)
