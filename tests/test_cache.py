@@ -268,3 +268,18 @@ async def test_many_concurrent_users(config: dict[str, Any]) -> None:
         assert wrong == []
         stats = cache.statistics()
         assert stats.allocator.used_bytes == stats.tiers[0].used_bytes
+
+
+async def test_store_from_a_chunk_boundary(config: dict[str, Any]) -> None:
+    async with lmplug.open_cache(config) as cache:
+        tokens = prompt(24, 4 * CHUNK)
+        kv = reference_kv(tokens, config)
+        assert await cache.store(tokens[: 2 * CHUNK], kv[:, :, : 2 * CHUNK]) == 2 * CHUNK
+        assert await cache.store(tokens, kv[:, :, 2 * CHUNK :], start=2 * CHUNK) == 4 * CHUNK
+        out, count = await cache.retrieve(tokens)
+        assert count == 4 * CHUNK
+        assert torch.equal(out, kv)
+        with pytest.raises(lmplug.InvalidInputError, match="multiple of chunk_size"):
+            await cache.store(tokens, kv[:, :, 5:], start=5)
+        with pytest.raises(TokenCountMismatch):
+            await cache.store(tokens, kv, start=CHUNK)

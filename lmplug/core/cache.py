@@ -21,7 +21,7 @@ from lmplug.core.memory import AllocatorStatistics, ChunkAllocator, HeapAllocato
 from lmplug.core.metrics import CacheMetrics
 from lmplug.core.tier import Capability, TierStatistics
 from lmplug.core.transfer import copy_from_chunks, copy_into_chunks
-from lmplug.errors import CacheClosedError, KVShapeError
+from lmplug.errors import CacheClosedError, InvalidInputError, KVShapeError
 from lmplug.hooks.dispatch import Pipeline, TierSlot, bind_tier
 from lmplug.hooks.manager import PluginHost
 
@@ -150,21 +150,26 @@ class Cache:
         counts.lookup_hit_tokens += hit
         return hit
 
-    async def store(self, tokens: object, kv: torch.Tensor) -> int:
-        """Store the KV of ``tokens``; ``kv`` is ``[2, layers, len(tokens), kv_heads*head_size]``.
+    async def store(self, tokens: object, kv: torch.Tensor, *, start: int = 0) -> int:
+        """Store the KV of ``tokens``; ``kv`` is ``[2, layers, len(tokens) - start, kv_heads*head_size]``.
 
-        Chunks every tier already holds are skipped. Returns how many leading tokens are
-        cached after the call (fewer than offered when memory ran out: a store never blocks
-        and never evicts what is pinned or in use).
+        ``start`` (a multiple of ``chunk_size``) skips chunks stored before, as an engine
+        does when it saves a growing prompt step by step; ``kv`` then covers
+        ``tokens[start:]``. Chunks every tier already holds are skipped. Returns how many
+        leading tokens are cached after the call (fewer than offered when memory ran out:
+        a store never blocks and never evicts what is pinned or in use).
         """
         self._check_open()
         array = canonical_tokens(tokens)
-        kv = self.layout.check(kv, array.size)
-        keys = self.keymaker.chunk_keys(array)
-        if not keys:
-            return 0
         size = self.config.chunk_size
-        held = await self.pipeline.held_by_all(keys)
+        if start < 0 or start % size or start > array.size:
+            raise InvalidInputError(f"start={start} must be a multiple of chunk_size {size} within the tokens")
+        kv = self.layout.check(kv, array.size - start)
+        keys = self.keymaker.chunk_keys(array)
+        first = start // size
+        if len(keys) <= first:
+            return min(len(keys) * size, array.size)
+        held = first + await self.pipeline.held_by_all(keys[first:])
         chunks: list[KVChunk] = []
         allocate = self.allocator.allocate
         try:
@@ -174,7 +179,7 @@ class Cache:
                     break
                 chunks.append(chunk)
             if chunks:
-                copy_into_chunks(kv, held * size, chunks)
+                copy_into_chunks(kv, held * size - start, chunks)
                 if kv.is_cuda:
                     torch.cuda.current_stream(kv.device).synchronize()
                 await self.pipeline.store(keys[held : held + len(chunks)], chunks)

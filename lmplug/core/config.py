@@ -156,6 +156,11 @@ def apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> dic
     return data
 
 
+def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The mapping in a YAML config file (unvalidated); :class:`ConfigError` if it cannot be read."""
+    return _read_yaml(Path(path))
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")

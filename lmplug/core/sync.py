@@ -7,7 +7,7 @@ their calls are serialised on the loop.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import Literal, TypeVar
@@ -90,11 +90,16 @@ class SyncCache:
         """Run ``function()`` on the cache's loop thread (to touch cache internals safely)."""
         return self._portal_or_raise().call(function)
 
+    def start_background(self, function: Callable[[], Awaitable[object]]) -> None:
+        """Run ``await function()`` on the cache's loop until it returns or the cache closes."""
+        self._portal_or_raise().start_task_soon(function)
+
     def lookup(self, tokens: object) -> int:
         return self._portal_or_raise().call(self._cache.lookup, tokens)
 
-    def store(self, tokens: object, kv: torch.Tensor) -> int:
-        return self._portal_or_raise().call(self._cache.store, tokens, kv)
+    def store(self, tokens: object, kv: torch.Tensor, *, start: int = 0) -> int:
+        portal = self._portal_or_raise()
+        return portal.call(lambda: self._cache.store(tokens, kv, start=start))
 
     def retrieve(self, tokens: object, *, out: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
         portal = self._portal_or_raise()

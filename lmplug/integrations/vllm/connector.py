@@ -1,0 +1,111 @@
+"""``LMPlugConnector``: vLLM's v1 KV connector backed by lmplug.
+
+Select it with ``--kv-transfer-config '{"kv_connector":"LMPlugConnector","kv_role":"kv_both"}'``
+(lmplug registers the name through vLLM's ``vllm.general_plugins`` entry point) and point
+``LMPLUG_CONFIG`` (or ``kv_connector_extra_config["lmplug_config"]``) at a stack.
+
+vLLM builds one instance per role. The scheduler instance (EngineCore process) asks the
+worker's cache over a Unix socket how many leading prompt tokens it can supply (leasing
+them), and plans each step's loads, saves and lease releases. The worker instance owns
+the cache: before the forward it loads leased KV into vLLM's blocks; after it, it saves
+newly computed full chunks. Any lmplug failure becomes recompute, never a wrong answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from lmplug.integrations.vllm.lookup import LookupClient, socket_path
+from lmplug.integrations.vllm.scheduler import SchedulerSide, StepPlan
+from lmplug.integrations.vllm.settings import engine_config
+from lmplug.integrations.vllm.worker import WorkerSide
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.request import Request
+
+
+@dataclass
+class LMPlugMetadata(KVConnectorMetadata):
+    """One step's plan, sent from the scheduler to the worker."""
+
+    plan: StepPlan = field(default_factory=StepPlan)
+
+
+class LMPlugConnector(KVConnectorBase_V1):
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: Any = None) -> None:
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        config = engine_config(vllm_config)
+        engine_id = str(vllm_config.kv_transfer_config.engine_id)
+        block_size = int(vllm_config.cache_config.block_size)
+        self._scheduler: SchedulerSide | None = None
+        self._worker: WorkerSide | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            client = LookupClient(socket_path(engine_id))
+            self._scheduler = SchedulerSide(client, config.chunk_size, config.save_partial_chunks)
+        else:
+            self._worker = WorkerSide(config, engine_id, block_size)
+
+    # ---------------------------------------------------------------- scheduler role
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        assert self._scheduler is not None
+        return self._scheduler.num_new_matched_tokens(request, num_computed_tokens), False
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        assert self._scheduler is not None
+        self._scheduler.after_alloc(request, list(blocks.get_block_ids()[0]), num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        assert self._scheduler is not None
+        return LMPlugMetadata(self._scheduler.build(scheduler_output))
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        assert self._scheduler is not None
+        self._scheduler.finished(request.request_id)
+        return False, None
+
+    # ---------------------------------------------------------------- worker role
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        assert self._worker is not None
+        self._worker.register(kv_caches)
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        assert self._worker is not None
+        metadata = self._get_connector_metadata()
+        assert isinstance(metadata, LMPlugMetadata)
+        self._worker.load(metadata.plan)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return None  # loads complete in start_load_kv, before the forward
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+        return None  # saves gather every layer at once in wait_for_save
+
+    def wait_for_save(self) -> None:
+        assert self._worker is not None
+        metadata = self._get_connector_metadata()
+        assert isinstance(metadata, LMPlugMetadata)
+        self._worker.save(metadata.plan)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self._worker.take_failed_blocks() if self._worker is not None else set()
+
+    def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
+        if self._scheduler is not None:
+            self._scheduler.client.close()
