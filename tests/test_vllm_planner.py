@@ -1,0 +1,110 @@
+"""The connector's scheduler side: what each step loads, saves and releases (no vLLM needed).
+
+vLLM's request and scheduler-output objects are stood in for by plain namespaces with the
+fields the planner reads; the end-to-end tests in tests/vllm/ run the real thing.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+from lmplug.integrations.vllm.scheduler import SchedulerSide
+
+CHUNK = 16
+
+
+class FixedLookup:
+    """A lookup channel answering a fixed hit (the worker's side is tested in test_vllm_lookup)."""
+
+    def __init__(self, hit: int) -> None:
+        self.hit = hit
+        self.asked: list[tuple[str, int]] = []
+
+    def lookup(self, request_id: str, tokens: list[int]) -> int:
+        self.asked.append((request_id, len(tokens)))
+        return min(self.hit, len(tokens))
+
+    def close(self) -> None:
+        return None
+
+
+def request(request_id: str, length: int, computed: int = 0) -> Any:
+    return SimpleNamespace(request_id=request_id, prompt_token_ids=list(range(length)), num_computed_tokens=computed)
+
+
+def step(new: list[Any] = (), cached: Any = None, scheduled: dict[str, int] | None = None) -> Any:  # type: ignore[assignment]
+    empty = SimpleNamespace(req_ids=[], resumed_req_ids=set(), new_block_ids=[], num_computed_tokens=[])
+    return SimpleNamespace(
+        scheduled_new_reqs=list(new), scheduled_cached_reqs=cached or empty, num_scheduled_tokens=scheduled or {}
+    )
+
+
+def planner(hit: int) -> tuple[SchedulerSide, FixedLookup]:
+    lookup = FixedLookup(hit)
+    return SchedulerSide(lookup, CHUNK, save_partial_chunks=False), lookup  # type: ignore[arg-type]
+
+
+def test_a_hit_becomes_a_load_and_never_covers_the_last_token() -> None:
+    side, lookup = planner(hit=10 * CHUNK)
+    req = request("a", 3 * CHUNK)
+    assert side.num_new_matched_tokens(req, 0) == 3 * CHUNK - 1
+    assert lookup.asked == [("a", 3 * CHUNK - 1)]  # the last prompt token is always computed by vLLM
+
+
+def test_load_then_save_only_what_was_computed() -> None:
+    side, _ = planner(hit=2 * CHUNK)
+    req = request("a", 5 * CHUNK + 3)
+    assert side.num_new_matched_tokens(req, 0) == 2 * CHUNK
+    side.after_alloc(req, [7, 8, 9], 2 * CHUNK)
+    new = SimpleNamespace(
+        req_id="a", prompt_token_ids=req.prompt_token_ids, block_ids=([7, 8, 9],), num_computed_tokens=2 * CHUNK
+    )
+    plan = side.build(step([new], scheduled={"a": 3 * CHUNK + 3}))
+    (load,) = plan.loads
+    assert (load.request_id, load.start, load.end, load.block_ids) == ("a", 0, 2 * CHUNK, [7, 8, 9])
+    (save,) = plan.saves
+    assert (save.start, save.end) == (2 * CHUNK, 5 * CHUNK)  # full chunks only; loaded ones are not saved again
+    assert plan.releases == []
+
+
+def test_vllms_own_prefix_hit_makes_the_lease_unneeded() -> None:
+    side, _ = planner(hit=2 * CHUNK)
+    req = request("a", 4 * CHUNK)
+    assert side.num_new_matched_tokens(req, 2 * CHUNK) == 0  # vLLM already has those tokens
+    assert side.build(step()).releases == ["a"]
+
+
+def test_chunked_prefill_saves_step_by_step_and_block_lists_grow() -> None:
+    side, _ = planner(hit=0)
+    req = request("a", 4 * CHUNK)
+    assert side.num_new_matched_tokens(req, 0) == 0
+    side.after_alloc(req, [1], 0)
+    new = SimpleNamespace(req_id="a", prompt_token_ids=req.prompt_token_ids, block_ids=([1],), num_computed_tokens=0)
+    first = side.build(step([new], scheduled={"a": CHUNK + 5}))
+    assert [(s.start, s.end) for s in first.saves] == [(0, CHUNK)]
+    cached = SimpleNamespace(
+        req_ids=["a"], resumed_req_ids=set(), new_block_ids=[([2],)], num_computed_tokens=[CHUNK + 5]
+    )
+    second = side.build(step(cached=cached, scheduled={"a": 3 * CHUNK - 5}))
+    (save,) = second.saves
+    assert (save.start, save.end, save.block_ids) == (CHUNK, 4 * CHUNK, [1, 2])
+
+
+def test_a_resumed_request_gets_its_new_blocks() -> None:
+    side, _ = planner(hit=0)
+    req = request("a", 2 * CHUNK)
+    side.num_new_matched_tokens(req, 0)
+    side.after_alloc(req, [4], 0)
+    cached = SimpleNamespace(req_ids=["a"], resumed_req_ids={"a"}, new_block_ids=[([9],)], num_computed_tokens=[0])
+    (save,) = side.build(step(cached=cached, scheduled={"a": 2 * CHUNK})).saves
+    assert save.block_ids == [9]
+
+
+def test_finished_and_aborted_requests_release_their_lease() -> None:
+    side, _ = planner(hit=2 * CHUNK)
+    req = request("a", 4 * CHUNK)
+    side.num_new_matched_tokens(req, 0)
+    side.finished("a")  # aborted before allocation
+    assert side.build(step()).releases == ["a"]
+    assert side.build(step()).releases == []

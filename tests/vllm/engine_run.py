@@ -1,0 +1,79 @@
+"""Run real vLLM (CPU build) on the locally built model, with or without lmplug; write results as JSON.
+
+Used by the end-to-end tests as a subprocess (vLLM spawns processes, so it needs a main guard):
+
+    python tests/vllm/engine_run.py MODEL_DIR OUT.json [--lmplug CONFIG.yaml] [--rounds N]
+
+Each round generates greedily for the same prompts, then resets vLLM's own prefix cache
+(unless ``--keep-prefix-cache``), so a later round can only reuse KV through lmplug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+PROMPT_TOKENS = 1100
+
+
+def prompts() -> list[list[int]]:
+    return [[(i * 37 + seed * 11) % 7000 + 10 for i in range(PROMPT_TOKENS)] for seed in range(2)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model")
+    parser.add_argument("out")
+    parser.add_argument("--lmplug", help="lmplug config file (omit to run vLLM without a connector)")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--keep-prefix-cache", action="store_true", help="let later rounds hit vLLM's own cache")
+    args = parser.parse_args()
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    # A configured KV connector changes vLLM's CPU core reservation (and so float reduction
+    # order); pin it so that runs with and without lmplug compute on the same cores.
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from vllm import LLM, SamplingParams
+    from vllm.config import KVTransferConfig
+    from vllm.inputs import TokensPrompt
+
+    extra = {}
+    if args.lmplug:
+        extra["kv_transfer_config"] = KVTransferConfig(
+            kv_connector="LMPlugConnector", kv_role="kv_both", kv_connector_extra_config={"lmplug_config": args.lmplug}
+        )
+    llm = LLM(
+        model=args.model, skip_tokenizer_init=True, enforce_eager=True, dtype="bfloat16", max_model_len=4096, seed=0,
+        **extra,
+    )  # fmt: skip
+    params = SamplingParams(max_tokens=6, temperature=0, logprobs=3, detokenize=False)
+    rounds = []
+    for _ in range(args.rounds):
+        started = time.perf_counter()
+        outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts()], params, use_tqdm=False)
+        rounds.append(
+            {
+                "seconds": time.perf_counter() - started,
+                "requests": [
+                    {
+                        "tokens": list(out.outputs[0].token_ids),
+                        "logprobs": [
+                            {str(token): value.logprob for token, value in step.items()}
+                            for step in out.outputs[0].logprobs or []
+                        ],
+                        "cached": out.num_cached_tokens,
+                    }
+                    for out in outputs
+                ],
+            }
+        )
+        if not args.keep_prefix_cache:
+            llm.reset_prefix_cache()
+    with open(args.out, "w") as handle:
+        json.dump(rounds, handle)
+
+
+if __name__ == "__main__":
+    main()
