@@ -1,9 +1,14 @@
-"""vLLM integration: moving KV between vLLM's paged KV cache and lmplug chunks.
+"""vLLM integration: ``LMPlugConnector``, vLLM's v1 KV connector backed by lmplug.
 
-The KV connector itself comes with the vLLM issue; :mod:`.paged` already holds the
-vectorised gather/scatter through vLLM's slot mapping for its CPU and CUDA layouts. This
-package does not import vLLM.
+- :mod:`.connector`: the connector (both roles), imported by vLLM by name;
+- :mod:`.scheduler`, :mod:`.worker`: the two roles' work; :mod:`.lookup`: the channel between them;
+- :mod:`.paged`: vectorised gather/scatter between vLLM's paged KV and lmplug chunks;
+- :mod:`.settings`: the lmplug config of an engine; :mod:`.model`: the local test model.
+
+Importing this package does not import vLLM; :func:`register` (vLLM's plugin hook) does.
 """
+
+from __future__ import annotations
 
 import contextlib
 
