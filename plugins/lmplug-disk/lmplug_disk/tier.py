@@ -278,13 +278,8 @@ class DiskTier(Tier):
                 continue
             if start == 0 and end == chunk.nbytes:
                 # A one-part file is checked right here, overlapping other lanes' reads.
-                try:
-                    files.verify_chunk(path, header, key, self.context.layout, tokens, chunk.raw())
-                    os.utime(path)  # recency survives a restart: the index is rebuilt in mtime order
-                except (OSError, CorruptChunk) as exc:
-                    failures[index] = exc
-                    continue
-                verified[index] = True
+                failures[index] = self._check(path, header, reads[index])
+                verified[index] = failures[index] is None
             elif start == 0:
                 headers[index] = header
 
@@ -296,20 +291,22 @@ class DiskTier(Tier):
         verified: list[bool],
     ) -> int:
         """Check the multi-part files' headers and checksums in order; how many leading files are good."""
-        layout = self.context.layout
-        for index, (key, tokens, chunk) in enumerate(reads):
+        for index, (key, tokens, _) in enumerate(reads):
+            if failures[index] is None and not verified[index]:
+                failures[index] = self._check(files.chunk_path(self.root, key, tokens), headers[index], reads[index])
             if failures[index] is not None:
                 return index
-            if verified[index]:
-                continue
-            path = files.chunk_path(self.root, key, tokens)
-            try:
-                files.verify_chunk(path, headers[index], key, layout, tokens, chunk.raw())
-                os.utime(path)  # recency survives a restart: the index is rebuilt in mtime order
-            except (OSError, CorruptChunk) as exc:
-                failures[index] = exc
-                return index
         return len(reads)
+
+    def _check(self, path: Path, header: bytes, read: tuple[ChunkKey, int, KVChunk]) -> Exception | None:
+        """Verify one file read into its chunk and touch it; why it is bad, or ``None``."""
+        key, tokens, chunk = read
+        try:
+            files.verify_chunk(path, header, key, self.context.layout, tokens, chunk.raw())
+            os.utime(path)  # recency survives a restart: the index is rebuilt in mtime order
+        except (OSError, CorruptChunk) as exc:
+            return exc
+        return None
 
     def _failed_read(self, key: ChunkKey, failure: Exception) -> None:
         tokens = self._index.pop(key, None)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lmplug.testing import make_config
+import lmplug
+from lmplug.testing import make_config, reference_kv
 
 CHUNK = 16
 CHUNK_FILE = 4096 + 4096  # header block + 2 KiB payload padded to a block
@@ -23,3 +24,10 @@ def prompt(seed: int, chunks: int) -> list[int]:
 
 def chunk_files(root: Path) -> list[Path]:
     return sorted(root.glob("lmplug-*/??/*.kv"))
+
+
+async def store_on_disk_only(cache: lmplug.Cache, tokens: list[int], config: dict[str, Any]) -> None:
+    """Store ``tokens``, wait for the disk writes, and drop them from L1 so reads come from disk."""
+    await cache.store(tokens, reference_kv(tokens, config))
+    await cache.pipeline.slots[-1].tier.drain()
+    await cache.evict(tokens, tiers=["cpu"])

@@ -15,7 +15,7 @@ import torch
 import lmplug
 from lmplug.testing import reference_kv
 
-from disk_testing import CHUNK, CHUNK_FILE, chunk_files, disk_config, prompt
+from disk_testing import CHUNK, CHUNK_FILE, chunk_files, disk_config, prompt, store_on_disk_only
 
 
 def disk_tier(cache: lmplug.Cache) -> lmplug.Tier:
@@ -60,9 +60,7 @@ async def test_a_disk_hit_is_promoted_into_l1(tmp_path: Path) -> None:
     config = disk_config(tmp_path, cpu=True)
     async with lmplug.open_cache(config) as cache:
         tokens = prompt(3, 3)
-        await cache.store(tokens, reference_kv(tokens, config))
-        await disk_tier(cache).drain()
-        await cache.evict(tokens, tiers=["cpu"])
+        await store_on_disk_only(cache, tokens, config)
         kv, count = await cache.retrieve(tokens)
         assert count == len(tokens)
         assert torch.equal(kv, reference_kv(tokens, config))
@@ -329,9 +327,7 @@ async def test_large_chunks_are_read_in_parallel_segments(
     config["model"].update(num_layers=7)
     async with lmplug.open_cache(config) as cache:
         tokens = prompt(19, 6)
-        await cache.store(tokens, reference_kv(tokens, config))
-        await disk_tier(cache).drain()
-        await cache.evict(tokens, tiers=["cpu"])
+        await store_on_disk_only(cache, tokens, config)
         kv, count = await cache.retrieve(tokens)
         assert count == len(tokens)
         assert torch.equal(kv, reference_kv(tokens, config))
