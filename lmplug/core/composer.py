@@ -49,6 +49,7 @@ def build_tier(
     layout: KVLayout,
     fingerprint: bytes,
     report_evicted: Callable[[str, Sequence[ChunkKey]], None],
+    plugins: PluginHost | None = None,
 ) -> Tier:
     """Call the tier type's factory and check that it returned a :class:`lmplug.Tier`."""
     context = TierContext(
@@ -58,6 +59,7 @@ def build_tier(
         layout=layout,
         fingerprint=fingerprint,
         report_evicted=report_evicted,
+        plugins=plugins,
     )
     try:
         tier = plan.tier_type.factory(context, plan.options)

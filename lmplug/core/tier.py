@@ -25,6 +25,7 @@ from lmplug.hooks.markers import hookimpl
 
 if TYPE_CHECKING:
     from lmplug.core.config import LmplugConfig
+    from lmplug.hooks.manager import PluginHost
 
 
 class Capability(enum.Enum):
@@ -69,6 +70,8 @@ class TierContext:
     layout: KVLayout
     fingerprint: bytes
     report_evicted: Callable[[str, Sequence[ChunkKey]], None] = field(repr=False)
+    plugins: PluginHost | None = field(default=None, repr=False)
+    """The plugins the cache loaded (for tiers that look up remote schemes or codecs)."""
     _allocator: ChunkAllocator | None = field(default=None, repr=False)
 
     @property

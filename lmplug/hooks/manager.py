@@ -25,6 +25,7 @@ from typing import Any
 
 import pluggy
 
+from lmplug.core.remote import ChunkCodec, RawCodec, RemoteScheme
 from lmplug.core.tier import TierType
 from lmplug.errors import PluginContractError, PluginUnavailable
 from lmplug.hooks import specs
@@ -33,6 +34,7 @@ from lmplug.hooks.markers import PROJECT
 logger = logging.getLogger("lmplug.plugins")
 
 ENTRY_POINT_GROUP = "lmplug"
+_REGISTRIES = {"tier type": "tier_types", "remote scheme": "remote_schemes", "codec": "codecs"}
 _TRUE = {"1", "true", "yes", "on"}
 
 
@@ -66,6 +68,8 @@ class PluginInfo:
     module: str
     hooks: tuple[str, ...] = ()
     tier_types: tuple[str, ...] = ()
+    remote_schemes: tuple[str, ...] = ()
+    codecs: tuple[str, ...] = ()
     error: str | None = None
 
 
@@ -76,7 +80,9 @@ class PluginHost:
     pm: pluggy.PluginManager = field(default_factory=make_plugin_manager)
     plugins: dict[str, PluginInfo] = field(default_factory=dict)
     tier_types: dict[str, TierType[Any]] = field(default_factory=dict)
-    _tier_owner: dict[str, str] = field(default_factory=dict)
+    remote_schemes: dict[str, RemoteScheme[Any]] = field(default_factory=dict)
+    codecs: dict[str, ChunkCodec] = field(default_factory=lambda: {"raw": RawCodec()})
+    _owners: dict[tuple[str, str], str] = field(default_factory=lambda: {("codec", "raw"): "lmplug"})
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] | None = None) -> PluginHost:
@@ -114,7 +120,7 @@ class PluginHost:
     def register(
         self, plugin: ModuleType | object, name: str, *, distribution: str | None = None, version: str | None = None
     ) -> None:
-        """Register one plugin object and collect the tier types it offers."""
+        """Register one plugin object and collect the tier types, remote schemes and codecs it offers."""
         module = getattr(plugin, "__name__", type(plugin).__name__)
         try:
             self.pm.register(plugin, name=name)
@@ -126,36 +132,84 @@ class PluginHost:
             self.pm.unregister(name=name)
             self._failed(name, distribution, version, module, exc)
             return
-        offered: list[TierType[Any]] = []
         others = [other for other in self.pm.get_plugins() if other is not plugin]
         try:
-            # A call through the plugin manager (so LMPLUG_TRACE_PLUGINS shows it) on this plugin alone.
-            self.pm.subset_hook_caller("lmplug_register_tier_types", others)(register=offered.append)
+            offered = self._offers(others)
         except Exception as exc:
             self.pm.unregister(name=name)
             self._failed(name, distribution, version, module, exc)
             return
-        for tier_type in offered:
-            if not isinstance(tier_type, TierType):
-                self.pm.unregister(name=name)
-                self._failed(
-                    name, distribution, version, module, TypeError(f"registered {tier_type!r}, not a TierType")
-                )
-                return
-            owner = self._tier_owner.get(tier_type.name)
-            if owner is not None:
-                self.pm.unregister(name=name)
-                raise PluginContractError(
-                    f"plugins {owner!r} and {name!r} both register tier type {tier_type.name!r}; "
-                    "uninstall one or exclude it with LMPLUG_PLUGINS"
-                )
-        for tier_type in offered:
-            self.tier_types[tier_type.name] = tier_type
-            self._tier_owner[tier_type.name] = name
+        for kind, names in offered.items():
+            for item in names:
+                owner = self._owners.get((kind, item))
+                if owner is not None:
+                    self.pm.unregister(name=name)
+                    raise PluginContractError(
+                        f"plugins {owner!r} and {name!r} both register {kind} {item!r}; "
+                        "uninstall one or exclude it with LMPLUG_PLUGINS"
+                    )
+        for kind, names in offered.items():
+            for item, value in names.items():
+                self._owners[(kind, item)] = name
+                getattr(self, _REGISTRIES[kind])[item] = value
         hooks = tuple(sorted(caller.name for caller in self.pm.get_hookcallers(plugin) or ()))
         self.plugins[name] = PluginInfo(
-            name, distribution, version, module, hooks, tuple(t.name for t in offered), error=None
+            name,
+            distribution,
+            version,
+            module,
+            hooks,
+            tuple(offered["tier type"]),
+            tuple(offered["remote scheme"]),
+            tuple(offered["codec"]),
+            error=None,
         )
+
+    def _offers(self, others: list[object]) -> dict[str, dict[str, Any]]:
+        """What one newly registered plugin offers, by kind; raises for a registration of the wrong type."""
+        tier_types: list[object] = []
+        schemes: list[object] = []
+        codecs: list[object] = []
+        # Calls through the plugin manager (so LMPLUG_TRACE_PLUGINS shows them) on this plugin alone.
+        self.pm.subset_hook_caller("lmplug_register_tier_types", others)(register=tier_types.append)
+        self.pm.subset_hook_caller("lmplug_register_remote_schemes", others)(register=schemes.append)
+        self.pm.subset_hook_caller("lmplug_register_codecs", others)(register=codecs.append)
+        offered: dict[str, dict[str, Any]] = {kind: {} for kind in _REGISTRIES}
+        for item in tier_types:
+            if not isinstance(item, TierType):
+                raise TypeError(f"registered {item!r}, not a TierType")
+            offered["tier type"][item.name] = item
+        for item in schemes:
+            if not isinstance(item, RemoteScheme):
+                raise TypeError(f"registered {item!r}, not a RemoteScheme")
+            offered["remote scheme"].update(dict.fromkeys(item.schemes, item))
+        for item in codecs:
+            if not isinstance(item, ChunkCodec):
+                raise TypeError(f"registered {item!r}, not a ChunkCodec")
+            offered["codec"][item.name] = item
+        return offered
+
+    def resolve_remote_scheme(self, scheme: str) -> RemoteScheme[Any]:
+        """The connector registered for URL ``scheme``, or :class:`PluginUnavailable` naming the known ones."""
+        found = self.remote_schemes.get(scheme)
+        if found is None:
+            known = ", ".join(sorted(self.remote_schemes)) or "none"
+            raise PluginUnavailable(
+                f"no installed plugin serves remote URL scheme {scheme!r} (schemes available: {known}); "
+                "install the plugin that provides it (the built-in ones come with `pip install lmplug-remote`)"
+            )
+        return found
+
+    def resolve_codec(self, name: str) -> ChunkCodec:
+        """The codec registered as ``name``, or :class:`PluginUnavailable` naming the known ones."""
+        found = self.codecs.get(name)
+        if found is None:
+            known = ", ".join(sorted(self.codecs))
+            raise PluginUnavailable(
+                f"no installed plugin provides codec {name!r} (codecs available: {known}); "
+                "the compression and quantization codecs come with `pip install lmplug-remote`"
+            )
+        return found
 
     def _failed(
         self, name: str, distribution: str | None, version: str | None, module: str, exc: BaseException

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from lmplug.cli import CliCommand
     from lmplug.core.keys import ChunkKey
     from lmplug.core.memory import KVChunk
+    from lmplug.core.remote import ChunkCodec, RemoteScheme
     from lmplug.core.tier import TierType
 
 # --------------------------------------------------------------------------- composition
@@ -66,6 +67,37 @@ def lmplug_register_commands(register: Callable[[CliCommand], None]) -> None:
     **Call pattern:** all implementations, once, when the ``lmplug`` command starts.
     **Colour:** sync composition hook, implemented by plugin modules.
     **Process:** the ``lmplug`` command only.
+    """
+
+
+@hookspec
+def lmplug_register_remote_schemes(register: Callable[[RemoteScheme], None]) -> None:  # type: ignore[type-arg]
+    """Offer connectors to shared stores, by calling ``register(RemoteScheme(...))`` once for each.
+
+    :param register: records a :class:`lmplug.RemoteScheme`: the URL ``schemes`` it serves
+        (``("redis", "rediss")``), the ``config_model`` of a remote tier's ``connector:``
+        options for them, and ``factory(url, options) -> RemoteConnector``.
+    :returns: nothing; results are ignored.
+
+    **Call pattern:** all implementations, once per plugin manager, at start-up. Two plugins
+    registering the same scheme is a start-up error.
+    **Colour:** sync composition hook, implemented by plugin modules.
+    **Process:** every process that opens a cache or runs ``lmplug`` commands.
+    """
+
+
+@hookspec
+def lmplug_register_codecs(register: Callable[[ChunkCodec], None]) -> None:
+    """Offer chunk codecs (compression, quantization), by calling ``register(codec)`` once for each.
+
+    :param register: records a :class:`lmplug.ChunkCodec` instance under its ``name``
+        (what a shared tier's ``codec:`` option says). ``raw`` is built in.
+    :returns: nothing; results are ignored.
+
+    **Call pattern:** all implementations, once per plugin manager, at start-up. Two plugins
+    registering the same name is a start-up error.
+    **Colour:** sync composition hook, implemented by plugin modules.
+    **Process:** every process that opens a cache or runs ``lmplug`` commands.
     """
 
 

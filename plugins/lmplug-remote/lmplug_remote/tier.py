@@ -1,0 +1,443 @@
+"""The L4 shared tier: chunks in a remote store that several engines read and write.
+
+The connector (chosen by the URL's scheme) moves blobs; this tier frames each chunk as the
+core serde header plus the codec's bytes, verifies everything it reads back, writes behind
+through a bounded queue, bounds every call with a time-out and wraps the store in a
+circuit breaker, so that a dead or slow store costs a miss, never a stalled engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import anyio
+import torch
+from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from pydantic import Field, PositiveInt, ValidationError
+
+from lmplug import (
+    Capability,
+    ChunkCodec,
+    ChunkKey,
+    ConfigError,
+    CorruptChunk,
+    Duration,
+    KVChunk,
+    PluginUnavailable,
+    RawCodec,
+    RemoteConnector,
+    StrictModel,
+    Tier,
+    TierContext,
+    TierStatistics,
+    TierUnavailable,
+    hookimpl,
+)
+from lmplug.core.config import config_error
+from lmplug.core.serde import HEADER, ChunkHeader, payload_checksum
+from lmplug_remote.breaker import BreakerState, CircuitBreaker
+
+logger = logging.getLogger("lmplug.remote")
+_REPORT_EVERY = 60.0
+T = TypeVar("T")
+
+
+class BreakerConfig(StrictModel):
+    """When to stop asking a failing store, and when to try it again."""
+
+    failures: PositiveInt = Field(default=3, description="Consecutive failed calls that open the breaker.")
+    cooldown: Duration = Field(default=1.0, gt=0, description="Wait before the first probe; doubles per failed probe.")
+    max_cooldown: Duration = Field(default=30.0, gt=0, description="Longest wait between probes.")
+
+
+class RemoteTierConfig(StrictModel):
+    """Options of a ``type: remote`` tier."""
+
+    url: str = Field(min_length=1, description="Store URL; its scheme picks the connector (redis://, s3://, lm://).")
+    connector: dict[str, Any] = Field(
+        default_factory=dict, description="Options of the scheme's connector (see the connector tables)."
+    )
+    codec: str = Field(default="raw", min_length=1, description="How chunks are stored: raw, lz4, zstd, int8, fp8.")
+    timeout: Duration = Field(default=2.0, gt=0, description="Limit of one lookup, read or delete.")
+    write_timeout: Duration = Field(default=10.0, gt=0, description="Limit of one chunk write.")
+    ttl: Duration | None = Field(default=None, gt=0, description="Entries expire after this long (where supported).")
+    write_queue: PositiveInt = Field(default=256, description="Chunks waiting to be written; more are skipped.")
+    writers: PositiveInt = Field(default=4, description="Chunks written at once.")
+    readers: PositiveInt = Field(default=8, description="Chunks read at once.")
+    breaker: BreakerConfig = Field(default_factory=BreakerConfig, description="Circuit breaker settings.")
+
+
+class RemoteTier(Tier):
+    """A remote store reached through a connector plugin; see the module docstring."""
+
+    capabilities = frozenset({Capability.SHARED, Capability.PERSISTENT, Capability.WRITE_BEHIND})
+
+    def __init__(self, context: TierContext, options: RemoteTierConfig) -> None:
+        super().__init__(context)
+        self.options = options
+        plugins = context.plugins
+        if plugins is None:
+            raise PluginUnavailable(f"tier {context.name!r}: built without the cache's plugins (remote schemes)")
+        scheme_name = urlsplit(options.url).scheme.lower()
+        if not scheme_name:
+            raise ConfigError(f"tier {context.name!r}: url {options.url!r} has no scheme (e.g. redis://host:6379)")
+        scheme = plugins.resolve_remote_scheme(scheme_name)
+        try:
+            connector_options = scheme.config_model.model_validate(options.connector)
+        except ValidationError as exc:
+            raise config_error(exc, prefix=f"tier {context.name!r}: connector") from None
+        self.codec: ChunkCodec = plugins.resolve_codec(options.codec)
+        self.connector: RemoteConnector = scheme.factory(options.url, connector_options)
+        self.breaker = CircuitBreaker(options.breaker.failures, options.breaker.cooldown, options.breaker.max_cooldown)
+        self._raw = isinstance(self.codec, RawCodec)
+        self._prefix = f"lmplug/{self.codec.name}/"
+        self._chunk_size = context.config.chunk_size
+        full_shape = context.layout.shape(self._chunk_size)
+        self._max_stored = self.codec.max_encoded_size(torch.Size(full_shape), context.layout.dtype)
+        self._pending: dict[ChunkKey, KVChunk] = {}
+        self._cancelled: set[ChunkKey] = set()
+        self._read_limiter = anyio.CapacityLimiter(options.readers)
+        self._cpu_limiter = anyio.CapacityLimiter(max(options.readers, options.writers))
+        self._drained = anyio.Event()
+        self._drained.set()
+        self._group: TaskGroup | None = None
+        self._send: MemoryObjectSendStream[tuple[ChunkKey, KVChunk]] | None = None
+        self._reported: dict[str, float] = {}
+        self._hits = self._misses = self._stored = self._errors = self._skipped = 0
+        self._refused = self._corrupt = self._evictions = 0
+        self._bytes_written = 0
+
+    def key_name(self, key: ChunkKey) -> str:
+        """The store key of a chunk: the codec's name (a reader with another codec misses), then the key."""
+        return self._prefix + key.hex()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> RemoteTier:
+        try:
+            await self.connector.connect()
+        except TierUnavailable as exc:
+            # Serving without the store is better than not serving: the breaker retries it.
+            self.breaker.failed()
+            self._report("connect", f"cannot reach {self.options.url} ({exc}); serving misses until it answers")
+        send, receive = anyio.create_memory_object_stream[tuple[ChunkKey, KVChunk]](self.options.write_queue)
+        self._send = send
+        group = anyio.create_task_group()
+        await group.__aenter__()
+        self._group = group
+        with receive:
+            for _ in range(self.options.writers):
+                group.start_soon(self._writer, receive.clone())
+        logger.info("remote tier %r: %s, codec %s", self.name, self.options.url, self.codec.name)
+        return self
+
+    async def drain(self) -> None:
+        """Wait until every queued write has been sent (or failed and been reported)."""
+        await self._drained.wait()
+
+    async def aclose(self) -> None:
+        """Send what is queued (the breaker cuts this short for a dead store), then close. Idempotent."""
+        send, self._send = self._send, None
+        group, self._group = self._group, None
+        if send is not None:
+            send.close()
+        try:
+            if group is not None:
+                await group.__aexit__(None, None, None)
+        finally:
+            for chunk in self._pending.values():
+                chunk.release()
+            self._pending.clear()
+            self._drained.set()
+            with anyio.CancelScope(shield=True):
+                await self.connector.aclose()
+
+    # ------------------------------------------------------------------ calls to the store
+
+    async def _call(self, operation: str, limit: float, function: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """One call to the store, bounded by ``limit`` seconds and guarded by the breaker."""
+        if not self.breaker.allow():
+            self._refused += 1
+            raise TierUnavailable(
+                f"tier {self.name!r}: {self.options.url} is failing; not asked again for {self.breaker.retry_in:.1f} s"
+            )
+        try:
+            with anyio.fail_after(limit):
+                result = await function(*args)
+        except CorruptChunk:
+            self.breaker.succeeded()  # the store answered; what it holds is bad
+            raise
+        except Exception as exc:
+            self._errors += 1
+            reason = f"timed out after {limit:g} s" if isinstance(exc, TimeoutError) else str(exc)
+            if self.breaker.failed():
+                logger.warning(
+                    "remote tier %r: %s failing (%s: %s); serving misses, next try in %.1f s",
+                    self.name, self.options.url, operation, reason, self.breaker.cooldown,
+                )  # fmt: skip
+            else:
+                self._report(operation, f"{operation} failed: {reason}")
+            raise TierUnavailable(f"tier {self.name!r}: {operation} on {self.options.url}: {reason}") from exc
+        if self.breaker.succeeded():
+            logger.warning("remote tier %r: %s answers again", self.name, self.options.url)
+        return result
+
+    async def _guarded(self, operation: str, limit: float, function: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """:meth:`_call`, telling the breaker when the call was cancelled before it settled."""
+        finished = False
+        try:
+            result = await self._call(operation, limit, function, *args)
+            finished = True
+            return result
+        except Exception:
+            finished = True
+            raise
+        finally:
+            if not finished:
+                self.breaker.abandoned()
+
+    # ------------------------------------------------------------------ data path
+
+    @hookimpl
+    async def lmplug_contains(self, keys: Sequence[ChunkKey]) -> int:
+        ask = [key for key in keys if not self._is_pending(key)]
+        present: set[ChunkKey] = set()
+        if ask:
+            try:
+                answers = await self._guarded("exists", self.options.timeout, self.connector.exists, self._names(ask))
+            except TierUnavailable:
+                answers = [False] * len(ask)
+            present = {key for key, there in zip(ask, answers, strict=True) if there}
+        found = 0
+        for key in keys:
+            if key not in present and not self._is_pending(key):
+                break
+            found += 1
+        return found
+
+    def _is_pending(self, key: ChunkKey) -> bool:
+        return key in self._pending and key not in self._cancelled
+
+    def _names(self, keys: Sequence[ChunkKey]) -> list[str]:
+        prefix = self._prefix
+        return [prefix + key.hex() for key in keys]
+
+    @hookimpl
+    async def lmplug_retrieve(self, keys: Sequence[ChunkKey]) -> list[KVChunk]:
+        chunks: list[KVChunk] = []
+        start = 0
+        while start < len(keys) and self._is_pending(keys[start]):
+            chunks.append(self._pending[keys[start]].acquire())  # still queued for writing: serve from memory
+            start += 1
+        if start < len(keys):
+            chunks += await self._fetch(keys[start:])
+        self._hits += len(chunks)
+        if len(chunks) < len(keys):
+            self._misses += 1
+        return chunks
+
+    async def _fetch(self, keys: Sequence[ChunkKey]) -> list[KVChunk]:
+        """Read the chunks in parallel (up to ``readers``); the leading ones that came back whole."""
+        results: list[KVChunk | None] = [None] * len(keys)
+
+        async def fetch(index: int) -> None:
+            async with self._read_limiter:
+                if index and any(results[i] is None and done[i] for i in range(index)):
+                    return  # an earlier key missed: this one cannot be used
+                try:
+                    results[index] = await self._get(keys[index])
+                finally:
+                    done[index] = True
+
+        done = [False] * len(keys)
+        async with anyio.create_task_group() as group:
+            for index in range(len(keys)):
+                group.start_soon(fetch, index)
+        good = next((i for i, chunk in enumerate(results) if chunk is None), len(results))
+        for chunk in results[good:]:
+            if chunk is not None:
+                chunk.release()
+        return [chunk for chunk in results[:good] if chunk is not None]
+
+    async def _get(self, key: ChunkKey) -> KVChunk | None:
+        """One chunk from the store, verified; ``None`` on a miss, a failure or bad data."""
+        name = self.key_name(key)
+        header = bytearray(HEADER.size)
+        allocator = self.context.allocator
+        full: KVChunk | None = None
+        if self._raw:
+            full = allocator.allocate(self._chunk_size)
+            if full is None:
+                return None
+            body = full.raw()
+        else:
+            body = memoryview(bytearray(self._max_stored))
+        try:
+            try:
+                length = await self._guarded(
+                    "get", self.options.timeout, self.connector.get_into, name, [memoryview(header), body]
+                )
+            except CorruptChunk as exc:
+                await self._drop(key, exc)
+                return None
+            except TierUnavailable:
+                return None
+            if length is None:
+                return None
+            try:
+                described = await anyio.to_thread.run_sync(
+                    self._verify, key, header, body, length, limiter=self._cpu_limiter
+                )
+            except CorruptChunk as exc:
+                await self._drop(key, exc)
+                return None
+            stored = body[: length - HEADER.size]
+            if full is not None and described.tokens == self._chunk_size:
+                whole, full = full, None
+                return whole
+            chunk = allocator.allocate(described.tokens)
+            if chunk is None:
+                return None
+            try:
+                await anyio.to_thread.run_sync(self._decode, stored, chunk, limiter=self._cpu_limiter)
+            except CorruptChunk as exc:
+                chunk.release()
+                await self._drop(key, exc)
+                return None
+            return chunk
+        finally:
+            if full is not None:
+                full.release()
+
+    def _verify(self, key: ChunkKey, header: bytearray, body: memoryview, length: int) -> ChunkHeader:
+        """Check a value read back: its header names this key and layout, and its bytes match the checksum."""
+        if length < HEADER.size:
+            raise CorruptChunk(f"entry of {length} bytes is shorter than a chunk header")
+        described = ChunkHeader.unpack(bytes(header))
+        described.expect(key, self.context.layout)
+        if not 0 < described.tokens <= self._chunk_size:
+            raise CorruptChunk(f"entry holds {described.tokens} tokens; chunks hold at most {self._chunk_size}")
+        stored = body[: length - HEADER.size]
+        if self._raw and len(stored) != described.nbytes:
+            raise CorruptChunk(f"entry has {len(stored)} payload bytes, its header says {described.nbytes}")
+        if payload_checksum(stored) != described.checksum:
+            raise CorruptChunk("entry payload checksum mismatch")
+        return described
+
+    def _decode(self, stored: memoryview, chunk: KVChunk) -> None:
+        self.codec.decode(stored, chunk.tensor)
+
+    async def _drop(self, key: ChunkKey, failure: CorruptChunk) -> None:
+        """Bad data is deleted from the store (best effort) and never served."""
+        self._corrupt += 1
+        self._report("corrupt", f"dropped {self.key_name(key)}: {failure}")
+        with contextlib.suppress(TierUnavailable):
+            await self._guarded("delete", self.options.timeout, self.connector.delete, [self.key_name(key)])
+
+    @hookimpl
+    async def lmplug_store(self, keys: Sequence[ChunkKey], chunks: Sequence[KVChunk]) -> None:
+        send = self._send
+        if send is None:
+            return
+        for key, chunk in zip(keys, chunks, strict=True):
+            if key in self._pending:
+                continue
+            if self.breaker.state is BreakerState.OPEN and self.breaker.retry_in > 0:
+                self._skipped += 1  # the store is down: do not queue work that will only fail
+                continue
+            self._cancelled.discard(key)
+            try:
+                send.send_nowait((key, chunk))
+            except anyio.WouldBlock:
+                self._skipped += 1  # the store is behind: skip rather than block the engine
+                continue
+            self._pending[key] = chunk.acquire()
+            if self._drained.is_set():
+                self._drained = anyio.Event()
+
+    async def _writer(self, receive: MemoryObjectReceiveStream[tuple[ChunkKey, KVChunk]]) -> None:
+        async with receive:
+            async for key, chunk in receive:
+                try:
+                    await self._put(key, chunk)
+                except TierUnavailable:
+                    pass  # counted and reported by _call
+                finally:
+                    if self._pending.pop(key, None) is not None:
+                        chunk.release()
+                    self._cancelled.discard(key)
+                    if not self._pending:
+                        self._drained.set()
+
+    async def _put(self, key: ChunkKey, chunk: KVChunk) -> None:
+        name = self.key_name(key)
+        if key in self._cancelled:
+            return
+        (there,) = await self._guarded("exists", self.options.timeout, self.connector.exists, [name])
+        if there:
+            return  # another engine (or an earlier run) stored it already
+        header, stored = await anyio.to_thread.run_sync(self._encode, key, chunk, limiter=self._cpu_limiter)
+        put = self.connector.put
+        await self._guarded("put", self.options.write_timeout, put, name, [header, stored], self.options.ttl)
+        if key in self._cancelled:  # evicted on command while it was being written
+            await self._guarded("delete", self.options.timeout, self.connector.delete, [name])
+            return
+        self._stored += 1
+        self._bytes_written += len(header) + len(stored)
+
+    def _encode(self, key: ChunkKey, chunk: KVChunk) -> tuple[memoryview, memoryview]:
+        stored = chunk.raw() if self._raw else self.codec.encode(chunk.tensor)
+        header = ChunkHeader.describe(key, self.context.layout, chunk.num_tokens, payload_checksum(stored))
+        return memoryview(header.pack()), stored
+
+    @hookimpl
+    async def lmplug_evict(self, keys: Sequence[ChunkKey]) -> int:
+        dropped = 0
+        remote: list[ChunkKey] = []
+        for key in keys:
+            if key in self._pending:
+                self._cancelled.add(key)
+                dropped += 1
+            else:
+                remote.append(key)
+        if remote:
+            with contextlib.suppress(TierUnavailable):
+                names = self._names(remote)
+                dropped += await self._guarded("delete", self.options.timeout, self.connector.delete, names)
+        if dropped:
+            self._evictions += dropped
+            self.context.evicted(keys)
+        return dropped
+
+    # ------------------------------------------------------------------ reporting
+
+    def _report(self, kind: str, message: str) -> None:
+        """Log a failure at WARNING once a minute per kind (DEBUG otherwise); the tier keeps serving."""
+        now = time.monotonic()
+        if now - self._reported.get(kind, -_REPORT_EVERY) >= _REPORT_EVERY:
+            self._reported[kind] = now
+            logger.warning("remote tier %r: %s", self.name, message)
+        else:
+            logger.debug("remote tier %r: %s", self.name, message)
+
+    def statistics(self) -> TierStatistics:
+        return TierStatistics(
+            name=self.name,
+            type=self.context.type,
+            chunks=self._stored,
+            used_bytes=self._bytes_written,
+            capacity_bytes=None,
+            hits=self._hits,
+            misses=self._misses,
+            stored=self._stored,
+            evictions=self._evictions,
+            errors=self._errors + self._corrupt,
+            pending_writes=len(self._pending),
+            skipped_writes=self._skipped,
+        )

@@ -1,0 +1,105 @@
+"""Test helpers: a throwaway third-party connector (``dict://``) and stacks that use it.
+
+``DictConnector`` is how a third party adds a URL scheme: a small class and one hook. It
+keeps blobs in a process-wide dict (named by the URL's host), so two caches in one test
+share it as two engines share a real store; tests can make it fail, hang or lose data.
+The real connectors (redis, s3, lm://) are tested against real servers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+import anyio
+from pydantic import Field
+
+import lmplug
+from lmplug.testing import make_config
+
+STORES: dict[str, dict[str, bytes]] = {}
+
+
+class DictOptions(lmplug.StrictModel):
+    latency: lmplug.Duration = Field(default=0.0, description="Seconds each call waits.")
+
+
+class DictConnector(lmplug.RemoteConnector):
+    def __init__(self, url: str, options: DictOptions) -> None:
+        self.url = url
+        self.options = options
+        self.store = STORES.setdefault(urlsplit(url).netloc, {})
+        self.down = False  # tests flip this to kill the "server"
+        self.hang = False  # tests flip this to make every call hang
+        self.calls: dict[str, int] = {}
+
+    async def _enter(self, operation: str) -> None:
+        self.calls[operation] = self.calls.get(operation, 0) + 1
+        if self.hang:
+            await anyio.sleep_forever()
+        if self.options.latency:
+            await anyio.sleep(self.options.latency)
+        if self.down:
+            raise lmplug.TierUnavailable(f"{self.url}: connection refused (test)")
+
+    async def connect(self) -> None:
+        await self._enter("connect")
+
+    async def aclose(self) -> None:
+        pass
+
+    async def put(self, key: str, parts: Sequence[memoryview], ttl: float | None) -> None:
+        await self._enter("put")
+        self.store[key] = b"".join(bytes(part) for part in parts)
+
+    async def get_into(self, key: str, parts: Sequence[memoryview]) -> int | None:
+        await self._enter("get")
+        value = self.store.get(key)
+        if value is None:
+            return None
+        if len(value) > sum(len(part) for part in parts):
+            raise lmplug.CorruptChunk(f"{key}: value of {len(value)} bytes is larger than expected")
+        offset = 0
+        for part in parts:
+            piece = value[offset : offset + len(part)]
+            part[: len(piece)] = piece
+            offset += len(piece)
+        return len(value)
+
+    async def exists(self, keys: Sequence[str]) -> list[bool]:
+        await self._enter("exists")
+        return [key in self.store for key in keys]
+
+    async def delete(self, keys: Sequence[str]) -> int:
+        await self._enter("delete")
+        return sum(self.store.pop(key, None) is not None for key in keys)
+
+
+class DictPlugin:
+    """The plugin object: one hook registers the scheme."""
+
+    @lmplug.hookimpl
+    def lmplug_register_remote_schemes(self, register: Callable[[lmplug.RemoteScheme[Any]], None]) -> None:
+        register(lmplug.RemoteScheme(("dict",), DictOptions, DictConnector, "test store: blobs in a dict"))
+
+
+def dict_host() -> lmplug.PluginHost:
+    """The installed plugins plus the dict scheme."""
+    host = lmplug.PluginHost.from_environment({})
+    host.register(DictPlugin(), "dict-scheme")
+    return host
+
+
+def two_tier_config(url: str, **remote: Any) -> dict[str, Any]:
+    """A small L1 above a remote tier at ``url``."""
+    return make_config(
+        [{"type": "cpu", "capacity": "4MiB"}, {"type": "remote", "url": url, **remote}],
+        chunk_size=16,
+        save_partial_chunks=True,
+    )
+
+
+def remote_tier(cache: lmplug.Cache) -> Any:
+    """The cache's remote tier object."""
+    return next(slot.tier for slot in cache.pipeline.slots if slot.tier.context.type == "remote")
