@@ -42,6 +42,10 @@ def _plugins(host: PluginHost, args: argparse.Namespace) -> int:
             continue
         if info.tier_types:
             print(f"    tier types: {', '.join(info.tier_types)}")
+        if info.remote_schemes:
+            print(f"    remote schemes: {', '.join(info.remote_schemes)}")
+        if info.codecs:
+            print(f"    codecs: {', '.join(info.codecs)}")
         print(f"    hooks: {', '.join(info.hooks)}")
     return 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,43 @@ def test_hook_lmplug_register_commands(third_party_plugins: Path) -> None:
     parser, runners = build_parser(lmplug.PluginHost.from_environment({}))
     assert "memo-info" in runners
     assert parser.parse_args(["memo-info", "x"]).word == "x"
+
+
+async def test_hook_lmplug_register_remote_schemes(third_party_plugins: Path) -> None:
+    pytest.importorskip("lmplug_remote", reason="the remote tier comes with lmplug-remote")
+    host = lmplug.PluginHost.from_environment({})
+    assert host.remote_schemes["memo"].config_model.__name__ == "MemoOptions"
+    config = make_config([{"type": "cpu", "capacity": "1MiB"}, {"type": "remote", "url": "memo://hooks"}])
+    prompt = tokens(2, 2)
+    kv = reference_kv(prompt, config)
+    async with lmplug.open_cache(config, plugins=host) as cache:
+        await cache.store(prompt, kv)
+        await cache.drain()
+        await cache.evict(prompt, tiers=["cpu"])
+        got, hit = await cache.retrieve(prompt)
+    assert hit == len(prompt)
+    assert torch.equal(got, kv)
+
+
+async def test_hook_lmplug_register_codecs(third_party_plugins: Path) -> None:
+    pytest.importorskip("lmplug_remote", reason="the remote tier comes with lmplug-remote")
+    host = lmplug.PluginHost.from_environment({})
+    assert isinstance(host.codecs["raw"], lmplug.RawCodec)
+    config = make_config(
+        [{"type": "cpu", "capacity": "1MiB"}, {"type": "remote", "url": "memo://hooks", "codec": "reversed"}]
+    )
+    prompt = tokens(3, 1)
+    kv = reference_kv(prompt, config)
+    async with lmplug.open_cache(config, plugins=host) as cache:
+        await cache.store(prompt, kv)
+        await cache.drain()
+        memo = sys.modules["lmplug_memo"]
+        (stored,) = [value for key, value in memo.BLOBS.items() if key.startswith("lmplug/reversed/")]
+        assert stored[-kv.numel() * 4 :] == kv.numpy().tobytes()[::-1]  # header, then the codec's bytes
+        await cache.evict(prompt, tiers=["cpu"])
+        got, hit = await cache.retrieve(prompt)
+    assert hit == len(prompt)
+    assert torch.equal(got, kv)
 
 
 async def test_hook_lmplug_chunks_evicted(stack: dict[str, Any]) -> None:

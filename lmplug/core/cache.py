@@ -245,6 +245,12 @@ class Cache:
         keys = self.keymaker.keys(tokens)
         return await self.pipeline.evict(keys, None if tiers is None else set(tiers)) if keys else {}
 
+    async def drain(self) -> None:
+        """Wait until every write-behind tier has finished the writes accepted so far."""
+        self._check_open()
+        for slot in self.pipeline.slots:
+            await slot.tier.drain()
+
     # ------------------------------------------------------------------ introspection
 
     def statistics(self) -> CacheStatistics:
