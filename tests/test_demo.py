@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).parents[1]
 
@@ -35,3 +38,40 @@ def test_demo_runs_and_serves_correct_kv() -> None:
     last_round = [line for line in result.stdout.splitlines() if line.strip().startswith("3 ")]
     assert last_round, result.stdout
     assert float(last_round[0].split()[4].rstrip("%")) > 50  # the cache is at work
+
+
+def test_vllm_chat_demo_shows_the_cache_at_work(tmp_path: Path) -> None:
+    """The main job itself, short: real vLLM twice, a table, a plot, and lmplug reusing more."""
+    pytest.importorskip("vllm", reason="vLLM is not installed")
+    pytest.importorskip("matplotlib", reason="matplotlib draws the demo's plot")
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "vllm_chat.py"),
+            "--users",
+            "4",
+            "--rounds",
+            "2",
+            "--system-tokens",
+            "512",
+            "--turn-tokens",
+            "1000",
+            "--reply-tokens",
+            "2",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "TTFT vLLM" in result.stdout
+    assert (tmp_path / "ttft.png").stat().st_size > 10_000
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert [len(data["requests"][mode]) for mode in ("vllm", "lmplug")] == [8, 8]
+    second = data["rows"][1]
+    # Four conversations do not fit vLLM's capped cache: round 2 reuses more with lmplug.
+    assert second["lmplug_reused"] > second["vllm_reused"]
+    assert second["lmplug_reused"] > 0.5

@@ -277,7 +277,7 @@ class RemoteTier(Tier):
                 return None
             body = full.raw()
         else:
-            body = memoryview(bytearray(self._max_stored))
+            body = torch.empty(self._max_stored, dtype=torch.uint8).numpy().data.cast("B")  # no zero-fill
         try:
             try:
                 length = await self._guarded(
@@ -331,7 +331,12 @@ class RemoteTier(Tier):
         return described
 
     def _decode(self, stored: memoryview, chunk: KVChunk) -> None:
-        self.codec.decode(stored, chunk.tensor)
+        try:
+            self.codec.decode(stored, chunk.tensor)
+        except CorruptChunk:
+            raise
+        except Exception as exc:  # whatever a codec raises on bad bytes, the chunk is bad
+            raise CorruptChunk(f"codec {self.codec.name!r} cannot decode the entry: {exc!r}") from exc
 
     async def _drop(self, key: ChunkKey, failure: CorruptChunk) -> None:
         """Bad data is deleted from the store (best effort) and never served."""
@@ -368,6 +373,9 @@ class RemoteTier(Tier):
                     await self._put(key, chunk)
                 except TierUnavailable:
                     pass  # counted and reported by _call
+                except Exception as exc:  # a codec bug must not take the cache down: skip the chunk
+                    self._errors += 1
+                    self._report("encode", f"cannot encode a chunk with codec {self.codec.name!r}: {exc!r}")
                 finally:
                     if self._pending.pop(key, None) is not None:
                         chunk.release()
