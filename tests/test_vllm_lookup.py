@@ -29,8 +29,12 @@ def test_lookups_lease_until_released(tmp_path: Path, backend: str) -> None:
         assert client.lookup("req-1", [*tokens, 7, 7]) == 3 * CHUNK
         assert client.lookup("req-2", list(range(1000, 1100))) == 0
         assert cache.statistics().tiers[0].pinned == 3
+        stats = client.statistics()  # what a leak check in another process sees
+        assert (stats["requests_with_leases"], stats["leases"]) == (1, 1)
+        assert stats["tiers"][0]["pinned"] == 3  # type: ignore[index]
         cache.run_sync(lambda: server.release("req-1"))
         assert cache.statistics().tiers[0].pinned == 0
+        assert client.statistics()["leases"] == 0
         # A malformed frame closes that connection only; the next lookup reconnects.
         raw = socket.socket(socket.AF_UNIX)
         raw.connect(str(path))
@@ -46,4 +50,4 @@ def test_no_worker_is_a_miss(tmp_path: Path, caplog: pytest.LogCaptureFixture) -
     client = LookupClient(tmp_path / "absent.sock", timeout=0.5)
     assert client.lookup("req", list(range(100))) == 0
     assert client.lookup("req", list(range(100))) == 0
-    assert len([r for r in caplog.records if "lookup failed" in r.getMessage()]) == 1
+    assert len([r for r in caplog.records if "lookup channel failed" in r.getMessage()]) == 1

@@ -20,10 +20,14 @@ class FixedLookup:
     def __init__(self, hit: int) -> None:
         self.hit = hit
         self.asked: list[tuple[str, int]] = []
+        self.released: list[str] = []
 
     def lookup(self, request_id: str, tokens: list[int]) -> int:
         self.asked.append((request_id, len(tokens)))
         return min(self.hit, len(tokens))
+
+    def release(self, request_id: str) -> None:
+        self.released.append(request_id)
 
     def close(self) -> None:
         return None
@@ -102,9 +106,10 @@ def test_a_resumed_request_gets_its_new_blocks() -> None:
 
 
 def test_finished_and_aborted_requests_release_their_lease() -> None:
-    side, _ = planner(hit=2 * CHUNK)
+    side, lookup = planner(hit=2 * CHUNK)
     req = request("a", 4 * CHUNK)
     side.num_new_matched_tokens(req, 0)
     side.finished("a")  # aborted before allocation
-    assert side.build(step()).releases == ["a"]
+    # Released at once over the lookup channel: no later step may come to carry it.
+    assert lookup.released == ["a"]
     assert side.build(step()).releases == []

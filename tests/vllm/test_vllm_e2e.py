@@ -111,3 +111,53 @@ def test_a_second_process_reuses_kv_and_the_kv_is_really_used(model_dir: Path, t
     (tampered,) = run_engine(model_dir, tmp_path, "tampered", config)
     assert [r["cached"] for r in tampered["requests"]] == [4 * CHUNK, 4 * CHUNK]
     assert not same_generation(reader, tampered, BF16_TOLERANCE)
+
+
+def test_a_failing_tier_degrades_to_recompute(model_dir: Path, tmp_path: Path) -> None:
+    """The worker promised KV the disk then cannot deliver (corrupt files): vLLM recomputes, outputs unchanged."""
+    disk = tmp_path / "disk"
+    config = write_config(tmp_path / "lmplug.yaml", [{"type": "disk", "path": str(disk)}])
+    (writer,) = run_engine(model_dir, tmp_path, "writer", config)
+    files = sorted(disk.glob("lmplug-*/??/*.kv"))
+    assert len(files) == 2 * 4
+    for path in files:  # damage every payload; the index (names, sizes) still promises them
+        data = bytearray(path.read_bytes())
+        data[4096 + 100] ^= 0xFF
+        path.write_bytes(bytes(data))
+    (reader,) = run_engine(model_dir, tmp_path, "reader", config)
+    assert same_generation(writer, reader)  # recomputed from scratch: exactly the first run
+    # The first damaged chunk of each prompt was dropped at its read and stored again from the
+    # recomputed KV (the read stops at the first bad chunk; later ones are dropped when reached).
+    valid = 0
+    for path in sorted(disk.glob("lmplug-*/??/*.kv")):
+        data = path.read_bytes()
+        header = ChunkHeader.unpack(data[:4096])
+        valid += payload_checksum(memoryview(data)[4096 : 4096 + header.nbytes]) == header.checksum
+    assert valid == 2
+
+
+def test_preemption_aborts_and_partial_prompts_leak_nothing(model_dir: Path, tmp_path: Path) -> None:
+    config = tmp_path / "lmplug.yaml"
+    config.write_text("chunk_size: 256\nsave_partial_chunks: true\ntiers:\n  - type: cpu\n    capacity: 256MiB\n")
+    out = tmp_path / "stress.json"
+    result = subprocess.run(
+        [sys.executable, str(HERE / "engine_stress.py"), str(model_dir), str(config), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert report["preemptions"] > 0  # the capped vLLM cache did preempt (and resume) requests
+    assert sorted(report["aborted"]) == ["second-1", "second-2", "second-4", "second-6", "second-7"]
+    long_prompts = [f"third-{i}" for i in range(6)]
+    assert [report["third"][rid] for rid in long_prompts] == [4 * CHUNK] * 6  # still served from lmplug
+    assert report["third"]["third-6"] == 0  # shorter than a chunk: nothing to reuse
+    worker = report["worker"]
+    # Nothing outlived its request: no leases, no pins, and the only chunk memory in use is the tier's own.
+    assert (worker["requests_with_leases"], worker["leases"]) == (0, 0)
+    (tier,) = worker["tiers"]
+    assert tier["pinned"] == 0
+    assert worker["allocator"]["used_bytes"] == tier["used_bytes"]
+    assert tier["errors"] == 0

@@ -7,12 +7,15 @@ Select it with ``--kv-transfer-config '{"kv_connector":"LMPlugConnector","kv_rol
 vLLM builds one instance per role. The scheduler instance (EngineCore process) asks the
 worker's cache over a Unix socket how many leading prompt tokens it can supply (leasing
 them), and plans each step's loads, saves and lease releases. The worker instance owns
-the cache: before the forward it loads leased KV into vLLM's blocks; after it, it saves
-newly computed full chunks. Any lmplug failure becomes recompute, never a wrong answer.
+the cache: it fetches leased KV before the forward and writes it into vLLM's blocks layer
+by layer as attention reaches each layer; it gathers newly computed full chunks layer by
+layer and stores them after the forward. Any lmplug failure becomes recompute, never a
+wrong answer.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +30,8 @@ from lmplug.integrations.vllm.lookup import LookupClient, socket_path
 from lmplug.integrations.vllm.scheduler import SchedulerSide, StepPlan
 from lmplug.integrations.vllm.settings import engine_config
 from lmplug.integrations.vllm.worker import WorkerSide
+
+logger = logging.getLogger("lmplug.vllm")
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -53,6 +58,11 @@ class LMPlugConnector(KVConnectorBase_V1):
         self._scheduler: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
         if role == KVConnectorRole.SCHEDULER:
+            if transfer is not None and transfer.kv_load_failure_policy != "recompute":
+                # vLLM reads the policy right after building this object. For a cache, KV that
+                # cannot be delivered is a miss to recompute, never a failed request.
+                logger.info("lmplug: setting kv_load_failure_policy to 'recompute' (a cache miss is never fatal)")
+                object.__setattr__(transfer, "kv_load_failure_policy", "recompute")
             client = LookupClient(socket_path(engine_id))
             self._scheduler = SchedulerSide(client, config.chunk_size, config.save_partial_chunks)
         else:
@@ -85,21 +95,24 @@ class LMPlugConnector(KVConnectorBase_V1):
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         assert self._worker is not None
-        metadata = self._get_connector_metadata()
-        assert isinstance(metadata, LMPlugMetadata)
-        self._worker.load(metadata.plan)
+        self._worker.start_load(self._plan())
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return None  # loads complete in start_load_kv, before the forward
+        if self._worker is not None:
+            self._worker.wait_for_layer(layer_name)
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
-        return None  # saves gather every layer at once in wait_for_save
+        if self._worker is not None:
+            self._worker.save_layer(layer_name, self._plan())
 
     def wait_for_save(self) -> None:
         assert self._worker is not None
+        self._worker.save(self._plan())
+
+    def _plan(self) -> StepPlan:
         metadata = self._get_connector_metadata()
         assert isinstance(metadata, LMPlugMetadata)
-        self._worker.save(metadata.plan)
+        return metadata.plan
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.take_failed_blocks() if self._worker is not None else set()

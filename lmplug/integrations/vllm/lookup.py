@@ -9,11 +9,19 @@ Frames, little-endian::
 
     request:  b"LMPQ" u16 id_length u32 num_tokens, the request id (UTF-8), int32 tokens
     reply:    b"LMPA" u32 hit_tokens
+
+    request:  b"LMPR" u16 id_length u32 0, the request id  (release its lease)
+    reply:    b"LMPA" u32 0
+
+    request:  b"LMPS" u16 0 u32 0                        (statistics)
+    reply:    b"LMPJ" u32 length, a JSON object of that length
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import logging
 import os
 import socket
@@ -69,6 +77,14 @@ class LookupServer:
             try:
                 while True:
                     magic, id_length, count = REQUEST.unpack(await reader.receive_exactly(REQUEST.size))
+                    if magic == b"LMPS":
+                        body = json.dumps(self.statistics()).encode()
+                        await stream.send(REPLY.pack(b"LMPJ", len(body)) + body)
+                        continue
+                    if magic == b"LMPR" and count == 0:
+                        self.release((await reader.receive_exactly(id_length)).decode())
+                        await stream.send(REPLY.pack(b"LMPA", 0))
+                        continue
                     if magic != b"LMPQ" or count > MAX_TOKENS:
                         logger.warning("lmplug lookup channel: malformed request; closing the connection")
                         return
@@ -88,6 +104,16 @@ class LookupServer:
         else:
             lease.release()
         return lease.num_tokens
+
+    def statistics(self) -> dict[str, object]:
+        """The cache's statistics plus the leases held for the scheduler (for operators and leak checks)."""
+        stats = self.cache.statistics()
+        return {
+            "requests_with_leases": len(self.leases),
+            "leases": stats.leases,
+            "allocator": dataclasses.asdict(stats.allocator),
+            "tiers": [dataclasses.asdict(tier) for tier in stats.tiers],
+        }
 
     def release(self, request_id: str) -> None:
         lease = self.leases.pop(request_id, None)
@@ -112,17 +138,18 @@ class LookupClient:
         """Leading tokens the worker's cache holds (and has leased for ``request_id``); 0 on any failure."""
         encoded = request_id.encode()
         frame = REQUEST.pack(b"LMPQ", len(encoded), len(tokens)) + encoded + np.asarray(tokens, dtype="<i4").tobytes()
+        return self._ask(frame)
+
+    def release(self, request_id: str) -> None:
+        """Drop the lease a lookup took for ``request_id`` (the request finished or was aborted)."""
+        encoded = request_id.encode()
+        self._ask(REQUEST.pack(b"LMPR", len(encoded), 0) + encoded)
+
+    def _ask(self, frame: bytes) -> int:
         try:
             sock = self._connect()
             sock.sendall(frame)
-            reply = bytearray(REPLY.size)
-            view = memoryview(reply)
-            while view:
-                received = sock.recv_into(view)
-                if not received:
-                    raise ConnectionError("the lmplug worker closed the lookup channel")
-                view = view[received:]
-            magic, hit = REPLY.unpack(reply)
+            magic, hit = REPLY.unpack(self._receive(sock, REPLY.size))
             if magic != b"LMPA":
                 raise ConnectionError("malformed reply on the lmplug lookup channel")
             return int(hit)
@@ -131,8 +158,33 @@ class LookupClient:
             now = time.monotonic()
             if now - self._warned_at > 60:
                 self._warned_at = now
-                logger.warning("lmplug lookup failed (%s); treating it as a miss", exc)
+                logger.warning("lmplug lookup channel failed (%s); treating it as a miss", exc)
             return 0
+
+    def statistics(self) -> dict[str, object]:
+        """The worker's cache statistics (raises ``OSError`` when the worker cannot be reached)."""
+        sock = self._connect()
+        try:
+            sock.sendall(REQUEST.pack(b"LMPS", 0, 0))
+            magic, length = REPLY.unpack(self._receive(sock, REPLY.size))
+            if magic != b"LMPJ":
+                raise ConnectionError("malformed reply on the lmplug lookup channel")
+            result: dict[str, object] = json.loads(self._receive(sock, length))
+            return result
+        except OSError:
+            self.close()
+            raise
+
+    @staticmethod
+    def _receive(sock: socket.socket, size: int) -> bytearray:
+        data = bytearray(size)
+        view = memoryview(data)
+        while view:
+            received = sock.recv_into(view)
+            if not received:
+                raise ConnectionError("the lmplug worker closed the lookup channel")
+            view = view[received:]
+        return data
 
     def _connect(self) -> socket.socket:
         if self._socket is None:

@@ -115,6 +115,7 @@ class SchedulerSide:
             state.saved = end
 
     def finished(self, request_id: str) -> None:
+        """The request finished or was aborted: its lease goes now, not with a later step (there may be none)."""
         self._requests.pop(request_id, None)
         self._hits.pop(request_id, None)
-        self._plan.releases.append(request_id)
+        self.client.release(request_id)

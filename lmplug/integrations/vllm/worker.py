@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 
@@ -23,8 +24,26 @@ def _layer_order(name: str) -> tuple[int, str]:
     return (int(match.group(1)) if match else 0, name)
 
 
+@dataclass(slots=True)
+class _Load:
+    """KV fetched for one request, waiting to be written into vLLM's blocks layer by layer."""
+
+    slots: Slots
+    kv: torch.Tensor  # [2, layers, n, hidden], on the KV cache's device
+    block_ids: list[int]
+
+
 class WorkerSide:
-    """Owns the lmplug cache in vLLM's worker process."""
+    """Owns the lmplug cache in vLLM's worker process.
+
+    Loads are layer-wise: ``start_load`` fetches every request's KV from lmplug before the
+    forward; each attention layer then waits only for its own layer
+    (``wait_for_layer``). On CUDA the host-to-device copies and scatters of all layers are
+    queued at once on a side stream, with an event per layer, so layer ``i`` computes while
+    later layers still load. On the CPU a layer is scattered when its attention asks for it.
+    Saves are gathered layer by layer as attention finishes with each one (``save_layer``)
+    and stored after the forward (``save``).
+    """
 
     def __init__(self, config: LmplugConfig, engine_id: str, block_size: int) -> None:
         self.config = config
@@ -34,12 +53,21 @@ class WorkerSide:
         self.server = LookupServer(self.cache.cache, socket_path(engine_id))
         self.cache.start_background(self.server.serve)
         self.layers: list[torch.Tensor] = []
+        self.index: dict[str, int] = {}
         self.layout: PagedLayout | None = None
         self.failed_blocks: set[int] = set()
+        self._loads: list[_Load] = []
+        self._loaded: list[bool] = []
+        self._stream: torch.cuda.Stream | None = None
+        self._events: list[torch.cuda.Event] = []
+        self._saves: list[tuple[SaveSpec, Slots, torch.Tensor]] | None = None
+        self._saved: list[bool] = []
+        self._warned_unloaded = False
 
     def register(self, kv_caches: Mapping[str, torch.Tensor]) -> None:
         names = sorted(kv_caches, key=_layer_order)
         self.layers = [kv_caches[name] for name in names]
+        self.index = {name: position for position, name in enumerate(names)}
         model = self.config.model
         first = self.layers[0]
         name = "cpu" if first.device.type == "cpu" else ("flash" if first.shape[0] == 2 else "flashinfer")
@@ -47,6 +75,9 @@ class WorkerSide:
         for layer in self.layers:
             layout.check(layer)
         self.layout = layout
+        if first.device.type == "cuda":
+            self._stream = torch.cuda.Stream(device=first.device)  # type: ignore[no-untyped-call]
+            self._events = [torch.cuda.Event() for _ in self.layers]  # type: ignore[no-untyped-call]
         logger.info("lmplug: %d KV layers in vLLM's %r layout", len(self.layers), name)
 
     def _slots(self, block_ids: list[int], start: int, end: int) -> Slots:
@@ -55,18 +86,63 @@ class WorkerSide:
         blocks = torch.tensor(block_ids, dtype=torch.int64)[positions // self.block_size]
         return Slots.of(blocks * self.block_size + positions % self.block_size, self.block_size, device)
 
-    def load(self, plan: StepPlan) -> None:
-        for spec in plan.loads:
-            self._load(spec)
+    # ------------------------------------------------------------------ loads
+
+    def start_load(self, plan: StepPlan) -> None:
+        """Fetch the step's promised KV from lmplug; queue the per-layer copies on CUDA."""
+        self._loads = [load for load in (self._fetch(spec) for spec in plan.loads) if load is not None]
+        self._loaded = [False] * len(self.layers)
         if plan.releases:
             self.cache.run_sync(lambda: self._release(plan.releases))
+        stream = self._stream
+        if not self._loads or stream is None:
+            return
+        assert self.layout is not None
+        stream.wait_stream(torch.cuda.current_stream(stream.device))
+        with torch.cuda.stream(stream):
+            for position, layer in enumerate(self.layers):
+                for load in self._loads:
+                    self.layout.scatter_layer(layer, load.slots, load.kv[:, position])
+                self._events[position].record(stream)
+
+    def wait_for_layer(self, layer_name: str) -> None:
+        """Called before ``layer_name``'s attention runs: its loaded KV must be in place."""
+        position = self.index.get(layer_name)
+        if not self._loads or position is None or self._loaded[position]:
+            return
+        self._loaded[position] = True
+        if self._stream is not None:
+            torch.cuda.current_stream(self._stream.device).wait_event(self._events[position])
+            return
+        assert self.layout is not None
+        for load in self._loads:
+            self.layout.scatter_layer(self.layers[position], load.slots, load.kv[:, position])
+
+    def _finish_loads(self) -> None:
+        """After the forward: any layer whose attention never waited for its KV was computed
+        without it, so its blocks are reported for recompute (never served wrong)."""
+        loads, self._loads = self._loads, []
+        if not loads:
+            return
+        if self._stream is not None:
+            self._stream.synchronize()  # the host buffers may be dropped now
+        if all(self._loaded):
+            return
+        if not self._warned_unloaded:
+            self._warned_unloaded = True
+            logger.warning(
+                "lmplug: vLLM ran %d attention layers without asking for their loaded KV; "
+                "those requests are recomputed",
+                self._loaded.count(False),
+            )
+        for load in loads:
+            self.failed_blocks.update(load.block_ids)
 
     def _release(self, request_ids: list[str]) -> None:
         for request_id in request_ids:
             self.server.release(request_id)
 
-    def _load(self, spec: LoadSpec) -> None:
-        assert self.layout is not None
+    def _fetch(self, spec: LoadSpec) -> _Load | None:
         try:
             kv, count = self.cache.retrieve(spec.tokens[: spec.end])
         except Exception:
@@ -75,32 +151,61 @@ class WorkerSide:
         finally:
             self.cache.run_sync(lambda: self.server.release(spec.request_id))
         loaded = min(count, spec.end)
-        if loaded > spec.start:
-            slots = self._slots(spec.block_ids, spec.start, loaded)
-            self.layout.scatter(self.layers, slots, kv[:, :, spec.start : loaded])
         if loaded < spec.end:
             # Promised but not delivered (evicted, failed): vLLM recomputes these blocks.
             first = max(loaded, spec.start) // self.block_size
             last = (spec.end - 1) // self.block_size
             self.failed_blocks.update(spec.block_ids[first : last + 1])
+        if loaded <= spec.start:
+            return None
+        device = self.layers[0].device
+        part = kv[:, :, spec.start : loaded].to(device, non_blocking=True)
+        blocks = spec.block_ids[spec.start // self.block_size : (loaded - 1) // self.block_size + 1]
+        return _Load(self._slots(spec.block_ids, spec.start, loaded), part, blocks)
+
+    # ------------------------------------------------------------------ saves
+
+    def _save_buffers(self, plan: StepPlan) -> list[tuple[SaveSpec, Slots, torch.Tensor]]:
+        if self._saves is None:
+            model = self.config.model
+            first = self.layers[0]
+            hidden = model.num_kv_heads * model.head_size
+            self._saves = []
+            for spec in plan.saves:
+                shape = (2, len(self.layers), spec.end - spec.start, hidden)
+                kv = torch.empty(shape, dtype=first.dtype, device=first.device)
+                self._saves.append((spec, self._slots(spec.block_ids, spec.start, spec.end), kv))
+            self._saved = [False] * len(self.layers)
+        return self._saves
+
+    def save_layer(self, layer_name: str, plan: StepPlan) -> None:
+        """Called after ``layer_name``'s attention: gather this layer's newly computed KV."""
+        position = self.index.get(layer_name)
+        if not plan.saves or position is None:
+            return
+        assert self.layout is not None
+        for _, slots, kv in self._save_buffers(plan):
+            self.layout.gather_layer(self.layers[position], slots, kv[:, position])
+        self._saved[position] = True
 
     def save(self, plan: StepPlan) -> None:
-        for spec in plan.saves:
-            self._save(spec)
-
-    def _save(self, spec: SaveSpec) -> None:
+        """After the forward: gather what was not gathered layer by layer, then store it."""
+        self._finish_loads()
+        if not plan.saves:
+            self._saves = None
+            return
         assert self.layout is not None
-        model = self.config.model
-        kv = torch.empty(
-            (2, model.num_layers, spec.end - spec.start, model.num_kv_heads * model.head_size),
-            dtype=self.layers[0].dtype,
-            device=self.layers[0].device,
-        )
-        self.layout.gather(self.layers, self._slots(spec.block_ids, spec.start, spec.end), kv)
-        try:
-            self.cache.store(spec.tokens, kv, start=spec.start)
-        except Exception:
-            logger.exception("lmplug save failed; serving continues without it")
+        saves = self._save_buffers(plan)
+        self._saves = None
+        for position, layer in enumerate(self.layers):
+            if not self._saved[position]:
+                for _, slots, kv in saves:
+                    self.layout.gather_layer(layer, slots, kv[:, position])
+        for spec, _, kv in saves:
+            try:
+                self.cache.store(spec.tokens, kv, start=spec.start)
+            except Exception:
+                logger.exception("lmplug save failed; serving continues without it")
 
     def take_failed_blocks(self) -> set[int]:
         failed, self.failed_blocks = self.failed_blocks, set()
