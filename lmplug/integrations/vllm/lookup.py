@@ -27,6 +27,7 @@ import os
 import socket
 import struct
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -53,9 +54,11 @@ def socket_path(engine_id: str) -> Path:
 class LookupServer:
     """Answers lookups on the cache's event loop and keeps the leases they take, by request id."""
 
-    def __init__(self, cache: Cache, path: Path) -> None:
+    def __init__(self, cache: Cache, path: Path, extra: Callable[[], dict[str, object]] | None = None) -> None:
         self.cache = cache
         self.path = path
+        self.extra = extra
+        """Adds entries to :meth:`statistics` (the worker's transfer counters)."""
         self.leases: dict[str, Lease] = {}
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -113,6 +116,7 @@ class LookupServer:
             "leases": stats.leases,
             "allocator": dataclasses.asdict(stats.allocator),
             "tiers": [dataclasses.asdict(tier) for tier in stats.tiers],
+            **(self.extra() if self.extra is not None else {}),
         }
 
     def release(self, request_id: str) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -22,6 +24,19 @@ _LAYER_NUMBER = re.compile(r"\.(\d+)\.")
 def _layer_order(name: str) -> tuple[int, str]:
     match = _LAYER_NUMBER.search(name)
     return (int(match.group(1)) if match else 0, name)
+
+
+@dataclass(slots=True)
+class TransferCounters:
+    """What the connector moved between lmplug and vLLM's KV cache, and the time it took."""
+
+    loaded_bytes: int = 0
+    load_seconds: float = 0.0
+    saved_bytes: int = 0
+    save_seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, object]:
+        return {"transfers": dataclasses.asdict(self)}
 
 
 @dataclass(slots=True)
@@ -50,7 +65,8 @@ class WorkerSide:
         self.block_size = block_size
         self.cache = SyncCache(config)
         self.cache.open()
-        self.server = LookupServer(self.cache.cache, socket_path(engine_id))
+        self.transfers = TransferCounters()
+        self.server = LookupServer(self.cache.cache, socket_path(engine_id), self.transfers.as_dict)
         self.cache.start_background(self.server.serve)
         self.layers: list[torch.Tensor] = []
         self.index: dict[str, int] = {}
@@ -63,6 +79,7 @@ class WorkerSide:
         self._saves: list[tuple[SaveSpec, Slots, torch.Tensor]] | None = None
         self._saved: list[bool] = []
         self._warned_unloaded = False
+        self._buffers: dict[str, torch.Tensor] = {}
 
     def register(self, kv_caches: Mapping[str, torch.Tensor]) -> None:
         names = sorted(kv_caches, key=_layer_order)
@@ -90,7 +107,15 @@ class WorkerSide:
 
     def start_load(self, plan: StepPlan) -> None:
         """Fetch the step's promised KV from lmplug; queue the per-layer copies on CUDA."""
-        self._loads = [load for load in (self._fetch(spec) for spec in plan.loads) if load is not None]
+        self._loads = []
+        if plan.loads:
+            staging = self._staging("load", sum(spec.end for spec in plan.loads))
+            offset = 0
+            for spec in plan.loads:
+                load = self._fetch(spec, staging.narrow(2, offset, spec.end))
+                offset += spec.end
+                if load is not None:
+                    self._loads.append(load)
         self._loaded = [False] * len(self.layers)
         if plan.releases:
             self.cache.run_sync(lambda: self._release(plan.releases))
@@ -115,8 +140,10 @@ class WorkerSide:
             torch.cuda.current_stream(self._stream.device).wait_event(self._events[position])
             return
         assert self.layout is not None
+        started = time.perf_counter()
         for load in self._loads:
             self.layout.scatter_layer(self.layers[position], load.slots, load.kv[:, position])
+        self.transfers.load_seconds += time.perf_counter() - started
 
     def _finish_loads(self) -> None:
         """After the forward: any layer whose attention never waited for its KV was computed
@@ -142,9 +169,28 @@ class WorkerSide:
         for request_id in request_ids:
             self.server.release(request_id)
 
-    def _fetch(self, spec: LoadSpec) -> _Load | None:
+    def _staging(self, purpose: str, tokens: int) -> torch.Tensor:
+        """A reusable ``[2, layers, >= tokens, hidden]`` buffer on the KV cache's device (no page faults per step)."""
+        buffer = self._buffers.get(purpose)
+        if buffer is None or buffer.shape[2] < tokens:
+            model = self.config.model
+            first = self.layers[0]
+            capacity = max(tokens, 2 * buffer.shape[2] if buffer is not None else 0)
+            shape = (2, len(self.layers), capacity, model.num_kv_heads * model.head_size)
+            buffer = self._buffers[purpose] = torch.empty(shape, dtype=first.dtype, device=first.device)
+        return buffer
+
+    def _fetch(self, spec: LoadSpec, out: torch.Tensor) -> _Load | None:
+        started = time.perf_counter()
         try:
-            kv, count = self.cache.retrieve(spec.tokens[: spec.end])
+            return self._fetch_timed(spec, out)
+        finally:
+            self.transfers.load_seconds += time.perf_counter() - started
+
+    def _fetch_timed(self, spec: LoadSpec, out: torch.Tensor) -> _Load | None:
+        try:
+            # Straight into the staging buffer: on CUDA that is device memory (one host-to-device copy).
+            kv, count = self.cache.retrieve(spec.tokens[: spec.end], out=out)
         except Exception:
             logger.exception("lmplug load failed; vLLM recomputes")
             kv, count = torch.empty(0), 0
@@ -158,8 +204,8 @@ class WorkerSide:
             self.failed_blocks.update(spec.block_ids[first : last + 1])
         if loaded <= spec.start:
             return None
-        device = self.layers[0].device
-        part = kv[:, :, spec.start : loaded].to(device, non_blocking=True)
+        part = kv[:, :, spec.start : loaded]
+        self.transfers.loaded_bytes += part.numel() * part.element_size()
         blocks = spec.block_ids[spec.start // self.block_size : (loaded - 1) // self.block_size + 1]
         return _Load(self._slots(spec.block_ids, spec.start, loaded), part, blocks)
 
@@ -167,13 +213,12 @@ class WorkerSide:
 
     def _save_buffers(self, plan: StepPlan) -> list[tuple[SaveSpec, Slots, torch.Tensor]]:
         if self._saves is None:
-            model = self.config.model
-            first = self.layers[0]
-            hidden = model.num_kv_heads * model.head_size
+            staging = self._staging("save", sum(spec.end - spec.start for spec in plan.saves))
             self._saves = []
+            offset = 0
             for spec in plan.saves:
-                shape = (2, len(self.layers), spec.end - spec.start, hidden)
-                kv = torch.empty(shape, dtype=first.dtype, device=first.device)
+                kv = staging.narrow(2, offset, spec.end - spec.start)
+                offset += spec.end - spec.start
                 self._saves.append((spec, self._slots(spec.block_ids, spec.start, spec.end), kv))
             self._saved = [False] * len(self.layers)
         return self._saves
@@ -184,9 +229,11 @@ class WorkerSide:
         if not plan.saves or position is None:
             return
         assert self.layout is not None
+        started = time.perf_counter()
         for _, slots, kv in self._save_buffers(plan):
             self.layout.gather_layer(self.layers[position], slots, kv[:, position])
         self._saved[position] = True
+        self.transfers.save_seconds += time.perf_counter() - started
 
     def save(self, plan: StepPlan) -> None:
         """After the forward: gather what was not gathered layer by layer, then store it."""
@@ -195,6 +242,7 @@ class WorkerSide:
             self._saves = None
             return
         assert self.layout is not None
+        started = time.perf_counter()
         saves = self._save_buffers(plan)
         self._saves = None
         for position, layer in enumerate(self.layers):
@@ -206,6 +254,8 @@ class WorkerSide:
                 self.cache.store(spec.tokens, kv, start=spec.start)
             except Exception:
                 logger.exception("lmplug save failed; serving continues without it")
+            self.transfers.saved_bytes += kv.numel() * kv.element_size()
+        self.transfers.save_seconds += time.perf_counter() - started
 
     def take_failed_blocks(self) -> set[int]:
         failed, self.failed_blocks = self.failed_blocks, set()

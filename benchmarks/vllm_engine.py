@@ -1,0 +1,102 @@
+"""One vLLM process for :mod:`benchmarks.vllm_ttft` (vLLM spawns workers, so it runs as a script).
+
+    python -m benchmarks.vllm_engine MODEL OUT.json --contexts 2048,8192 --samples 3 [--lmplug CONFIG]
+
+With ``--lmplug`` it measures, per context length, the TTFT of a unique prompt (a miss:
+full prefill, then stored) and of the same prompt again after vLLM's own prefix cache is
+reset (a hit: loaded from lmplug). Either way it measures the throughput of a batch of
+unique prompts (all misses), and with lmplug reads the connector's transfer counters from
+the worker at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import time
+from typing import Any
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model")
+    parser.add_argument("out")
+    parser.add_argument("--lmplug", help="lmplug config file (omit for vLLM without a connector)")
+    parser.add_argument("--contexts", default="", help="comma-separated prompt lengths for the TTFT rows")
+    parser.add_argument("--samples", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=8, help="unique prompts in the throughput batch")
+    parser.add_argument("--batch-tokens", type=int, default=1024)
+    parser.add_argument("--batch-rounds", type=int, default=3)
+    parser.add_argument("--max-model-len", type=int, default=16640)
+    args = parser.parse_args()
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from vllm import LLM, SamplingParams
+    from vllm.config import KVTransferConfig
+    from vllm.inputs import TokensPrompt
+
+    engine_id = f"bench-{os.getpid()}"
+    extra: dict[str, Any] = {}
+    if args.lmplug:
+        extra["kv_transfer_config"] = KVTransferConfig(
+            kv_connector="LMPlugConnector",
+            kv_role="kv_both",
+            engine_id=engine_id,
+            kv_connector_extra_config={"lmplug_config": args.lmplug},
+        )
+    llm = LLM(
+        model=args.model,
+        skip_tokenizer_init=True,
+        enforce_eager=True,
+        dtype="bfloat16",
+        max_model_len=args.max_model_len,
+        seed=0,
+        disable_log_stats=False,
+        **extra,
+    )
+    rng = random.Random(1234)
+
+    def unique(length: int) -> list[int]:
+        return [rng.randrange(10, 7990) for _ in range(length)]
+
+    def ttft(prompt: list[int]) -> float:
+        params = SamplingParams(max_tokens=1, temperature=0, detokenize=False)
+        (output,) = llm.generate([TokensPrompt(prompt_token_ids=prompt)], params, use_tqdm=False)
+        return float(output.metrics.first_token_latency)  # type: ignore[union-attr]
+
+    ttft(unique(512))  # warm-up
+    report: dict[str, Any] = {"ttft": {}}
+    for context in [int(c) for c in args.contexts.split(",") if c]:
+        cold, hit = [], []
+        for _ in range(args.samples):
+            prompt = unique(context)
+            cold.append(ttft(prompt))
+            llm.reset_prefix_cache()
+            hit.append(ttft(prompt))
+            llm.reset_prefix_cache()
+        report["ttft"][str(context)] = {"cold": cold, "hit": hit}
+
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, detokenize=False)
+    rates = []
+    for _ in range(args.batch_rounds):
+        prompts = [TokensPrompt(prompt_token_ids=unique(args.batch_tokens)) for _ in range(args.batch)]
+        started = time.perf_counter()
+        llm.generate(prompts, params, use_tqdm=False)
+        rates.append(args.batch * (args.batch_tokens + 16) / (time.perf_counter() - started))
+    report["throughput"] = rates
+    if args.lmplug:
+        from lmplug.integrations.vllm.lookup import LookupClient, socket_path
+
+        time.sleep(0.5)
+        client = LookupClient(socket_path(engine_id))
+        report["worker"] = client.statistics()
+        client.close()
+    with open(args.out, "w") as handle:
+        json.dump(report, handle)
+
+
+if __name__ == "__main__":
+    main()
