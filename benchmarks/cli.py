@@ -20,7 +20,19 @@ from typing import Any, cast
 
 import torch
 
-from benchmarks import cpu_throughput, disk_restart, disk_throughput, fixed_cost, lookup_128k, sync_overhead
+from benchmarks import (
+    cpu_throughput,
+    disk_restart,
+    disk_throughput,
+    fixed_cost,
+    lookup_128k,
+    remote_codecs,
+    remote_lm,
+    remote_redis,
+    remote_s3,
+    sync_overhead,
+    vllm_ttft,
+)
 from benchmarks.harness import Backend, Result, Settings, format_table, write_json
 
 MODULES: tuple[ModuleType, ...] = (
@@ -30,6 +42,11 @@ MODULES: tuple[ModuleType, ...] = (
     sync_overhead,
     disk_throughput,
     disk_restart,
+    remote_redis,
+    remote_s3,
+    remote_lm,
+    remote_codecs,
+    vllm_ttft,
 )
 
 

@@ -17,10 +17,22 @@ def test_benchmarks_run(tmp_path: Path) -> None:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=420,
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     text = out.read_text()
     names = {row["benchmark"] for row in json.loads(text)["results"]}
-    assert names == {"cpu_throughput", "fixed_cost", "lookup_128k", "sync_overhead", "disk_throughput", "disk_restart"}
+    assert names == {
+        "cpu_throughput",
+        "fixed_cost",
+        "lookup_128k",
+        "sync_overhead",
+        "disk_throughput",
+        "disk_restart",
+        "remote_redis",
+        "remote_s3",
+        "remote_lm",
+        "remote_codecs",
+        "vllm_ttft",
+    }

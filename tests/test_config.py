@@ -203,3 +203,9 @@ def test_example_stacks_are_valid(path: Path) -> None:
 
     planned = plan_tiers(load_config(path, environ={}), PluginHost.from_environment({}))
     assert planned
+
+
+def test_operational_variables_are_not_config_keys() -> None:
+    environ = {"LMPLUG_RUNTIME_DIR": "/run/lmplug", "LMPLUG_SERVER_TOKEN": "secret", "LMPLUG_PLUGINS": "cpu"}
+    config = load_config(make_config(), environ=environ)
+    assert config.chunk_size == 16

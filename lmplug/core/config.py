@@ -28,6 +28,8 @@ CONTROL_ENV = frozenset(
         "LMPLUG_DISABLE_PLUGIN_AUTOLOAD",
         "LMPLUG_TRACE_PLUGINS",
         "LMPLUG_LOG_LEVEL",
+        "LMPLUG_RUNTIME_DIR",  # where the vLLM connector's lookup socket lives
+        "LMPLUG_SERVER_TOKEN",  # lmplug-server's auth token (server and lm:// clients)
     }
 )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -161,3 +162,20 @@ def test_preemption_aborts_and_partial_prompts_leak_nothing(model_dir: Path, tmp
     assert tier["pinned"] == 0
     assert worker["allocator"]["used_bytes"] == tier["used_bytes"]
     assert tier["errors"] == 0
+
+
+def test_a_hung_shared_store_costs_only_a_miss(model_dir: Path, tmp_path: Path) -> None:
+    """A remote store that accepts connections and never answers: every call times out, the
+    breaker opens, and vLLM serves exactly what it serves alone."""
+    pytest.importorskip("lmplug_remote", reason="the remote tier comes with lmplug-remote")
+    with socket.create_server(("127.0.0.1", 0)) as black_hole:  # listens; never accepts or answers
+        port = black_hole.getsockname()[1]
+        config = write_config(
+            tmp_path / "lmplug.yaml",
+            [{"type": "remote", "url": f"lm://127.0.0.1:{port}", "timeout": "200ms", "write_timeout": "200ms"}],
+        )
+        first, second = run_engine(model_dir, tmp_path, "hung", config, rounds=2)
+    alone_first, alone_second = run_engine(model_dir, tmp_path, "alone", rounds=2)
+    assert [r["cached"] for r in second["requests"]] == [0, 0]
+    assert same_generation(alone_first, first)
+    assert same_generation(alone_second, second)

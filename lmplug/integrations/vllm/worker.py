@@ -177,7 +177,10 @@ class WorkerSide:
             first = self.layers[0]
             capacity = max(tokens, 2 * buffer.shape[2] if buffer is not None else 0)
             shape = (2, len(self.layers), capacity, model.num_kv_heads * model.head_size)
-            buffer = self._buffers[purpose] = torch.empty(shape, dtype=first.dtype, device=first.device)
+            # vLLM calls in under inference mode; the cache writes into this buffer from its own
+            # thread, which an inference tensor would refuse.
+            with torch.inference_mode(mode=False):
+                buffer = self._buffers[purpose] = torch.empty(shape, dtype=first.dtype, device=first.device)
         return buffer
 
     def _fetch(self, spec: LoadSpec, out: torch.Tensor) -> _Load | None:

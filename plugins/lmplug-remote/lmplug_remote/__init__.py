@@ -9,12 +9,17 @@ from collections.abc import Callable
 from typing import Any
 
 from lmplug import ChunkCodec, RemoteScheme, TierType, hookimpl
+from lmplug.cli import CliCommand
 from lmplug_remote.tier import RemoteTier, RemoteTierConfig
 
 __all__ = ["RemoteTier", "RemoteTierConfig"]
 
 # Each connector module exposes SCHEME; imported when the plugin host registers this plugin.
-CONNECTOR_MODULES: tuple[str, ...] = ()
+CONNECTOR_MODULES: tuple[str, ...] = (
+    "lmplug_remote.s3_connector",
+    "lmplug_remote.redis_connector",
+    "lmplug_remote.lm_connector",
+)
 
 
 @hookimpl
@@ -37,4 +42,15 @@ def lmplug_register_remote_schemes(register: Callable[[RemoteScheme[Any]], None]
 
 @hookimpl
 def lmplug_register_codecs(register: Callable[[ChunkCodec], None]) -> None:
-    pass
+    from lmplug_remote.codecs import default_codecs
+
+    for codec in default_codecs():
+        register(codec)
+
+
+@hookimpl
+def lmplug_register_commands(register: Callable[[CliCommand], None]) -> None:
+    from lmplug_remote.server import add_arguments, run_from_arguments
+
+    summary = "run lmplug-server, the shared KV store of lm:// tiers"
+    register(CliCommand("server", summary, add_arguments, run_from_arguments))

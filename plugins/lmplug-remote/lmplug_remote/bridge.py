@@ -12,8 +12,8 @@ import asyncio
 import concurrent.futures
 import contextlib
 import threading
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 import anyio
 import sniffio
@@ -56,7 +56,7 @@ class AsyncioBridge:
         await anyio.to_thread.run_sync(started.wait)
         self._loop, self._thread = loop, thread
 
-    async def run(self, function: Callable[..., Awaitable[T]], *args: object) -> T:
+    async def run(self, function: Callable[..., Coroutine[Any, Any, T]], *args: object) -> T:
         """``await function(*args)`` on the library's loop."""
         loop = self._loop
         if loop is None:
@@ -64,19 +64,28 @@ class AsyncioBridge:
         if self._thread is None:
             return await function(*args)
 
-        async def call() -> T:
-            return await function(*args)
+        # The task is created and cancelled on the library's loop, in call order; its done callback
+        # wakes this task whether it finished, failed or was cancelled before it started.
+        finished = anyio.Event()
+        wake = _waker(finished)
+        tasks: list[asyncio.Task[T]] = []
 
-        future = asyncio.run_coroutine_threadsafe(call(), loop)
-        done = anyio.Event()
-        wake = _waker(done)
-        future.add_done_callback(lambda _: wake())
+        def begin() -> None:
+            task = loop.create_task(function(*args))
+            task.add_done_callback(lambda _: wake())
+            tasks.append(task)
+
+        loop.call_soon_threadsafe(begin)
         try:
-            await done.wait()
+            await finished.wait()
         except BaseException:
-            future.cancel()
+            # Cancelled: stop the work and wait until it has stopped, so it never writes into
+            # buffers its caller has already given back.
+            loop.call_soon_threadsafe(lambda: tasks[0].cancel())
+            with anyio.CancelScope(shield=True):
+                await finished.wait()
             raise
-        return future.result()
+        return tasks[0].result()
 
     async def aclose(self) -> None:
         """Stop and join the loop thread (if any). Idempotent."""

@@ -1,0 +1,254 @@
+"""L4 (``type: remote``, ``redis://``) store and retrieve throughput against raw redis-py SET/GET.
+
+Geometry: chunk_size 256 tokens, bfloat16, 8 KV heads of 128 (hidden 1024), so one chunk is
+``num_layers`` MiB; the number of layers picks the chunk size (2, 8, 32 MiB). The stack has one
+tier, ``type: remote`` at a redis-server this benchmark starts on a free loopback port
+(``--save "" --appendonly no``: memory only) and stops afterwards; it writes and reads one chunk
+at a time (``writers: 1``, ``readers: 1``), as the reference does. One sample moves one prompt
+of 64 MiB (8 MiB with ``--quick``): several chunks.
+
+- store: ``store`` plus ``tier.drain()`` (the write-behind queue empty: every chunk SET on the
+  server, after the tier's EXISTS check) of chunks the server does not hold; they are evicted
+  (UNLINKed) again after each sample, outside the timed section.
+- retrieve: ``retrieve(tokens, out=preallocated)`` of chunks that are on the server and not in
+  the write queue (stored and drained once, before sampling): GET, checksum verification and
+  the copy into ``out``.
+- references, same server, same run: a plain ``redis.Redis`` client (redis-py defaults: hiredis
+  parser and packer) in a worker thread doing one ``SET`` per chunk of ``bytes`` of the chunk's
+  size, one after another, and one ``GET`` per chunk of those keys (the returned bytes are
+  dropped: no copy anywhere). The tier moves a header too and verifies every read, so the
+  reference is the floor of what redis-py and the server do for the same payload.
+
+Target: store and retrieve each at >= 0.7x the raw client. ``--quick``: 2 MiB chunks only.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import numpy as np
+import redis
+import torch
+
+import lmplug
+from benchmarks.harness import Backend, MiB, Result, Settings, Stopwatch, Target, run_per_backend, sample_async
+from lmplug_remote.tier import RemoteTier
+
+NAME = "remote_redis"
+SUMMARY = "L4 remote tier on redis: store/retrieve MiB/s vs same-run raw redis-py SET/GET (target >= 0.7x)"
+
+CHUNK_TOKENS = 256
+KV_HEADS = 8
+HEAD_SIZE = 128
+TARGET = Target(">=", 0.7, relative=True)
+SAMPLE_BYTES = 64 * MiB  # moved per sample (one prompt), per direction
+SAMPLE_BYTES_QUICK = 8 * MiB
+
+Case = Callable[[], Awaitable[float]]
+
+
+# ---------------------------------------------------------------------------- the server
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@contextmanager
+def _redis_server() -> Iterator[int]:
+    """A redis-server on a free loopback port, in memory only, stopped on exit; yields the port."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server is needed (apt-get install redis-server)")
+    directory = Path(tempfile.mkdtemp(prefix="lmplug-bench-redis-"))
+    port = _free_port()
+    arguments = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    process = subprocess.Popen([*arguments, "--dir", str(directory)], stdout=subprocess.DEVNULL)
+    try:
+        with redis.Redis(port=port) as client:
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    client.ping()
+                    break
+                except redis.ConnectionError:
+                    if process.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"redis-server on port {port} did not start") from None
+                    time.sleep(0.02)
+        yield port
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------- cases
+
+
+def _config(num_layers: int, port: int) -> dict[str, Any]:
+    return {
+        "chunk_size": CHUNK_TOKENS,
+        "model": {
+            "name": "bench-redis",
+            "num_layers": num_layers,
+            "num_kv_heads": KV_HEADS,
+            "head_size": HEAD_SIZE,
+            "dtype": "bfloat16",
+        },
+        # One write and one read at a time, as the reference does: on a 2-core VM with client and
+        # server on the same cores, concurrent calls only contend for the cores and the GIL.
+        "tiers": [{"type": "remote", "url": f"redis://127.0.0.1:{port}", "writers": 1, "readers": 1}],
+    }
+
+
+def _remote_tier(cache: lmplug.Cache) -> RemoteTier:
+    tier = cache.pipeline.slots[0].tier
+    if not isinstance(tier, RemoteTier):
+        raise RuntimeError(f"expected the remote tier, got {type(tier).__name__}")
+    return tier
+
+
+def _store_case(cache: lmplug.Cache, tokens: np.ndarray, kv: torch.Tensor) -> Case:
+    tier = _remote_tier(cache)
+    num_tokens = int(kv.shape[2])
+
+    async def store() -> float:
+        watch = Stopwatch()
+        with watch:
+            count = await cache.store(tokens, kv)
+            await tier.drain()
+        if count != num_tokens:
+            raise RuntimeError(f"store kept {count} of {num_tokens} tokens")
+        await cache.evict(tokens)  # UNLINKs the keys, so that the next sample writes them again
+        return watch.elapsed
+
+    return store
+
+
+def _retrieve_case(cache: lmplug.Cache, tokens: np.ndarray, out: torch.Tensor) -> Case:
+    num_tokens = int(out.shape[2])
+
+    async def retrieve() -> float:
+        watch = Stopwatch()
+        with watch:
+            _, found = await cache.retrieve(tokens, out=out)
+        if found != num_tokens:
+            raise RuntimeError(f"retrieve found {found} of {num_tokens} tokens")
+        return watch.elapsed
+
+    return retrieve
+
+
+class _RawClient:
+    """The reference: redis-py's defaults, one SET / GET per chunk, one after another."""
+
+    def __init__(self, port: int, chunks: int, chunk_bytes: int) -> None:
+        self.client = redis.Redis(port=port)
+        self.values = [np.full(chunk_bytes, index + 1, dtype=np.uint8).tobytes() for index in range(chunks)]
+        self.names = [f"bench/raw/{index}" for index in range(chunks)]
+
+    def set(self) -> float:
+        start = time.perf_counter()
+        for name, value in zip(self.names, self.values, strict=True):
+            self.client.set(name, value)
+        return time.perf_counter() - start
+
+    def get(self) -> float:
+        start = time.perf_counter()
+        for name, value in zip(self.names, self.values, strict=True):
+            got = self.client.get(name)
+            if not isinstance(got, bytes) or len(got) != len(value):
+                raise RuntimeError(f"raw GET of {name} returned {type(got).__name__}")
+        return time.perf_counter() - start
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _thread_case(function: Callable[[], float]) -> Case:
+    async def case() -> float:
+        return await anyio.to_thread.run_sync(function)
+
+    return case
+
+
+# ---------------------------------------------------------------------------- one chunk size
+
+
+async def _measure_size(chunk_mib: int, settings: Settings, backend: Backend, port: int) -> list[Result]:
+    num_layers = chunk_mib  # 2 (K, V) * layers * 256 tokens * 1024 hidden * 2 bytes = layers MiB
+    chunk_bytes = chunk_mib * MiB
+    chunks = max(1, (SAMPLE_BYTES_QUICK if settings.quick else SAMPLE_BYTES) // chunk_bytes)
+    sample_bytes = chunks * chunk_bytes
+    num_tokens = chunks * CHUNK_TOKENS
+    shape = (2, num_layers, num_tokens, KV_HEADS * HEAD_SIZE)
+    kv = torch.ones(shape, dtype=torch.bfloat16)
+    out = torch.zeros(shape, dtype=torch.bfloat16)
+    if kv.nbytes != sample_bytes:
+        raise RuntimeError(f"geometry error: a prompt is {kv.nbytes} bytes, expected {sample_bytes}")
+    # `stored` is stored by every store sample (and evicted after it, untimed); `held` is stored
+    # once and retrieved by every retrieve sample.
+    stored = np.arange(num_tokens, dtype=np.int32)
+    held = stored + num_tokens
+    raw = await anyio.to_thread.run_sync(_RawClient, port, chunks, chunk_bytes)
+    try:
+        async with lmplug.open_cache(_config(num_layers, port)) as cache:
+            tier = _remote_tier(cache)
+            if await cache.store(held, kv) != num_tokens:
+                raise RuntimeError("the retrieve prompt was not stored")
+            await tier.drain()
+            await anyio.to_thread.run_sync(raw.set)
+            # Each subject next to its reference in every round; writes first, then reads.
+            cases: dict[str, Case] = {
+                "raw set": _thread_case(raw.set),
+                "store": _store_case(cache, stored, kv),
+                "raw get": _thread_case(raw.get),
+                "retrieve": _retrieve_case(cache, held, out),
+            }
+            stats = await sample_async(cases, settings)
+            counters = tier.statistics()
+            if counters.errors or counters.skipped_writes:
+                raise RuntimeError(f"remote tier: {counters.errors} errors, {counters.skipped_writes} skipped writes")
+            if not torch.equal(out, kv):
+                raise RuntimeError("retrieve returned other bytes than were stored")
+    finally:
+        await anyio.to_thread.run_sync(raw.close)
+
+    rates = {name: value.inverted(sample_bytes / MiB) for name, value in stats.items()}
+    label = f"{chunk_mib} MiB x{chunks} [{backend}]"
+    return [
+        Result(NAME, f"store {label}", "MiB/s", rates["store"], TARGET, rates["raw set"], "redis-py SET"),
+        Result(NAME, f"retrieve out= {label}", "MiB/s", rates["retrieve"], TARGET, rates["raw get"], "redis-py GET"),
+    ]
+
+
+async def _main(settings: Settings, backend: Backend, port: int) -> list[Result]:
+    sizes = (2,) if settings.quick else (2, 8, 32)
+    results: list[Result] = []
+    for chunk_mib in sizes:
+        results += await _measure_size(chunk_mib, settings, backend, port)
+    return results
+
+
+def run(settings: Settings) -> list[Result]:
+    with _redis_server() as port:
+
+        async def main(settings: Settings, backend: Backend) -> list[Result]:
+            return await _main(settings, backend, port)
+
+        return run_per_backend(main, settings)

@@ -1,0 +1,272 @@
+"""lmplug-server against bad peers: broken frames, limits, auth, disconnects and a crowd.
+
+Every abuse goes to the session's server over a raw socket; afterwards a well-behaved
+client still reads back exactly what it stored before and stores and reads new data.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import struct
+
+import anyio
+import pytest
+
+import lmplug
+from lmplug_remote import protocol
+from lmplug_remote.lm_connector import LmConnector, LmOptions
+from lmplug_remote.protocol import ErrorCode, ItemStatus, Op
+
+from lm_servers import LM_TOKEN, LmServerProcess
+
+SENTINEL = os.urandom(100_000)
+
+
+def raw(server: LmServerProcess) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def read_exactly(sock: socket.socket, size: int) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        piece = sock.recv(size - len(data))
+        if not piece:
+            raise EOFError(f"closed after {len(data)} of {size} bytes")
+        data += piece
+    return bytes(data)
+
+
+def read_error(sock: socket.socket) -> protocol.ProtocolError:
+    """The ERROR reply the server sends, after which it must close the connection."""
+    header = protocol.HEADER.unpack(read_exactly(sock, 24))
+    assert header[2] == protocol.ERROR_OPCODE
+    error = protocol.parse_error_body(read_exactly(sock, header[6]))
+    assert sock.recv(1) == b""  # closed
+    return error
+
+
+@pytest.fixture
+def sentinel(lm_server: LmServerProcess) -> str:
+    """A value stored before the abuse, checked after it."""
+    name = f"sentinel-{os.getpid()}"
+
+    async def store() -> None:
+        async with LmConnector(lm_server.url, LmOptions()) as client:
+            await client.put(name, [memoryview(SENTINEL)], None)
+
+    anyio.run(store)
+    return name
+
+
+async def check_well_behaved_client(server: LmServerProcess, sentinel: str) -> None:
+    async with LmConnector(server.url, LmOptions()) as client:
+        buffer = bytearray(len(SENTINEL))
+        assert await client.get_into(sentinel, [memoryview(buffer)]) == len(SENTINEL)
+        assert buffer == SENTINEL
+        fresh = os.urandom(50_000)
+        await client.put(f"after-{sentinel}", [memoryview(fresh[:20_000]), memoryview(fresh[20_000:])], None)
+        back = bytearray(60_000)
+        assert await client.get_into(f"after-{sentinel}", [memoryview(back)]) == len(fresh)
+        assert back[: len(fresh)] == fresh
+        await client.health()
+
+
+def header(opcode: int, count: int = 0, body_length: int = 0, *, magic: bytes = b"LMKV", version: int = 1) -> bytes:
+    return protocol.HEADER.pack(magic, version, opcode, 0, 77, count, body_length)
+
+
+BAD_FRAMES = {
+    "wrong magic": (header(Op.HEALTH, magic=b"HTTP"), ErrorCode.BAD_MAGIC),
+    "http request": (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", ErrorCode.BAD_MAGIC),
+    "wrong version": (header(Op.HEALTH, version=9), ErrorCode.UNSUPPORTED_VERSION),
+    "unknown opcode": (header(0x42), ErrorCode.UNKNOWN_OPCODE),
+    "reply opcode as request": (header(Op.GET | 0x80, 1, 17), ErrorCode.UNKNOWN_OPCODE),
+    "flags set": (protocol.HEADER.pack(b"LMKV", 1, Op.HEALTH, 0x8000, 1, 0, 0), ErrorCode.MALFORMED),
+    "body past max_frame": (header(Op.PUT, 1, 1 << 62), ErrorCode.FRAME_TOO_LARGE),
+    "too many keys": (header(Op.EXISTS, 1 << 30, 1 << 25), ErrorCode.TOO_MANY_KEYS),
+    "key past max_key": (protocol.encode_keyed_request(Op.GET, 1, [b"k" * 2000]), ErrorCode.KEY_TOO_LONG),
+    "items disagree with body": (
+        header(Op.GET, 1, 40) + protocol.ITEM.pack(3, 0, 0, 10) + b"abc" + bytes(21),
+        ErrorCode.MALFORMED,
+    ),
+    "put values past max_frame": (
+        header(Op.PUT, 2, 2 * 17) + protocol.ITEM.pack(1, 0, 0, 1 << 40) + protocol.ITEM.pack(1, 0, 0, 1 << 40),
+        ErrorCode.FRAME_TOO_LARGE,
+    ),
+    "body on health": (header(Op.HEALTH, 0, 8) + bytes(8), ErrorCode.MALFORMED),
+    "long auth token": (header(Op.AUTH, 0, 5000), ErrorCode.FRAME_TOO_LARGE),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FRAMES))
+async def test_a_broken_frame_gets_an_error_and_a_closed_connection(
+    lm_server: LmServerProcess, sentinel: str, name: str
+) -> None:
+    frame, code = BAD_FRAMES[name]
+    with raw(lm_server) as sock:
+        sock.sendall(frame)
+        assert read_error(sock).code is code
+    await check_well_behaved_client(lm_server, sentinel)
+
+
+@pytest.mark.parametrize("cut", [3, 24, 30, 60, 5000])
+async def test_a_client_that_disconnects_mid_frame_harms_no_one(
+    lm_server: LmServerProcess, sentinel: str, cut: int
+) -> None:
+    key = b"half-written"
+    frame = protocol.encode_keyed_request(Op.PUT, 1, [key], [0], [10_000]) + bytes(10_000)
+    with raw(lm_server) as sock:
+        sock.sendall(frame[:cut])
+    with raw(lm_server) as sock:  # a request on a new connection: nothing of the half frame is stored
+        sock.sendall(protocol.encode_keyed_request(Op.EXISTS, 2, [key]))
+        reply = read_exactly(sock, 24 + 16)
+        assert protocol.parse_reply_items(reply[24:], 1)[0].status is ItemStatus.NOT_FOUND
+    await check_well_behaved_client(lm_server, sentinel)
+
+
+async def test_a_value_past_max_value_is_refused_and_the_connection_stays_usable(
+    lm_server: LmServerProcess, sentinel: str
+) -> None:
+    big = (64 << 20) + 1  # the session server's --max-value is 64 MiB
+    with raw(lm_server) as sock:
+        sock.sendall(protocol.encode_keyed_request(Op.PUT, 5, [b"too-big", b"fine"], [0, 0], [big, 3]))
+        sock.sendall(bytes(big))
+        sock.sendall(b"abc")
+        reply = read_exactly(sock, 24 + 32)
+        statuses = [item.status for item in protocol.parse_reply_items(reply[24:], 2)]
+        assert statuses == [ItemStatus.TOO_LARGE, ItemStatus.OK]
+        sock.sendall(protocol.encode_keyed_request(Op.GET, 6, [b"fine", b"too-big"], (), [100, 100]))
+        reply = read_exactly(sock, 24 + 32 + 3)
+        items = protocol.parse_reply_items(reply[24:56], 2)
+        assert [(item.status, item.length) for item in items] == [(ItemStatus.OK, 3), (ItemStatus.NOT_FOUND, 0)]
+        assert reply[56:] == b"abc"
+    await check_well_behaved_client(lm_server, sentinel)
+
+
+async def test_a_get_larger_than_the_buffers_is_corrupt_chunk_and_sends_nothing(
+    lm_server: LmServerProcess, sentinel: str
+) -> None:
+    async with LmConnector(lm_server.url, LmOptions(connections=1)) as client:
+        with pytest.raises(lmplug.CorruptChunk, match="more than the 1000 expected"):
+            await client.get_into(sentinel, [memoryview(bytearray(1000))])
+        assert await client.exists([sentinel]) == [True]  # the same connection is still in step
+        assert client.statistics()["connections_opened"] == 1
+
+
+async def test_pipelined_requests_are_answered_in_order(lm_server: LmServerProcess) -> None:
+    with raw(lm_server) as sock:
+        frames = [protocol.encode_keyed_request(Op.PUT, 10, [b"p1"], [0], [2]) + b"v1"]
+        frames += [protocol.encode_keyed_request(Op.EXISTS, 11 + i, [b"p1", b"nope"]) for i in range(5)]
+        sock.sendall(b"".join(frames))
+        ids = []
+        for _ in frames:
+            head = protocol.HEADER.unpack(read_exactly(sock, 24))
+            read_exactly(sock, head[6])
+            ids.append(head[4])
+        assert ids == [10, 11, 12, 13, 14, 15]
+
+
+async def test_a_hundred_concurrent_clients_get_their_own_values(lm_server: LmServerProcess) -> None:
+    failures: list[str] = []
+
+    async def client(index: int) -> None:
+        data = struct.pack("<I", index) * (16_384 + index)
+        async with LmConnector(lm_server.url, LmOptions(connections=1)) as connector:
+            for round_ in range(3):
+                key = f"crowd-{index}-{round_}"
+                await connector.put(key, [memoryview(data)], None)
+                buffer = bytearray(len(data) + 16)
+                length = await connector.get_into(key, [memoryview(buffer)])
+                if length != len(data) or buffer[:length] != data:
+                    failures.append(f"client {index} round {round_}: {length} bytes, wrong data")
+            if await connector.delete([f"crowd-{index}-{r}" for r in range(3)]) != 3:
+                failures.append(f"client {index}: delete")
+
+    async with anyio.create_task_group() as group:
+        for index in range(100):
+            group.start_soon(client, index)
+    assert failures == []
+
+
+# ---------------------------------------------------------------------------- auth
+
+
+async def test_requests_before_auth_are_refused(lm_auth_server: LmServerProcess) -> None:
+    with raw(lm_auth_server) as sock:
+        sock.sendall(protocol.encode_keyed_request(Op.GET, 1, [b"k"], (), [10]))
+        assert read_error(sock).code is ErrorCode.AUTH_REQUIRED
+
+
+async def test_a_wrong_token_is_refused_and_disconnected(lm_auth_server: LmServerProcess) -> None:
+    with raw(lm_auth_server) as sock:
+        sock.sendall(protocol.encode_auth(1, b"not-the-token"))
+        assert read_error(sock).code is ErrorCode.AUTH_FAILED
+
+
+@pytest.mark.parametrize("token", [None, "not-the-token"])
+async def test_the_connector_names_a_failed_auth(
+    lm_auth_server: LmServerProcess, token: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("LMPLUG_SERVER_TOKEN", raising=False)
+    async with LmConnector(lm_auth_server.url, LmOptions(auth_token=token)) as client:
+        with pytest.raises(lmplug.TierUnavailable, match="AUTH_FAILED"):
+            await client.exists(["k"])
+
+
+async def test_the_right_token_works_from_options_or_environment(
+    lm_auth_server: LmServerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with LmConnector(lm_auth_server.url, LmOptions(auth_token=LM_TOKEN)) as client:
+        await client.put("authed", [memoryview(b"secret value")], None)
+    monkeypatch.setenv("LMPLUG_SERVER_TOKEN", LM_TOKEN)
+    async with LmConnector(lm_auth_server.url, LmOptions()) as client:
+        buffer = bytearray(64)
+        assert await client.get_into("authed", [memoryview(buffer)]) == 12
+        assert buffer[:12] == b"secret value"
+
+
+# ---------------------------------------------------------------------------- a dead or missing server
+
+
+async def test_a_dead_server_is_tier_unavailable_at_once() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # nothing listens here once the probe closes
+    async with LmConnector(f"lm://127.0.0.1:{port}", LmOptions()) as client:
+        with pytest.raises(lmplug.TierUnavailable, match=r"[Cc]onnection refused"):
+            await client.exists(["k"])
+        with pytest.raises(lmplug.TierUnavailable):
+            await client.put("k", [memoryview(b"v")], None)
+
+
+async def test_a_call_cancelled_mid_frame_drops_its_connection(lm_server: LmServerProcess) -> None:
+    async with LmConnector(lm_server.url, LmOptions(connections=1)) as client:
+        assert await client.exists(["warm-up"]) == [False]  # the one connection is open and idle
+        big = memoryview(bytes(48 << 20))
+        # The server is stopped, so the 48 MiB frame stalls once the socket buffers are full: the
+        # call is certainly cancelled mid-frame (one cancelled before its first byte keeps its
+        # connection, rightly).
+        assert lm_server.process is not None
+        lm_server.process.send_signal(signal.SIGSTOP)
+        try:
+            with anyio.move_on_after(0.2):
+                await client.put("cancelled", [big], None)
+        finally:
+            lm_server.process.send_signal(signal.SIGCONT)
+        assert client.statistics()["connections_dropped"] == 1
+        # The next call must not read the previous call's reply (or write into its frame).
+        await client.put("after-cancel", [memoryview(b"ok")], None)
+        buffer = bytearray(2)
+        assert await client.get_into("after-cancel", [memoryview(buffer)]) == 2
+        assert buffer == b"ok"
+        assert client.statistics()["connections_opened"] == 2
+
+
+@pytest.mark.parametrize("url", ["lm://", "lm://host:99999", "lm://host/path", "lm://user:pw@host", "redis://host"])
+def test_bad_urls_are_config_errors(url: str) -> None:
+    with pytest.raises(lmplug.ConfigError):
+        LmConnector(url, LmOptions())
