@@ -53,7 +53,17 @@ import numpy as np
 import torch
 
 import lmplug
-from benchmarks.harness import Backend, MiB, Result, Settings, Stopwatch, Target, run_per_backend, sample_async
+from benchmarks.harness import Backend, MiB, Result, Settings, Target, run_per_backend, sample_async
+from benchmarks.tier_cases import (
+    CHUNK_TOKENS,
+    HEAD_SIZE,
+    KV_HEADS,
+    Case,
+    only_tier,
+    retrieve_case,
+    store_case,
+    thread_case,
+)
 from lmplug.core.serde import ChunkHeader, payload_checksum
 from lmplug_disk import files
 from lmplug_disk.tier import DiskTier
@@ -61,9 +71,6 @@ from lmplug_disk.tier import DiskTier
 NAME = "disk_throughput"
 SUMMARY = "L3 disk store/retrieve MiB/s vs same-run dd O_DIRECT (target >= 0.8x)"
 
-CHUNK_TOKENS = 256
-KV_HEADS = 8
-HEAD_SIZE = 128
 TARGET = Target(">=", 0.8, relative=True)
 SAMPLE_BYTES = 64 * MiB  # moved per sample (one prompt), per direction
 SAMPLE_BYTES_QUICK = 32 * MiB
@@ -71,7 +78,6 @@ REPO = Path(__file__).resolve().parents[1]
 """The temporary directory goes here: the filesystem the project is on (``/tmp`` may be a tmpfs)."""
 
 IoMode = Literal["direct", "buffered"]
-Case = Callable[[], Awaitable[float]]
 
 
 def _config(num_layers: int, path: Path, capacity: int, io_mode: IoMode) -> dict[str, Any]:
@@ -122,6 +128,15 @@ def _drop_cached(paths: list[Path]) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+
+
+def _dropper(tier: DiskTier) -> Callable[[], Awaitable[None]]:
+    """Drop the tier's files from the page cache (a cold read follows)."""
+
+    async def drop() -> None:
+        await anyio.to_thread.run_sync(_drop_cached, _chunk_files(tier.root))
+
+    return drop
 
 
 def _aligned(nbytes: int) -> torch.Tensor:
@@ -175,54 +190,6 @@ class _FileFloor:
 # ---------------------------------------------------------------------------- cases
 
 
-def _disk_tier(cache: lmplug.Cache) -> DiskTier:
-    tier = cache.pipeline.slots[0].tier
-    if not isinstance(tier, DiskTier):
-        raise RuntimeError(f"expected the disk tier, got {type(tier).__name__}")
-    return tier
-
-
-def _store_case(cache: lmplug.Cache, tokens: np.ndarray, kv: torch.Tensor) -> Case:
-    tier = _disk_tier(cache)
-    num_tokens = int(kv.shape[2])
-
-    async def store() -> float:
-        watch = Stopwatch()
-        with watch:
-            count = await cache.store(tokens, kv)
-            await tier.drain()
-        if count != num_tokens:
-            raise RuntimeError(f"store kept {count} of {num_tokens} tokens")
-        await cache.evict(tokens)  # deletes the files (in buffered mode before they reach the disk)
-        return watch.elapsed
-
-    return store
-
-
-def _retrieve_case(cache: lmplug.Cache, tokens: np.ndarray, out: torch.Tensor, cold: bool) -> Case:
-    tier = _disk_tier(cache)
-    num_tokens = int(out.shape[2])
-
-    async def retrieve() -> float:
-        if cold:
-            await anyio.to_thread.run_sync(_drop_cached, _chunk_files(tier.root))
-        watch = Stopwatch()
-        with watch:
-            _, found = await cache.retrieve(tokens, out=out)
-        if found != num_tokens:
-            raise RuntimeError(f"retrieve found {found} of {num_tokens} tokens")
-        return watch.elapsed
-
-    return retrieve
-
-
-def _thread_case(function: Callable[[], float]) -> Case:
-    async def case() -> float:
-        return await anyio.to_thread.run_sync(function)
-
-    return case
-
-
 # ---------------------------------------------------------------------------- one chunk size
 
 
@@ -262,7 +229,7 @@ async def _measure_size(
             for cache in caches.values():
                 await stack.enter_async_context(cache)
             for mode, cache in caches.items():
-                tier = _disk_tier(cache)
+                tier = only_tier(cache, DiskTier)
                 if tier.direct != (mode == "direct"):
                     raise RuntimeError(f"the {mode} tier uses {'O_DIRECT' if tier.direct else 'buffered'} I/O")
                 if await cache.store(held, kv) != num_tokens:
@@ -273,24 +240,28 @@ async def _measure_size(
 
             # Each subject next to its reference in every round; writes first, then reads.
             cases: dict[str, Case] = {
-                "dd write": _thread_case(
+                "dd write": thread_case(
                     lambda: _dd("if=/dev/zero", f"of={dd_write}", block, f"count={chunks}", "oflag=direct")
                 ),
-                "store": _store_case(caches["direct"], stored, kv),
+                "store": store_case(caches["direct"], only_tier(caches["direct"], DiskTier), stored, kv),
             }
             if extras:
                 floor = await anyio.to_thread.run_sync(_FileFloor, here / "floor", caches["direct"].layout, chunks)
-                cases["floor write"] = _thread_case(floor.write)
-                cases["store buffered"] = _store_case(caches["buffered"], stored, kv)
-            cases["dd read"] = _thread_case(lambda: _dd(f"if={dd_read}", "of=/dev/null", block, "iflag=direct"))
-            cases["retrieve"] = _retrieve_case(caches["direct"], held, out, cold=False)
+                cases["floor write"] = thread_case(floor.write)
+                cases["store buffered"] = store_case(
+                    caches["buffered"], only_tier(caches["buffered"], DiskTier), stored, kv
+                )
+            cases["dd read"] = thread_case(lambda: _dd(f"if={dd_read}", "of=/dev/null", block, "iflag=direct"))
+            cases["retrieve"] = retrieve_case(caches["direct"], held, out)
             if extras:
-                cases["floor read"] = _thread_case(floor.read)
-                cases["retrieve buffered"] = _retrieve_case(caches["buffered"], held, out, cold=True)
+                cases["floor read"] = thread_case(floor.read)
+                cases["retrieve buffered"] = retrieve_case(
+                    caches["buffered"], held, out, before=_dropper(only_tier(caches["buffered"], DiskTier))
+                )
             stats = await sample_async(cases, settings)
 
             for mode, cache in caches.items():
-                counters = _disk_tier(cache).statistics()
+                counters = only_tier(cache, DiskTier).statistics()
                 # Only our own evict() calls may have evicted: one per store sample and chunk.
                 expected = (settings.warmup + settings.repeats) * chunks
                 if counters.evictions != expected or counters.errors or counters.skipped_writes:

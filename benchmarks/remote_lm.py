@@ -36,7 +36,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -46,21 +46,27 @@ import numpy as np
 import torch
 
 import lmplug
-from benchmarks.harness import Backend, MiB, Result, Settings, Stopwatch, Target, run_per_backend, sample_async
+from benchmarks.harness import Backend, MiB, Result, Settings, Target, run_per_backend, sample_async
+from benchmarks.tier_cases import (
+    CHUNK_TOKENS,
+    HEAD_SIZE,
+    KV_HEADS,
+    Case,
+    only_tier,
+    retrieve_case,
+    store_case,
+    thread_case,
+)
 from lmplug_remote.tier import RemoteTier
 
 NAME = "remote_lm"
 SUMMARY = "L4 remote tier on lmplug-server: store/retrieve MiB/s vs same-run raw socket sendall/recv_into (>= 0.7x)"
 
-CHUNK_TOKENS = 256
-KV_HEADS = 8
-HEAD_SIZE = 128
 TARGET = Target(">=", 0.7, relative=True)
 SAMPLE_BYTES = 64 * MiB  # moved per sample (one prompt), per direction
 SAMPLE_BYTES_QUICK = 16 * MiB
 LARGEST_CHUNK = 32 * MiB
 
-Case = Callable[[], Awaitable[float]]
 
 _REQUEST = struct.Struct("<cQQ")
 # The reference's peer: serves one connection; "W"+offset+size: receive size bytes into its memory at offset,
@@ -195,53 +201,6 @@ def _config(num_layers: int, port: int) -> dict[str, Any]:
     }
 
 
-def _remote_tier(cache: lmplug.Cache) -> RemoteTier:
-    tier = cache.pipeline.slots[0].tier
-    if not isinstance(tier, RemoteTier):
-        raise RuntimeError(f"expected the remote tier, got {type(tier).__name__}")
-    return tier
-
-
-def _store_case(cache: lmplug.Cache, tokens: np.ndarray, kv: torch.Tensor) -> Case:
-    tier = _remote_tier(cache)
-    num_tokens = int(kv.shape[2])
-
-    async def store() -> float:
-        before = tier.statistics().stored
-        watch = Stopwatch()
-        with watch:
-            await cache.store(tokens, kv)
-            await tier.drain()
-        stored = tier.statistics().stored - before
-        if stored * CHUNK_TOKENS != num_tokens:
-            raise RuntimeError(f"store wrote {stored} chunks of {num_tokens // CHUNK_TOKENS}")
-        await cache.evict(tokens)  # DELETE on the server, untimed
-        return watch.elapsed
-
-    return store
-
-
-def _retrieve_case(cache: lmplug.Cache, tokens: np.ndarray, out: torch.Tensor) -> Case:
-    num_tokens = int(out.shape[2])
-
-    async def retrieve() -> float:
-        watch = Stopwatch()
-        with watch:
-            _, found = await cache.retrieve(tokens, out=out)
-        if found != num_tokens:
-            raise RuntimeError(f"retrieve found {found} of {num_tokens} tokens")
-        return watch.elapsed
-
-    return retrieve
-
-
-def _thread_case(function: Callable[[], float]) -> Case:
-    async def case() -> float:
-        return await anyio.to_thread.run_sync(function)
-
-    return case
-
-
 # ---------------------------------------------------------------------------- one chunk size
 
 
@@ -265,14 +224,14 @@ async def _measure_size(chunk_mib: int, settings: Settings, backend: Backend, po
     peer = await anyio.to_thread.run_sync(_RawPeer, chunks, chunk_bytes)
     try:
         async with lmplug.open_cache(_config(num_layers, port)) as cache:
-            tier = _remote_tier(cache)
+            tier = only_tier(cache, RemoteTier)
             await cache.store(held, kv)
             await tier.drain()
             cases: dict[str, Case] = {
-                "raw send": _thread_case(peer.send),
-                "store": _store_case(cache, stored, kv),
-                "raw recv": _thread_case(peer.receive),
-                "retrieve": _retrieve_case(cache, held, out),
+                "raw send": thread_case(peer.send),
+                "store": store_case(cache, only_tier(cache, RemoteTier), stored, kv),
+                "raw recv": thread_case(peer.receive),
+                "retrieve": retrieve_case(cache, held, out),
             }
             stats = await sample_async(cases, settings)
             counters = tier.statistics()

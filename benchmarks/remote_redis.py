@@ -29,7 +29,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -40,20 +40,25 @@ import redis
 import torch
 
 import lmplug
-from benchmarks.harness import Backend, MiB, Result, Settings, Stopwatch, Target, run_per_backend, sample_async
+from benchmarks.harness import Backend, MiB, Result, Settings, Target, run_per_backend, sample_async
+from benchmarks.tier_cases import (
+    CHUNK_TOKENS,
+    HEAD_SIZE,
+    KV_HEADS,
+    Case,
+    only_tier,
+    retrieve_case,
+    store_case,
+    thread_case,
+)
 from lmplug_remote.tier import RemoteTier
 
 NAME = "remote_redis"
 SUMMARY = "L4 remote tier on redis: store/retrieve MiB/s vs same-run raw redis-py SET/GET (target >= 0.7x)"
 
-CHUNK_TOKENS = 256
-KV_HEADS = 8
-HEAD_SIZE = 128
 TARGET = Target(">=", 0.7, relative=True)
 SAMPLE_BYTES = 64 * MiB  # moved per sample (one prompt), per direction
 SAMPLE_BYTES_QUICK = 8 * MiB
-
-Case = Callable[[], Awaitable[float]]
 
 
 # ---------------------------------------------------------------------------- the server
@@ -116,44 +121,6 @@ def _config(num_layers: int, port: int) -> dict[str, Any]:
     }
 
 
-def _remote_tier(cache: lmplug.Cache) -> RemoteTier:
-    tier = cache.pipeline.slots[0].tier
-    if not isinstance(tier, RemoteTier):
-        raise RuntimeError(f"expected the remote tier, got {type(tier).__name__}")
-    return tier
-
-
-def _store_case(cache: lmplug.Cache, tokens: np.ndarray, kv: torch.Tensor) -> Case:
-    tier = _remote_tier(cache)
-    num_tokens = int(kv.shape[2])
-
-    async def store() -> float:
-        watch = Stopwatch()
-        with watch:
-            count = await cache.store(tokens, kv)
-            await tier.drain()
-        if count != num_tokens:
-            raise RuntimeError(f"store kept {count} of {num_tokens} tokens")
-        await cache.evict(tokens)  # UNLINKs the keys, so that the next sample writes them again
-        return watch.elapsed
-
-    return store
-
-
-def _retrieve_case(cache: lmplug.Cache, tokens: np.ndarray, out: torch.Tensor) -> Case:
-    num_tokens = int(out.shape[2])
-
-    async def retrieve() -> float:
-        watch = Stopwatch()
-        with watch:
-            _, found = await cache.retrieve(tokens, out=out)
-        if found != num_tokens:
-            raise RuntimeError(f"retrieve found {found} of {num_tokens} tokens")
-        return watch.elapsed
-
-    return retrieve
-
-
 class _RawClient:
     """The reference: redis-py's defaults, one SET / GET per chunk, one after another."""
 
@@ -180,13 +147,6 @@ class _RawClient:
         self.client.close()
 
 
-def _thread_case(function: Callable[[], float]) -> Case:
-    async def case() -> float:
-        return await anyio.to_thread.run_sync(function)
-
-    return case
-
-
 # ---------------------------------------------------------------------------- one chunk size
 
 
@@ -208,17 +168,17 @@ async def _measure_size(chunk_mib: int, settings: Settings, backend: Backend, po
     raw = await anyio.to_thread.run_sync(_RawClient, port, chunks, chunk_bytes)
     try:
         async with lmplug.open_cache(_config(num_layers, port)) as cache:
-            tier = _remote_tier(cache)
+            tier = only_tier(cache, RemoteTier)
             if await cache.store(held, kv) != num_tokens:
                 raise RuntimeError("the retrieve prompt was not stored")
             await tier.drain()
             await anyio.to_thread.run_sync(raw.set)
             # Each subject next to its reference in every round; writes first, then reads.
             cases: dict[str, Case] = {
-                "raw set": _thread_case(raw.set),
-                "store": _store_case(cache, stored, kv),
-                "raw get": _thread_case(raw.get),
-                "retrieve": _retrieve_case(cache, held, out),
+                "raw set": thread_case(raw.set),
+                "store": store_case(cache, only_tier(cache, RemoteTier), stored, kv),
+                "raw get": thread_case(raw.get),
+                "retrieve": retrieve_case(cache, held, out),
             }
             stats = await sample_async(cases, settings)
             counters = tier.statistics()

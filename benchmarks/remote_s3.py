@@ -37,15 +37,20 @@ import torch
 
 import lmplug
 from benchmarks.harness import Backend, MiB, Result, Settings, Stopwatch, Target, run_per_backend, sample_async
+from benchmarks.tier_cases import (
+    CHUNK_TOKENS,
+    HEAD_SIZE,
+    KV_HEADS,
+    Case,
+    only_tier,
+    timed,
+)
 from lmplug_remote.bridge import AsyncioBridge
 from lmplug_remote.tier import RemoteTier
 
 NAME = "remote_s3"
 SUMMARY = "L4 remote tier over s3:// (SeaweedFS) store/retrieve MiB/s vs raw aiobotocore (target >= 0.8x)"
 
-CHUNK_TOKENS = 256
-KV_HEADS = 8
-HEAD_SIZE = 128
 TARGET = Target(">=", 0.8, relative=True)
 SAMPLE_BYTES = 64 * MiB
 SAMPLE_BYTES_QUICK = 8 * MiB
@@ -54,8 +59,6 @@ READERS = 8
 BUCKET = "lmplug-bench"
 REPO = Path(__file__).resolve().parents[1]
 SERVERS = REPO / "plugins" / "lmplug-remote" / "tests" / "s3_servers.py"
-
-Case = Callable[[], Awaitable[float]]
 
 
 def _servers() -> ModuleType:
@@ -83,13 +86,6 @@ def _config(num_layers: int, url: str, connector: dict[str, Any]) -> dict[str, A
              "timeout": "60s", "write_timeout": "60s"},
         ],
     }  # fmt: skip
-
-
-def _remote_tier(cache: lmplug.Cache) -> RemoteTier:
-    tier = cache.pipeline.slots[0].tier
-    if not isinstance(tier, RemoteTier):
-        raise RuntimeError(f"expected the remote tier, got {type(tier).__name__}")
-    return tier
 
 
 class _RawClient:
@@ -162,16 +158,6 @@ class _RawClient:
         await self.bridge.run(self._get_all, names, size)
 
 
-def _timed(function: Callable[[], Awaitable[object]]) -> Case:
-    async def case() -> float:
-        watch = Stopwatch()
-        with watch:
-            await function()
-        return watch.elapsed
-
-    return case
-
-
 async def _measure_size(chunk_mib: int, settings: Settings, backend: Backend, server: Any) -> list[Result]:
     num_layers = chunk_mib  # 2 (K, V) * layers * 256 tokens * 1024 hidden * 2 bytes = layers MiB
     chunk_bytes = chunk_mib * MiB
@@ -191,7 +177,7 @@ async def _measure_size(chunk_mib: int, settings: Settings, backend: Backend, se
     raw_names = [f"{prefix}/raw/{index}" for index in range(chunks)]
 
     async with lmplug.open_cache(config) as cache, _RawClient(server) as raw:
-        tier = _remote_tier(cache)
+        tier = only_tier(cache, RemoteTier)
         if await cache.store(held, kv) != num_tokens:
             raise RuntimeError("the retrieve prompt was not stored")
         await tier.drain()
@@ -216,9 +202,9 @@ async def _measure_size(chunk_mib: int, settings: Settings, backend: Backend, se
             return watch.elapsed
 
         cases: dict[str, Case] = {
-            "raw put": _timed(lambda: raw.put_all(raw_names, value)),
+            "raw put": timed(lambda: raw.put_all(raw_names, value)),
             "store": store,
-            "raw get": _timed(lambda: raw.get_all(raw_names, len(value))),
+            "raw get": timed(lambda: raw.get_all(raw_names, len(value))),
             "retrieve": retrieve,
         }
         stats = await sample_async(cases, settings)

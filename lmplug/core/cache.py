@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from lmplug.core.layout import KVLayout
 from lmplug.core.leases import Lease, LeaseTable
 from lmplug.core.memory import AllocatorStatistics, ChunkAllocator, HeapAllocator, KVChunk
 from lmplug.core.metrics import CacheMetrics
+from lmplug.core.reporting import ThrottledLog
 from lmplug.core.tier import Capability, TierStatistics
 from lmplug.core.transfer import copy_from_chunks, copy_into_chunks
 from lmplug.errors import CacheClosedError, InvalidInputError, KVShapeError
@@ -26,8 +26,6 @@ from lmplug.hooks.dispatch import Pipeline, TierSlot, bind_tier
 from lmplug.hooks.manager import PluginHost
 
 logger = logging.getLogger("lmplug.cache")
-
-_WARN_EVERY = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +58,7 @@ class Cache:
         self._stack: AsyncExitStack | None = None
         self._entered = False
         self._open = False
-        self._warned: dict[tuple[str, str, type[BaseException]], float] = {}
+        self._warnings = ThrottledLog(logger)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -273,13 +271,11 @@ class Cache:
 
     def _tier_failed(self, tier: str, operation: str, exc: BaseException) -> None:
         self.metrics.tier_errors[tier, operation] += 1
-        key = (tier, operation, type(exc))
-        now = time.monotonic()
-        if now - self._warned.get(key, -_WARN_EVERY) >= _WARN_EVERY:
-            self._warned[key] = now
-            logger.warning("tier %r failed to %s and was skipped: %s: %s", tier, operation, type(exc).__name__, exc)
-        else:
-            logger.debug("tier %r failed to %s: %r", tier, operation, exc)
+        self._warnings.report(
+            (tier, operation, type(exc)),
+            "tier %r failed to %s and was skipped: %s: %s",
+            tier, operation, type(exc).__name__, exc,
+        )  # fmt: skip
 
 
 def open_cache(

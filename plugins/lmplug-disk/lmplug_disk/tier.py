@@ -32,11 +32,11 @@ from lmplug import (
     TierUnavailable,
     hookimpl,
 )
+from lmplug.core.reporting import ThrottledLog
 from lmplug.core.serde import ChunkHeader, payload_checksum
 from lmplug_disk import files
 
 logger = logging.getLogger("lmplug.disk")
-_REPORT_EVERY = 60.0
 
 
 class DiskTierConfig(StrictModel):
@@ -84,7 +84,7 @@ class DiskTier(Tier):
         self._lock_fd = -1
         self._group: TaskGroup | None = None
         self._send: MemoryObjectSendStream[tuple[ChunkKey, KVChunk]] | None = None
-        self._reported: dict[str, float] = {}
+        self._log = ThrottledLog(logger)
         self._hits = self._misses = self._stored = self._evictions = self._errors = self._skipped = 0
         self.scan_seconds = 0.0
 
@@ -429,12 +429,7 @@ class DiskTier(Tier):
 
     def _report(self, kind: str, message: str) -> None:
         """Log a failure at WARNING once a minute per kind (DEBUG otherwise); the tier keeps serving."""
-        now = time.monotonic()
-        if now - self._reported.get(kind, -_REPORT_EVERY) >= _REPORT_EVERY:
-            self._reported[kind] = now
-            logger.warning("disk tier %r: %s", self.name, message)
-        else:
-            logger.debug("disk tier %r: %s", self.name, message)
+        self._log.report(kind, "disk tier %r: %s", self.name, message)
 
     def statistics(self) -> TierStatistics:
         return TierStatistics(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -40,11 +39,11 @@ from lmplug import (
     hookimpl,
 )
 from lmplug.core.config import config_error
+from lmplug.core.reporting import ThrottledLog
 from lmplug.core.serde import HEADER, ChunkHeader, payload_checksum
 from lmplug_remote.breaker import BreakerState, CircuitBreaker
 
 logger = logging.getLogger("lmplug.remote")
-_REPORT_EVERY = 60.0
 _INLINE_BYTES = 4 * 2**20
 T = TypeVar("T")
 
@@ -109,7 +108,7 @@ class RemoteTier(Tier):
         self._drained.set()
         self._group: TaskGroup | None = None
         self._send: MemoryObjectSendStream[tuple[ChunkKey, KVChunk]] | None = None
-        self._reported: dict[str, float] = {}
+        self._log = ThrottledLog(logger)
         self._hits = self._misses = self._stored = self._errors = self._skipped = 0
         self._refused = self._corrupt = self._evictions = 0
         self._bytes_written = 0
@@ -433,12 +432,7 @@ class RemoteTier(Tier):
 
     def _report(self, kind: str, message: str) -> None:
         """Log a failure at WARNING once a minute per kind (DEBUG otherwise); the tier keeps serving."""
-        now = time.monotonic()
-        if now - self._reported.get(kind, -_REPORT_EVERY) >= _REPORT_EVERY:
-            self._reported[kind] = now
-            logger.warning("remote tier %r: %s", self.name, message)
-        else:
-            logger.debug("remote tier %r: %s", self.name, message)
+        self._log.report(kind, "remote tier %r: %s", self.name, message)
 
     def statistics(self) -> TierStatistics:
         return TierStatistics(
