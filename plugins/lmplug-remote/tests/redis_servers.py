@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import random
+import selectors
 import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,7 +22,7 @@ from pathlib import Path
 import pytest
 import redis
 
-__all__ = ["redis_cluster", "redis_server", "redis_servers"]
+__all__ = ["redis_cluster", "redis_server", "redis_servers", "stalling_proxy"]
 
 _START_TIMEOUT = 10.0
 
@@ -228,3 +230,90 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClu
         yield cluster
     finally:
         cluster.stop()
+
+
+class StallingProxy:
+    """A loopback TCP relay to a server that passes only ``allowance`` bytes of replies, then holds
+    the rest until :meth:`release`: a reply cut off mid-value, as a slow network makes it."""
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.allowance: int | None = None  # None: no limit
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self._listener.getsockname()[1])
+        self._released = threading.Event()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._sockets: list[socket.socket] = []
+        self._accepting = threading.Thread(target=self._accept, daemon=True)
+        self._accepting.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    def stall_after(self, count: int) -> None:
+        self._released.clear()
+        self.allowance = count
+
+    def release(self) -> None:
+        self.allowance = None
+        self._released.set()
+
+    def _accept(self) -> None:
+        self._listener.settimeout(0.1)
+        while not self._stop.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.target))
+            self._sockets += [client, server]
+            thread = threading.Thread(target=self._relay, args=(client, server), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _relay(self, client: socket.socket, server: socket.socket) -> None:
+        with selectors.DefaultSelector() as selector:
+            selector.register(client, selectors.EVENT_READ, server)
+            selector.register(server, selectors.EVENT_READ, client)
+            while not self._stop.is_set():
+                for key, _ in selector.select(0.05):
+                    source: socket.socket = key.fileobj  # type: ignore[assignment]
+                    sink: socket.socket = key.data
+                    limit = 1 << 16
+                    if source is server and self.allowance is not None:
+                        if self.allowance <= 0:
+                            self._released.wait(0.05)
+                            continue
+                        limit = min(limit, self.allowance)
+                    try:
+                        data = source.recv(limit)
+                        if not data:
+                            return
+                        if source is server and self.allowance is not None:
+                            self.allowance -= len(data)
+                        sink.sendall(data)
+                    except OSError:
+                        return
+
+    def close(self) -> None:
+        self._stop.set()
+        self._released.set()
+        self._accepting.join()
+        for thread in self._threads:
+            thread.join()
+        for sock in [self._listener, *self._sockets]:
+            sock.close()
+
+
+@pytest.fixture
+def stalling_proxy(redis_server: RedisServer) -> Iterator[StallingProxy]:
+    """A :class:`StallingProxy` to the shared redis-server, closed after the test."""
+    proxy = StallingProxy(redis_server.port)
+    try:
+        yield proxy
+    finally:
+        proxy.close()
