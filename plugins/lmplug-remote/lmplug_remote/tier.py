@@ -45,6 +45,7 @@ from lmplug_remote.breaker import BreakerState, CircuitBreaker
 
 logger = logging.getLogger("lmplug.remote")
 _INLINE_BYTES = 4 * 2**20
+_WRITE_BATCH = 8
 T = TypeVar("T")
 
 
@@ -373,28 +374,51 @@ class RemoteTier(Tier):
 
     async def _writer(self, receive: MemoryObjectReceiveStream[tuple[ChunkKey, KVChunk]]) -> None:
         async with receive:
-            async for key, chunk in receive:
+            async for first in receive:
+                # Take what else is queued (up to _WRITE_BATCH): one EXISTS round trip asks the
+                # store about all of them.
+                batch = [first]
+                while len(batch) < _WRITE_BATCH:
+                    try:
+                        batch.append(receive.receive_nowait())
+                    except (anyio.WouldBlock, anyio.EndOfStream):
+                        break
                 try:
-                    await self._put(key, chunk)
-                except TierUnavailable:
-                    pass  # counted and reported by _call
-                except Exception as exc:  # a codec bug must not take the cache down: skip the chunk
-                    self._errors += 1
-                    self._report("encode", f"cannot encode a chunk with codec {self.codec.name!r}: {exc!r}")
+                    await self._put_batch(batch)
                 finally:
-                    if self._pending.pop(key, None) is not None:
-                        chunk.release()
-                    self._cancelled.discard(key)
+                    for key, chunk in batch:
+                        if self._pending.pop(key, None) is not None:
+                            chunk.release()
+                        self._cancelled.discard(key)
                     if not self._pending:
                         self._drained.set()
 
+    async def _put_batch(self, batch: list[tuple[ChunkKey, KVChunk]]) -> None:
+        """Write the chunks the store does not hold yet; failures are counted and reported, never raised."""
+        batch = [(key, chunk) for key, chunk in batch if key not in self._cancelled]
+        if not batch:
+            return
+        try:
+            held = await self._guarded(
+                "exists", self.options.timeout, self.connector.exists, self._names([key for key, _ in batch])
+            )
+        except TierUnavailable:
+            return  # counted and reported by _call
+        for (key, chunk), there in zip(batch, held, strict=True):
+            if there:
+                continue  # another engine (or an earlier run) stored it already
+            try:
+                await self._put(key, chunk)
+            except TierUnavailable:
+                pass  # counted and reported by _call
+            except Exception as exc:  # a codec bug must not take the cache down: skip the chunk
+                self._errors += 1
+                self._report("encode", f"cannot encode a chunk with codec {self.codec.name!r}: {exc!r}")
+
     async def _put(self, key: ChunkKey, chunk: KVChunk) -> None:
-        name = self.key_name(key)
         if key in self._cancelled:
             return
-        (there,) = await self._guarded("exists", self.options.timeout, self.connector.exists, [name])
-        if there:
-            return  # another engine (or an earlier run) stored it already
+        name = self.key_name(key)
         header, stored = await self._off_loop(chunk.nbytes, self._encode, key, chunk)
         put = self.connector.put
         await self._guarded("put", self.options.write_timeout, put, name, [header, stored], self.options.ttl)
