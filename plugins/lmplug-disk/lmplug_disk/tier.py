@@ -14,8 +14,6 @@ from pathlib import Path
 from typing import Literal
 
 import anyio
-from anyio.abc import TaskGroup
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from pydantic import Field, PositiveInt
 
 from lmplug import (
@@ -34,6 +32,7 @@ from lmplug import (
 )
 from lmplug.core.reporting import ThrottledLog
 from lmplug.core.serde import ChunkHeader, payload_checksum
+from lmplug.core.writebehind import Batch, WriteBehind
 from lmplug_disk import files
 
 logger = logging.getLogger("lmplug.disk")
@@ -72,20 +71,15 @@ class DiskTier(Tier):
             )
         self.direct = False
         self._index: OrderedDict[ChunkKey, int] = OrderedDict()  # key -> tokens, least recently used first
-        self._pending: dict[ChunkKey, KVChunk] = {}
-        self._cancelled: set[ChunkKey] = set()
+        self._queue = WriteBehind(self._write_batch, size=options.write_queue, writers=options.writers)
         self._used = 0
         self._read_limiter = anyio.CapacityLimiter(options.readers)
         self._write_limiter = anyio.CapacityLimiter(options.writers)
         self._reads_in_flight = 0
         self._reads_done = anyio.Event()
-        self._drained = anyio.Event()
-        self._drained.set()
         self._lock_fd = -1
-        self._group: TaskGroup | None = None
-        self._send: MemoryObjectSendStream[tuple[ChunkKey, KVChunk]] | None = None
         self._log = ThrottledLog(logger)
-        self._hits = self._misses = self._stored = self._evictions = self._errors = self._skipped = 0
+        self._hits = self._misses = self._stored = self._evictions = self._errors = 0
         self.scan_seconds = 0.0
 
     # ------------------------------------------------------------------ lifecycle
@@ -97,14 +91,11 @@ class DiskTier(Tier):
         except BaseException:
             self._unlock()
             raise
-        send, receive = anyio.create_memory_object_stream[tuple[ChunkKey, KVChunk]](self.options.write_queue)
-        self._send = send
-        group = anyio.create_task_group()
-        await group.__aenter__()
-        self._group = group
-        with receive:
-            for _ in range(self.options.writers):
-                group.start_soon(self._writer, receive.clone())
+        try:
+            await self._queue.__aenter__()
+        except BaseException:
+            self._unlock()
+            raise
         logger.info(
             "disk tier %r: %s, %d chunks (%d bytes) indexed in %.3f s, %s I/O",
             self.name, self.root, len(self._index), self._used, self.scan_seconds,
@@ -159,33 +150,23 @@ class DiskTier(Tier):
 
     async def drain(self) -> None:
         """Wait until every queued write has reached the disk (or failed and been reported)."""
-        await self._drained.wait()
+        await self._queue.drain()
 
     async def aclose(self) -> None:
         """Finish queued writes, stop the writers and release the directory. Idempotent."""
-        send, self._send = self._send, None
-        group, self._group = self._group, None
-        if send is not None:
-            send.close()  # writers drain what is queued, then stop
-        if group is not None:
-            # The group's scope must exit as it was entered (no shield around it): when the
-            # caller is cancelled, queued writes are dropped rather than awaited.
-            await group.__aexit__(None, None, None)
-        for chunk in self._pending.values():
-            chunk.release()
-        self._pending.clear()
-        self._drained.set()
-        self._unlock()
+        try:
+            await self._queue.aclose()  # queued writes finish first
+        finally:
+            self._unlock()
 
     # ------------------------------------------------------------------ data path
 
     @hookimpl
     async def lmplug_contains(self, keys: Sequence[ChunkKey]) -> int:
-        index, pending = self._index, self._pending
+        index, queued = self._index, self._queue.queued
         found = 0
-        cancelled = self._cancelled
         for key in keys:
-            if key not in index and (key not in pending or key in cancelled):
+            if key not in index and queued(key) is None:
                 break
             found += 1
         return found
@@ -195,8 +176,8 @@ class DiskTier(Tier):
         chunks: list[KVChunk] = []
         reads: list[tuple[ChunkKey, int, KVChunk]] = []
         for key in keys:
-            waiting = self._pending.get(key)
-            if waiting is not None and not reads and key not in self._cancelled:
+            waiting = self._queue.queued(key)
+            if waiting is not None and not reads:
                 chunks.append(waiting.acquire())  # still in memory, queued for writing
                 continue
             tokens = self._index.get(key)
@@ -325,33 +306,15 @@ class DiskTier(Tier):
 
     @hookimpl
     async def lmplug_store(self, keys: Sequence[ChunkKey], chunks: Sequence[KVChunk]) -> None:
-        send = self._send
-        if send is None:
-            return
         for key, chunk in zip(keys, chunks, strict=True):
-            if key in self._index or key in self._pending:
-                continue
-            self._cancelled.discard(key)
-            try:
-                send.send_nowait((key, chunk))
-            except anyio.WouldBlock:
-                self._skipped += 1  # the disk is behind: skip rather than block the engine
-                continue
-            self._pending[key] = chunk.acquire()
-            self._drained = anyio.Event() if self._drained.is_set() else self._drained
+            if key not in self._index:
+                self._queue.offer(key, chunk)  # a full queue skips it: the disk is behind, the engine is not
 
-    async def _writer(self, receive: MemoryObjectReceiveStream[tuple[ChunkKey, KVChunk]]) -> None:
-        async with receive:
-            async for key, chunk in receive:
-                try:
-                    while self._reads_in_flight:
-                        await self._reads_done.wait()  # reads first: they are what an engine waits on
-                    await self._write(key, chunk)
-                finally:
-                    if self._pending.pop(key, None) is not None:
-                        chunk.release()
-                    if not self._pending:
-                        self._drained.set()
+    async def _write_batch(self, batch: Batch) -> None:
+        for key, chunk in batch:
+            while self._reads_in_flight:
+                await self._reads_done.wait()  # reads first: they are what an engine waits on
+            await self._write(key, chunk)
 
     async def _write(self, key: ChunkKey, chunk: KVChunk) -> None:
         tokens = chunk.num_tokens
@@ -366,8 +329,7 @@ class DiskTier(Tier):
             self._errors += 1
             self._report(f"write-{exc.errno}", f"cannot write {path}: {exc.strerror or exc}; chunk skipped")
             return
-        if key in self._cancelled:  # evicted on command while it was being written
-            self._cancelled.discard(key)
+        if self._queue.cancelled(key):  # evicted on command while it was being written
             self._used -= size
             await anyio.to_thread.run_sync(files.remove_files, [path], limiter=self._write_limiter)
             return
@@ -409,8 +371,7 @@ class DiskTier(Tier):
         victims: list[Path] = []
         dropped: list[ChunkKey] = []
         for key in keys:
-            if key in self._pending:
-                self._cancelled.add(key)
+            if self._queue.cancel(key):
                 dropped.append(key)
                 continue
             tokens = self._index.pop(key, None)
@@ -443,6 +404,6 @@ class DiskTier(Tier):
             stored=self._stored,
             evictions=self._evictions,
             errors=self._errors,
-            pending_writes=len(self._pending),
-            skipped_writes=self._skipped,
+            pending_writes=len(self._queue.pending),
+            skipped_writes=self._queue.skipped,
         )

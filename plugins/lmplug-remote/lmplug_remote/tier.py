@@ -16,8 +16,6 @@ from urllib.parse import urlsplit
 
 import anyio
 import torch
-from anyio.abc import TaskGroup
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from pydantic import Field, PositiveInt, ValidationError
 
 from lmplug import (
@@ -41,6 +39,7 @@ from lmplug import (
 from lmplug.core.config import config_error
 from lmplug.core.reporting import ThrottledLog
 from lmplug.core.serde import HEADER, ChunkHeader, payload_checksum
+from lmplug.core.writebehind import Batch, WriteBehind
 from lmplug_remote.breaker import BreakerState, CircuitBreaker
 
 logger = logging.getLogger("lmplug.remote")
@@ -101,14 +100,11 @@ class RemoteTier(Tier):
         self._chunk_size = context.config.chunk_size
         full_shape = context.layout.shape(self._chunk_size)
         self._max_stored = self.codec.max_encoded_size(torch.Size(full_shape), context.layout.dtype)
-        self._pending: dict[ChunkKey, KVChunk] = {}
-        self._cancelled: set[ChunkKey] = set()
+        self._queue = WriteBehind(
+            self._put_batch, size=options.write_queue, writers=options.writers, batch=_WRITE_BATCH
+        )
         self._read_limiter = anyio.CapacityLimiter(options.readers)
         self._cpu_limiter = anyio.CapacityLimiter(max(options.readers, options.writers))
-        self._drained = anyio.Event()
-        self._drained.set()
-        self._group: TaskGroup | None = None
-        self._send: MemoryObjectSendStream[tuple[ChunkKey, KVChunk]] | None = None
         self._log = ThrottledLog(logger)
         self._hits = self._misses = self._stored = self._errors = self._skipped = 0
         self._refused = self._corrupt = self._evictions = 0
@@ -127,35 +123,19 @@ class RemoteTier(Tier):
             # Serving without the store is better than not serving: the breaker retries it.
             self.breaker.failed()
             self._report("connect", f"cannot reach {self.options.url} ({exc}); serving misses until it answers")
-        send, receive = anyio.create_memory_object_stream[tuple[ChunkKey, KVChunk]](self.options.write_queue)
-        self._send = send
-        group = anyio.create_task_group()
-        await group.__aenter__()
-        self._group = group
-        with receive:
-            for _ in range(self.options.writers):
-                group.start_soon(self._writer, receive.clone())
+        await self._queue.__aenter__()
         logger.info("remote tier %r: %s, codec %s", self.name, self.options.url, self.codec.name)
         return self
 
     async def drain(self) -> None:
         """Wait until every queued write has been sent (or failed and been reported)."""
-        await self._drained.wait()
+        await self._queue.drain()
 
     async def aclose(self) -> None:
         """Send what is queued (the breaker cuts this short for a dead store), then close. Idempotent."""
-        send, self._send = self._send, None
-        group, self._group = self._group, None
-        if send is not None:
-            send.close()
         try:
-            if group is not None:
-                await group.__aexit__(None, None, None)
+            await self._queue.aclose()
         finally:
-            for chunk in self._pending.values():
-                chunk.release()
-            self._pending.clear()
-            self._drained.set()
             with anyio.CancelScope(shield=True):
                 await self.connector.aclose()
 
@@ -223,7 +203,7 @@ class RemoteTier(Tier):
         return found
 
     def _is_pending(self, key: ChunkKey) -> bool:
-        return key in self._pending and key not in self._cancelled
+        return self._queue.queued(key) is not None
 
     def _names(self, keys: Sequence[ChunkKey]) -> list[str]:
         prefix = self._prefix
@@ -234,7 +214,7 @@ class RemoteTier(Tier):
         chunks: list[KVChunk] = []
         start = 0
         while start < len(keys) and self._is_pending(keys[start]):
-            chunks.append(self._pending[keys[start]].acquire())  # still queued for writing: serve from memory
+            chunks.append(self._queue.pending[keys[start]].acquire())  # still queued for writing: from memory
             start += 1
         if start < len(keys):
             chunks += await self._fetch(keys[start:])
@@ -353,49 +333,16 @@ class RemoteTier(Tier):
 
     @hookimpl
     async def lmplug_store(self, keys: Sequence[ChunkKey], chunks: Sequence[KVChunk]) -> None:
-        send = self._send
-        if send is None:
-            return
         for key, chunk in zip(keys, chunks, strict=True):
-            if key in self._pending:
-                continue
             if self.breaker.state is BreakerState.OPEN and self.breaker.retry_in > 0:
                 self._skipped += 1  # the store is down: do not queue work that will only fail
-                continue
-            self._cancelled.discard(key)
-            try:
-                send.send_nowait((key, chunk))
-            except anyio.WouldBlock:
-                self._skipped += 1  # the store is behind: skip rather than block the engine
-                continue
-            self._pending[key] = chunk.acquire()
-            if self._drained.is_set():
-                self._drained = anyio.Event()
+            else:
+                self._queue.offer(key, chunk)  # a full queue skips it: the store is behind, the engine is not
 
-    async def _writer(self, receive: MemoryObjectReceiveStream[tuple[ChunkKey, KVChunk]]) -> None:
-        async with receive:
-            async for first in receive:
-                # Take what else is queued (up to _WRITE_BATCH): one EXISTS round trip asks the
-                # store about all of them.
-                batch = [first]
-                while len(batch) < _WRITE_BATCH:
-                    try:
-                        batch.append(receive.receive_nowait())
-                    except (anyio.WouldBlock, anyio.EndOfStream):
-                        break
-                try:
-                    await self._put_batch(batch)
-                finally:
-                    for key, chunk in batch:
-                        if self._pending.pop(key, None) is not None:
-                            chunk.release()
-                        self._cancelled.discard(key)
-                    if not self._pending:
-                        self._drained.set()
-
-    async def _put_batch(self, batch: list[tuple[ChunkKey, KVChunk]]) -> None:
-        """Write the chunks the store does not hold yet; failures are counted and reported, never raised."""
-        batch = [(key, chunk) for key, chunk in batch if key not in self._cancelled]
+    async def _put_batch(self, batch: Batch) -> None:
+        """Write the chunks the store does not hold yet, asking about all of them in one round trip;
+        failures are counted and reported, never raised."""
+        batch = [(key, chunk) for key, chunk in batch if not self._queue.cancelled(key)]
         if not batch:
             return
         try:
@@ -416,13 +363,13 @@ class RemoteTier(Tier):
                 self._report("encode", f"cannot encode a chunk with codec {self.codec.name!r}: {exc!r}")
 
     async def _put(self, key: ChunkKey, chunk: KVChunk) -> None:
-        if key in self._cancelled:
+        if self._queue.cancelled(key):
             return
         name = self.key_name(key)
         header, stored = await self._off_loop(chunk.nbytes, self._encode, key, chunk)
         put = self.connector.put
         await self._guarded("put", self.options.write_timeout, put, name, [header, stored], self.options.ttl)
-        if key in self._cancelled:  # evicted on command while it was being written
+        if self._queue.cancelled(key):  # evicted on command while it was being written
             await self._guarded("delete", self.options.timeout, self.connector.delete, [name])
             return
         self._stored += 1
@@ -438,8 +385,7 @@ class RemoteTier(Tier):
         dropped = 0
         remote: list[ChunkKey] = []
         for key in keys:
-            if key in self._pending:
-                self._cancelled.add(key)
+            if self._queue.cancel(key):
                 dropped += 1
             else:
                 remote.append(key)
@@ -470,6 +416,6 @@ class RemoteTier(Tier):
             stored=self._stored,
             evictions=self._evictions,
             errors=self._errors + self._corrupt,
-            pending_writes=len(self._pending),
-            skipped_writes=self._skipped,
+            pending_writes=len(self._queue.pending),
+            skipped_writes=self._skipped + self._queue.skipped,
         )
