@@ -30,10 +30,12 @@ from lmplug.core.memory import (
     KVChunk,
     aligned_empty,
     cuda_available,
+    empty_kv,
 )
 from lmplug.core.remote import ChunkCodec, RawCodec, RemoteConnector, RemoteScheme
 from lmplug.core.sync import SyncCache
 from lmplug.core.tier import Capability, Tier, TierContext, TierStatistics, TierType
+from lmplug.core.transfer import KVBytes
 from lmplug.core.units import ByteSize, Duration, parse_duration, parse_size
 from lmplug.errors import (
     CapacityExceeded,
@@ -69,6 +71,7 @@ __all__ = [
     "Duration",
     "HeapAllocator",
     "InvalidInputError",
+    "KVBytes",
     "KVChunk",
     "KVLayout",
     "KeyMaker",
@@ -94,6 +97,7 @@ __all__ = [
     "aligned_empty",
     "canonical_tokens",
     "cuda_available",
+    "empty_kv",
     "hookimpl",
     "hookspec",
     "load_config",

@@ -145,6 +145,50 @@ async def test_hook_lmplug_retrieve(stack: dict[str, Any]) -> None:
         assert low.calls["retrieve"] == before + 1  # type: ignore[attr-defined]  # served by L1 now
 
 
+async def test_hook_lmplug_retrieve_into(third_party_plugins: Path) -> None:
+    """The first tier writes into the caller's buffer; chunks of the tiers below are copied in."""
+    config = make_config([{"type": "memo-into", "name": "top"}, {"type": "cpu", "capacity": "1MiB"}], chunk_size=CHUNK)
+    async with lmplug.open_cache(config) as cache:
+        top = cache.pipeline.slots[0].tier
+        prompt = tokens(11, 4)
+        kv = reference_kv(prompt, config)
+        await cache.store(prompt, kv)
+        out = torch.full_like(kv, float("nan"))
+        got, count = await cache.retrieve(prompt, out=out)
+        assert count == 4 * CHUNK
+        assert torch.equal(out, kv)
+        assert got.data_ptr() == out.data_ptr()
+        assert (top.calls["retrieve_into"], top.calls.get("retrieve", 0)) == (1, 0)  # type: ignore[attr-defined]
+        # Chunk 2 only below the first tier, chunk 3 only in it: chunk 2 is copied in from the cpu
+        # tier's chunk and promoted into the first tier, then chunk 3 comes from the first tier.
+        keys = cache.keys(prompt)
+        await cache.pipeline.slots[0].evict(keys[2:3])
+        await cache.pipeline.slots[1].evict(keys[3:4])
+        out.fill_(float("nan"))
+        got, count = await cache.retrieve(prompt, out=out)
+        assert count == 4 * CHUNK
+        assert torch.equal(out, kv)
+        assert top.calls["retrieve_into"] == 3  # type: ignore[attr-defined]
+        assert await cache.pipeline.slots[0].contains(keys) == 4  # promoted
+        # Without out=, the first tier hands out chunks as usual.
+        got, count = await cache.retrieve(prompt)
+        assert (count, top.calls["retrieve"]) == (4 * CHUNK, 1)  # type: ignore[attr-defined]
+        assert torch.equal(got, kv)
+
+
+async def test_a_tier_that_answers_retrieve_into_out_of_range_is_a_miss(third_party_plugins: Path) -> None:
+    config = make_config([{"type": "memo-into", "name": "top"}], chunk_size=CHUNK)
+    async with lmplug.open_cache(config) as cache:
+        prompt = tokens(12, 2)
+        await cache.store(prompt, reference_kv(prompt, config))
+        cache.pipeline.slots[0].tier.corrupt = True  # type: ignore[attr-defined]
+        out = torch.zeros_like(reference_kv(prompt, config))
+        _, count = await cache.retrieve(prompt, out=out)
+        assert count == 0
+        text = cache.metrics.render().decode()
+        assert 'lmplug_tier_errors_total{operation="retrieve",tier="top"} 1.0' in text
+
+
 async def test_hook_lmplug_store(stack: dict[str, Any]) -> None:
     """Write-all: every tier gets the chunks."""
     async with lmplug.open_cache(stack) as cache:

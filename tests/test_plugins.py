@@ -23,7 +23,7 @@ def test_entry_point_plugins_are_found_with_their_distribution(third_party_plugi
     host = PluginHost.from_environment({})
     memo = host.plugins["memo"]
     assert (memo.distribution, memo.version, memo.error) == ("lmplug-memo", "0.1.0", None)
-    assert memo.tier_types == ("memo",)
+    assert memo.tier_types == ("memo", "memo-into")
     assert "lmplug_register_tier_types" in memo.hooks
     assert host.plugins["cpu"].distribution == "lmplug-cpu"
     assert "memo" in host.tier_types
@@ -193,6 +193,42 @@ async def test_a_tier_hook_with_the_wrong_signature_is_a_contract_error() -> Non
     with pytest.raises(PluginContractError, match="breaks the hook contract"):
         async with lmplug.open_cache(make_config([{"type": "wrong"}]), plugins=host):
             pass
+
+
+class _IntoUndeclared(_Unmarked):
+    """Implements lmplug_retrieve_into but does not declare the capability."""
+
+    @lmplug.hookimpl
+    async def lmplug_evict(self, keys: Any) -> int:
+        return 0
+
+    @lmplug.hookimpl
+    async def lmplug_retrieve_into(self, keys: Any, out: Any) -> int:
+        return 0
+
+
+class _IntoMissing(_IntoUndeclared):
+    """Declares the capability; its lmplug_retrieve_into lacks the marker."""
+
+    capabilities = frozenset({lmplug.Capability.RETRIEVE_INTO})
+
+    async def lmplug_retrieve_into(self, keys: Any, out: Any) -> int:
+        return 0
+
+
+@pytest.mark.parametrize(
+    ("tier_class", "message"),
+    [
+        (_IntoUndeclared, "implements lmplug_retrieve_into without declaring Capability.RETRIEVE_INTO"),
+        (_IntoMissing, "declares Capability.RETRIEVE_INTO but does not implement lmplug_retrieve_into"),
+    ],
+)
+async def test_an_optional_hook_goes_with_its_capability(tier_class: type[lmplug.Tier], message: str) -> None:
+    host = _host_with(lmplug.TierType("into", lmplug.StrictModel, lambda c, o: tier_class(c)))
+    with pytest.raises(PluginContractError, match=message):
+        async with lmplug.open_cache(make_config([{"type": "into"}]), plugins=host):
+            pass
+    assert [name for name in host.pm.list_name_plugin() if name[0].startswith("tier:")] == []
 
 
 async def test_a_factory_that_crashes_is_a_plugin_error() -> None:

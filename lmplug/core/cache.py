@@ -198,26 +198,34 @@ class Cache:
 
         ``kv`` is ``[2, layers, n, hidden]``. With ``out`` (a tensor of this layout covering
         at least ``len(tokens)`` tokens, on the CPU or a CUDA device) the KV is written into
-        it and a view of its first ``n`` tokens is returned.
+        it and a view of its first ``n`` tokens is returned; ``out``'s tokens past ``n`` may
+        have been written too (with KV that a tier read but could not verify). On the CPU,
+        ``out`` memory aligned to 4 KiB (:func:`lmplug.empty_kv`) lets a disk tier read into
+        it with O_DIRECT, without a copy.
         """
         self._check_open()
         array = canonical_tokens(tokens)
+        keys = self.keymaker.chunk_keys(array)
+        sizes = self._token_counts(array.size, len(keys))
         if out is not None:
             if out.dim() != 4 or out.shape[2] < array.size:
                 raise KVShapeError(f"out has shape {list(out.shape)}; it must cover {array.size} tokens")
             self.layout.check(out, int(out.shape[2]))
-        keys = self.keymaker.chunk_keys(array)
-        chunks = await self.pipeline.retrieve(keys, self._token_counts(array.size, len(keys))) if keys else []
-        try:
-            num_tokens = sum(chunk.num_tokens for chunk in chunks)
-            if out is None:
+            num_tokens = 0
+            if keys:
+                target = out if out.shape[2] == array.size else out.narrow(2, 0, array.size)
+                num_tokens = await self.pipeline.retrieve_into(keys, sizes, target)
+                if out.is_cuda:
+                    torch.cuda.current_stream(out.device).synchronize()
+        else:
+            chunks = await self.pipeline.retrieve(keys, sizes) if keys else []
+            try:
+                num_tokens = sum(chunk.num_tokens for chunk in chunks)
                 out = torch.empty(self.layout.shape(num_tokens), dtype=self.layout.dtype)
-            copy_from_chunks(chunks, out)
-            if out.is_cuda and chunks:
-                torch.cuda.current_stream(out.device).synchronize()
-        finally:
-            for chunk in chunks:
-                chunk.release()
+                copy_from_chunks(chunks, out)
+            finally:
+                for chunk in chunks:
+                    chunk.release()
         counts = self.metrics.counts
         counts.retrieves += 1
         counts.retrieved_tokens += num_tokens

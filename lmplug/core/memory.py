@@ -131,6 +131,14 @@ def aligned_empty(nbytes: int, *, pin_memory: bool, alignment: int = IO_ALIGNMEN
     return raw[start : start + nbytes]
 
 
+def empty_kv(layout: KVLayout, num_tokens: int, *, pin_memory: bool = False) -> torch.Tensor:
+    """An uninitialised KV tensor ``[2, layers, num_tokens, hidden]`` of ``layout`` in host memory
+    aligned to :data:`IO_ALIGNMENT`: a ``Cache.retrieve(out=...)`` buffer that a disk tier can
+    read into with O_DIRECT (rows of a chunk's tokens must be whole 4 KiB blocks too)."""
+    memory = aligned_empty(layout.nbytes(num_tokens), pin_memory=pin_memory)
+    return memory.view(layout.dtype).view(layout.shape(num_tokens))
+
+
 class HeapAllocator:
     """One aligned allocation per chunk (pinned when CUDA is present), recycled when freed.
 

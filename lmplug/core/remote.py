@@ -65,6 +65,16 @@ class RemoteConnector(abc.ABC):
         ``parts`` are views of chunk memory; send them without joining where the client allows.
         """
 
+    async def put_many(self, entries: Sequence[tuple[str, Sequence[memoryview]]], ttl: float | None) -> None:
+        """Store several values, each as :meth:`put` would; the remote tier's writers call this.
+
+        A connector that can pipeline (several values per round trip, one hand-off to a
+        worker thread) overrides it; the default puts one value after another. When it
+        raises, any prefix of ``entries`` may have been stored.
+        """
+        for key, parts in entries:
+            await self.put(key, parts, ttl)
+
     @abc.abstractmethod
     async def get_into(self, key: str, parts: Sequence[memoryview]) -> int | None:
         """Read ``key``'s value into ``parts``, filled in order; the value's length, or ``None`` on a miss.

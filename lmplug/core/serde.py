@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import xxhash
@@ -44,6 +45,31 @@ _CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 def payload_checksum(payload: memoryview) -> int:
     """The payload checksum stored in a header (xxh3-64, several GB/s)."""
     return int(xxhash.xxh3_64_intdigest(payload))
+
+
+def slice_parts(parts: Sequence[memoryview], start: int, end: int) -> list[memoryview]:
+    """The pieces of ``parts`` (bytes in order, split anywhere) that hold bytes ``[start, end)``."""
+    pieces: list[memoryview] = []
+    offset = 0
+    for part in parts:
+        size = part.nbytes
+        low, high = max(start - offset, 0), min(end - offset, size)
+        if low < high:
+            pieces.append(part if (low, high) == (0, size) else part[low:high])
+        offset += size
+        if offset >= end:
+            break
+    return pieces
+
+
+def parts_checksum(parts: Sequence[memoryview]) -> int:
+    """:func:`payload_checksum` of the concatenation of ``parts``, without joining them."""
+    if len(parts) == 1:
+        return int(xxhash.xxh3_64_intdigest(parts[0]))
+    state = xxhash.xxh3_64()
+    for part in parts:
+        state.update(part)
+    return int(state.intdigest())
 
 
 @dataclass(frozen=True, slots=True)

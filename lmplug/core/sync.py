@@ -124,5 +124,9 @@ class SyncCache:
         portal = self._portal_or_raise()
         return portal.call(lambda: self._cache.evict(tokens, tiers=tiers))
 
+    def drain(self) -> None:
+        """Wait until every write-behind tier has finished the writes accepted so far."""
+        self._portal_or_raise().call(self._cache.drain)
+
     def statistics(self) -> CacheStatistics:
         return self._portal_or_raise().call(self._cache.statistics)

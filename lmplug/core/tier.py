@@ -16,11 +16,13 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, ClassVar, Generic, Self, TypeVar
 
+import torch
 from pydantic import BaseModel
 
 from lmplug.core.keys import ChunkKey
 from lmplug.core.layout import KVLayout
 from lmplug.core.memory import ChunkAllocator, KVChunk
+from lmplug.core.transfer import copy_from_chunks
 from lmplug.hooks.markers import hookimpl
 
 if TYPE_CHECKING:
@@ -39,6 +41,8 @@ class Capability(enum.Enum):
     """Other processes or machines see what this tier stores."""
     WRITE_BEHIND = "write_behind"
     """``lmplug_store`` queues the write and returns before it is durable."""
+    RETRIEVE_INTO = "retrieve_into"
+    """The tier implements ``lmplug_retrieve_into``: it reads straight into a caller's KV buffer."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +141,19 @@ class Tier(abc.ABC):
 
     @abc.abstractmethod
     async def lmplug_evict(self, keys: Sequence[ChunkKey]) -> int: ...
+
+    async def retrieve_by_copy(self, keys: Sequence[ChunkKey], out: torch.Tensor) -> int:
+        """``lmplug_retrieve``, then the chunks copied into ``out``: how ``lmplug_retrieve_into``
+        serves memory the tier cannot read into itself (a CUDA ``out``, for instance)."""
+        chunks = await self.lmplug_retrieve(keys)
+        try:
+            copy_from_chunks(chunks, out)
+            if out.is_cuda and chunks:
+                torch.cuda.current_stream(out.device).synchronize()  # the copies read the chunks
+        finally:
+            for chunk in chunks:
+                chunk.release()
+        return len(chunks)
 
     @hookimpl
     async def lmplug_transfer(self, keys: Sequence[ChunkKey], chunks: Sequence[KVChunk], source: str) -> int:

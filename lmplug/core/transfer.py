@@ -15,6 +15,8 @@ import torch
 
 from lmplug.core.memory import KVChunk
 
+__all__ = ["KVBytes", "copy_from_chunks", "copy_into_chunks"]
+
 
 def _runs(chunks: Sequence[KVChunk]) -> Iterator[tuple[int, int]]:
     """``(first, count)`` for each run of equal-sized chunks adjacent in one storage."""
@@ -82,3 +84,50 @@ def copy_from_chunks(chunks: Sequence[KVChunk], out: torch.Tensor) -> int:
             _token_view(out, position, count, tokens).copy_(_run_view(tensor, count), non_blocking=True)
         position += count * tokens
     return position
+
+
+class KVBytes:
+    """A CPU KV tensor's memory as writable memoryviews, chunk by chunk, for readers that fill
+    it from files and sockets (``preadv``, ``recv_into``) instead of copying chunks into it.
+
+    A chunk's serialized payload is its KV ``[2, layers, tokens, hidden]`` in order: one row of
+    ``tokens * hidden`` values per plane and layer. In a KV tensor (a view of a larger buffer,
+    strided along the tokens) those rows lie at the plane and layer strides; :meth:`payload`
+    returns them in payload order, adjacent rows merged into one view.
+    """
+
+    __slots__ = ("_hidden", "_itemsize", "_layers", "_memory", "_strides")
+
+    def __init__(self, memory: memoryview, kv: torch.Tensor) -> None:
+        self._memory = memory
+        self._strides = (kv.stride(0), kv.stride(1), kv.stride(2))
+        self._layers = int(kv.shape[1])
+        self._hidden = int(kv.shape[3])
+        self._itemsize = kv.element_size()
+
+    @classmethod
+    def of(cls, kv: torch.Tensor) -> KVBytes | None:
+        """The byte views of ``kv``, or ``None`` when its memory cannot be written that way (not
+        on the CPU, or a token's values not contiguous and tokens not one after another)."""
+        if kv.device.type != "cpu" or kv.dim() != 4 or kv.numel() == 0 or kv.requires_grad:
+            return None
+        if kv.stride(3) != 1 or kv.stride(2) != kv.shape[3]:
+            return None
+        extent = 1 + sum((size - 1) * stride for size, stride in zip(kv.shape, kv.stride(), strict=True))
+        flat = torch.as_strided(kv, (extent,), (1,))  # the span of storage that kv covers, as a 1-D view
+        return cls(flat.view(torch.uint8).numpy().data.cast("B"), kv)
+
+    def payload(self, start: int, tokens: int) -> list[memoryview]:
+        """Views of the payload of the chunk of ``tokens`` tokens from token ``start``, in order."""
+        plane, layer, token = (stride * self._itemsize for stride in self._strides)
+        row = tokens * self._hidden * self._itemsize
+        spans: list[list[int]] = []
+        for p in range(2):
+            for layer_index in range(self._layers):
+                begin = p * plane + layer_index * layer + start * token
+                if spans and spans[-1][1] == begin:
+                    spans[-1][1] = begin + row
+                else:
+                    spans.append([begin, begin + row])
+        memory = self._memory
+        return [memory[begin:end] for begin, end in spans]

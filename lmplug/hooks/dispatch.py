@@ -8,7 +8,9 @@ methods directly on the hot path:
 - contains: tiers in order; later tiers are asked about what earlier ones lack; only
   contiguous hits from the first key count;
 - retrieve: **waterfall**: the first tier holding a chunk serves it; a hit below the
-  first tier is promoted into every tier above it (``lmplug_transfer``);
+  first tier is promoted into every tier above it (``lmplug_transfer``); with a caller's
+  buffer, the first tier writes straight into it when it can (``lmplug_retrieve_into``) and
+  the chunks of the others are copied into it as each tier answers;
 - store: **write-all**: every tier is offered every chunk, in order;
 - evict: every tier (or the named ones) drops the keys.
 
@@ -25,13 +27,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import pluggy
+import torch
 
 from lmplug.core.keys import ChunkKey
 from lmplug.core.layout import KVLayout
 from lmplug.core.memory import KVChunk
-from lmplug.core.tier import Tier
+from lmplug.core.tier import Capability, Tier
+from lmplug.core.transfer import copy_from_chunks
 from lmplug.errors import CorruptChunk, PluginContractError
-from lmplug.hooks.specs import DATA_PATH_HOOKS
+from lmplug.hooks.specs import DATA_PATH_HOOKS, OPTIONAL_DATA_PATH_HOOKS
 
 logger = logging.getLogger("lmplug.dispatch")
 
@@ -49,31 +53,47 @@ class TierSlot:
     store: Callable[[Sequence[ChunkKey], Sequence[KVChunk]], Awaitable[None]]
     evict: Callable[[Sequence[ChunkKey]], Awaitable[int]]
     transfer: Callable[[Sequence[ChunkKey], Sequence[KVChunk], str], Awaitable[int]]
+    retrieve_into: Callable[[Sequence[ChunkKey], torch.Tensor], Awaitable[int]] | None = None
+    """Bound only for tiers that declare :attr:`Capability.RETRIEVE_INTO`."""
+
+
+_OPTIONAL_CAPABILITIES = {"lmplug_retrieve_into": Capability.RETRIEVE_INTO}
+"""The capability that obliges a tier to implement each optional data-path hook."""
 
 
 def bind_tier(pm: pluggy.PluginManager, name: str, tier: Tier) -> TierSlot:
     """Register ``tier`` with ``pm`` (pluggy checks its signatures) and bind its data-path hookimpls."""
     plugin_name = f"tier:{name}"
+    what = f"tier {name!r} ({type(tier).__qualname__})"
     try:
         pm.register(tier, name=plugin_name)
     except pluggy.PluginValidationError as exc:
-        raise PluginContractError(f"tier {name!r} ({type(tier).__qualname__}) breaks the hook contract: {exc}") from exc
+        raise PluginContractError(f"{what} breaks the hook contract: {exc}") from exc
     functions: dict[str, Any] = {}
-    for hook_name in DATA_PATH_HOOKS:
-        caller = getattr(pm.hook, hook_name)
-        impl = next((i for i in caller.get_hookimpls() if i.plugin_name == plugin_name), None)
-        if impl is None:
-            pm.unregister(name=plugin_name)
-            raise PluginContractError(
-                f"tier {name!r} ({type(tier).__qualname__}) does not implement {hook_name}; "
-                "mark the method with @lmplug.hookimpl"
-            )
-        if not inspect.iscoroutinefunction(impl.function):
-            pm.unregister(name=plugin_name)
-            raise PluginContractError(
-                f"tier {name!r} ({type(tier).__qualname__}): {hook_name} must be an async method (async def)"
-            )
-        functions[hook_name.removeprefix("lmplug_")] = impl.function
+    try:
+        for hook_name in (*DATA_PATH_HOOKS, *OPTIONAL_DATA_PATH_HOOKS):
+            caller = getattr(pm.hook, hook_name)
+            impl = next((i for i in caller.get_hookimpls() if i.plugin_name == plugin_name), None)
+            required = _OPTIONAL_CAPABILITIES.get(hook_name)
+            if required is not None and (required in tier.capabilities) != (impl is not None):
+                raise PluginContractError(
+                    f"{what} implements {hook_name} without declaring Capability.{required.name}"
+                    if impl is not None
+                    else f"{what} declares Capability.{required.name} but does not implement {hook_name}; "
+                    "mark the method with @lmplug.hookimpl"
+                )
+            if impl is None:
+                if required is not None:
+                    continue
+                raise PluginContractError(
+                    f"{what} does not implement {hook_name}; mark the method with @lmplug.hookimpl"
+                )
+            if not inspect.iscoroutinefunction(impl.function):
+                raise PluginContractError(f"{what}: {hook_name} must be an async method (async def)")
+            functions[hook_name.removeprefix("lmplug_")] = impl.function
+    except PluginContractError:
+        pm.unregister(name=plugin_name)
+        raise
     return TierSlot(name=name, tier=tier, **functions)
 
 
@@ -149,6 +169,80 @@ class Pipeline:
                     await self._promote(index, slot.name, wanted[: len(chunks)], chunks)
                 served.extend(chunks)
                 progress = True
+        return served
+
+    async def retrieve_into(self, keys: Sequence[ChunkKey], token_counts: Sequence[int], out: torch.Tensor) -> int:
+        """Write the KV of the leading keys into ``out`` (which covers their tokens); how many tokens.
+
+        The waterfall of :meth:`retrieve`, but the first tier writes into ``out`` itself when it
+        declares :attr:`Capability.RETRIEVE_INTO`, and other tiers' chunks are copied into
+        ``out`` as each tier answers (then promoted, then released).
+        """
+        total = len(keys)
+        position = 0  # keys served
+        filled = 0  # their tokens
+        copied: list[KVChunk] = []  # released once the copies out of them are done
+        try:
+            progress = True
+            while progress and position < total:
+                progress = False
+                for index, slot in enumerate(self.slots):
+                    if position >= total:
+                        break
+                    wanted = keys[position:] if position else keys
+                    target = out.narrow(2, filled, out.shape[2] - filled) if filled else out
+                    into = slot.retrieve_into if index == 0 else None
+                    if into is not None:
+                        served = await self._retrieve_into(slot, into, wanted, target)
+                        if not served:
+                            continue
+                        tokens = sum(token_counts[position : position + served])
+                    else:
+                        try:
+                            chunks = await slot.retrieve(wanted)
+                        except Exception as exc:
+                            self._failed(slot, "retrieve", exc)
+                            continue
+                        chunks = self._valid_prefix(slot, chunks, token_counts, position)
+                        if not chunks:
+                            continue
+                        copied += chunks
+                        tokens = copy_from_chunks(chunks, target)
+                        if index:
+                            await self._promote(index, slot.name, wanted[: len(chunks)], chunks)
+                        served = len(chunks)
+                    position += served
+                    filled += tokens
+                    progress = True
+        finally:
+            if copied:
+                if out.is_cuda:
+                    torch.cuda.current_stream(out.device).synchronize()  # the copies read the chunks
+                for chunk in copied:
+                    chunk.release()
+        return filled
+
+    async def _retrieve_into(
+        self,
+        slot: TierSlot,
+        into: Callable[[Sequence[ChunkKey], torch.Tensor], Awaitable[int]],
+        keys: Sequence[ChunkKey],
+        out: torch.Tensor,
+    ) -> int:
+        try:
+            served = await into(keys, out)
+        except Exception as exc:
+            self._failed(slot, "retrieve", exc)
+            return 0
+        if not isinstance(served, int) or not 0 <= served <= len(keys):
+            self._failed(
+                slot,
+                "retrieve",
+                PluginContractError(
+                    f"lmplug_retrieve_into answered {served!r} for {len(keys)} keys; treated as a miss"
+                ),
+            )
+            return 0
         return served
 
     def _valid_prefix(

@@ -48,7 +48,7 @@ def make_plugin_manager() -> pluggy.PluginManager:
 def _check_composition_hooks(pm: pluggy.PluginManager, plugin: object) -> None:
     """A plugin module implements only the synchronous composition hooks."""
     for caller in pm.get_hookcallers(plugin) or ():
-        if caller.name in specs.DATA_PATH_HOOKS:
+        if caller.name in specs.DATA_PATH_HOOKS or caller.name in specs.OPTIONAL_DATA_PATH_HOOKS:
             raise PluginContractError(
                 f"{caller.name} is a data-path hook: implement it as an async method of the tier object "
                 "your tier factory builds, not on the plugin module"

@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING
 from lmplug.hooks.markers import hookspec
 
 if TYPE_CHECKING:
+    import torch
+
     from lmplug.cli import CliCommand
     from lmplug.core.keys import ChunkKey
     from lmplug.core.memory import KVChunk
@@ -154,6 +156,38 @@ async def lmplug_retrieve(keys: Sequence[ChunkKey]) -> list[KVChunk]:
 
 
 @hookspec
+async def lmplug_retrieve_into(keys: Sequence[ChunkKey], out: torch.Tensor) -> int:
+    """Write the KV of the leading ``keys`` this tier holds straight into the caller's ``out``.
+
+    Optional: implemented by tiers that declare :attr:`lmplug.Capability.RETRIEVE_INTO`, which
+    can read from their store into any memory (a file or socket read into ``out`` itself, or
+    into the tier's own staging with the copy into ``out`` overlapping its other reads) rather
+    than into chunks that the caller then copies.
+
+    :param keys: chunk keys of one token sequence, in order.
+    :param out: ``[2, layers, tokens, hidden]`` of the configured dtype covering the tokens of
+        ``keys`` and no more: key ``i`` owns tokens ``[i * chunk_size, (i + 1) * chunk_size)``
+        (the last key may own fewer). It may be a view of a larger buffer, strided along the
+        token dimension, on the CPU or a CUDA device. A tier that cannot write somewhere (a
+        CUDA ``out``, odd strides) falls back to reading chunks and copying them itself.
+    :returns: ``n`` such that the tokens of ``keys[:n]`` in ``out`` hold their KV, verified as
+        ``lmplug_retrieve`` verifies it, stopping at the first miss. Tokens past those may have
+        been written (bytes that failed verification, a read cut short): the caller ignores
+        them. Copies into a CUDA ``out`` may still be queued on the current stream when this
+        returns (the caller synchronises), but must not read memory the tier reuses afterwards.
+        A backend failure may raise :class:`lmplug.errors.TierError`; the dispatcher treats it
+        as a miss.
+
+    **Call pattern:** part of the retrieve waterfall: when the caller gave an ``out`` buffer
+    (``Cache.retrieve(tokens, out=...)``), the dispatcher awaits this instead of
+    ``lmplug_retrieve`` on the *first* tier of the pipeline, which has no tier above it to
+    promote chunks into; tiers below still hand out chunks, which are promoted.
+    **Colour:** async data path, implemented by tier objects (optional, see above).
+    **Process:** the process that opened the cache.
+    """
+
+
+@hookspec
 async def lmplug_store(keys: Sequence[ChunkKey], chunks: Sequence[KVChunk]) -> None:
     """Offer newly computed chunks to the tier.
 
@@ -205,3 +239,5 @@ async def lmplug_transfer(keys: Sequence[ChunkKey], chunks: Sequence[KVChunk], s
 
 DATA_PATH_HOOKS = ("lmplug_contains", "lmplug_retrieve", "lmplug_store", "lmplug_evict", "lmplug_transfer")
 """The async hooks every tier object implements."""
+OPTIONAL_DATA_PATH_HOOKS = ("lmplug_retrieve_into",)
+"""The async hooks a tier object implements when it declares the matching capability."""

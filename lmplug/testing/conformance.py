@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from lmplug.core.cache import Cache, open_cache
+from lmplug.core.memory import empty_kv
 from lmplug.core.tier import Capability, TierStatistics
 from lmplug.hooks.dispatch import TierSlot
 from lmplug.testing.kv import make_config, reference_kv
@@ -84,6 +85,36 @@ class TierConformance:
             kv, count = await cache.retrieve(tokens)
             assert count == len(tokens)
             assert torch.equal(kv, reference_kv(tokens, conformance_config))
+
+    async def test_retrieve_into_a_view_of_a_larger_buffer(self, conformance_config: dict[str, Any]) -> None:
+        """``out`` may be a token-strided view; the tier writes the KV into it and nothing outside it."""
+        async with open_cache(conformance_config) as cache:
+            tokens = _tokens(13, 3 * self.chunk_size + 5)
+            await self._store(cache, conformance_config, tokens)
+            kv = reference_kv(tokens, conformance_config)
+            shape = list(kv.shape)
+            shape[2] += 7 + 11
+            buffer = torch.full(shape, -7.0, dtype=kv.dtype)
+            out = buffer.narrow(2, 7, len(tokens) + 2)  # room for more tokens than asked for
+            got, count = await cache.retrieve(tokens, out=out)
+            assert count == len(tokens)
+            assert got.data_ptr() == out.data_ptr()
+            assert torch.equal(got, kv)
+            untouched = torch.cat([buffer[:, :, :7], buffer[:, :, 7 + len(tokens) :]], dim=2)
+            assert bool((untouched == -7.0).all())
+
+    async def test_retrieve_into_an_aligned_buffer_stops_at_the_first_miss(
+        self, conformance_config: dict[str, Any]
+    ) -> None:
+        async with open_cache(conformance_config) as cache:
+            tokens = _tokens(14, 4 * self.chunk_size)
+            await self._store(cache, conformance_config, tokens)
+            await cache.evict(tokens[: 3 * self.chunk_size])  # chunks 0-2 go, chunk 3 stays
+            await self._store(cache, conformance_config, tokens[: 2 * self.chunk_size])
+            out = empty_kv(cache.layout, len(tokens))
+            got, count = await cache.retrieve(tokens, out=out)
+            assert count == 2 * self.chunk_size
+            assert torch.equal(got, reference_kv(tokens, conformance_config)[:, :, :count])
 
     async def test_prompt_shorter_than_a_chunk(self, conformance_config: dict[str, Any]) -> None:
         async with open_cache(conformance_config) as cache:
