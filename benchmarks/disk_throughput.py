@@ -11,8 +11,12 @@ back. One sample moves one prompt of 64 MiB (32 MiB with ``--quick``): several c
   and renamed into place) of chunks the tier does not hold; they are evicted again (files
   deleted) after each sample, outside the timed section.
 - retrieve: ``retrieve(tokens, out=preallocated)`` of chunks that are on disk and not in the
-  write queue (stored and drained once, before sampling). The tier reads with O_DIRECT, so
-  the page cache never serves it.
+  write queue (stored and drained once, before sampling), into a buffer from
+  ``lmplug.empty_kv`` (4 KiB-aligned host memory, as ``dd``'s own buffer is): the tier reads
+  each file with O_DIRECT straight into ``out``'s per-layer rows, so the page cache never
+  serves it and nothing is copied. An info row retrieves into a plain ``torch.zeros`` buffer
+  (aligned to 64 bytes only): each file then lands in the reader thread's staging memory and
+  that thread copies it into ``out``, overlapping the other readers' I/O.
 - references: ``dd if=/dev/zero of=F bs=<chunk> count=<chunks> oflag=direct`` (no fsync: the
   tier does not fsync by default either; ``dd`` truncates and rewrites ``F`` every sample, as
   the tier writes new files) and ``dd if=G of=/dev/null bs=<chunk> iflag=direct`` of a file
@@ -181,9 +185,7 @@ class _FileFloor:
     def read(self) -> float:
         start = time.perf_counter()
         for (path, key), buffer in zip(self.held, self.buffers, strict=True):
-            files.read_chunk_file(
-                path, key, self.layout, CHUNK_TOKENS, buffer.numpy().data.cast("B"), buffer.data_ptr(), direct=True
-            )
+            files.read_chunk_file(path, key, self.layout, CHUNK_TOKENS, buffer.numpy().data.cast("B"), direct=True)
         return time.perf_counter() - start
 
 
@@ -204,7 +206,7 @@ async def _measure_size(
     shape = (2, num_layers, num_tokens, KV_HEADS * HEAD_SIZE)
     # Written, not just allocated: reading never-touched pages would read the shared zero page.
     kv = torch.ones(shape, dtype=torch.bfloat16)
-    out = torch.zeros(shape, dtype=torch.bfloat16)
+    out = torch.zeros(shape, dtype=torch.bfloat16)  # torch's own alignment: 64 bytes
     if kv.nbytes != sample_bytes:
         raise RuntimeError(f"geometry error: a prompt is {kv.nbytes} bytes, expected {sample_bytes}")
     # `stored` is stored by every store sample (and evicted after it, untimed); `held` is stored
@@ -252,13 +254,18 @@ async def _measure_size(
                     caches["buffered"], only_tier(caches["buffered"], DiskTier), stored, kv
                 )
             cases["dd read"] = thread_case(lambda: _dd(f"if={dd_read}", "of=/dev/null", block, "iflag=direct"))
-            cases["retrieve"] = retrieve_case(caches["direct"], held, out)
+            aligned = lmplug.empty_kv(caches["direct"].layout, num_tokens)
+            aligned.zero_()  # faulted in, as `out` is
+            cases["retrieve"] = retrieve_case(caches["direct"], held, aligned)
+            cases["retrieve unaligned"] = retrieve_case(caches["direct"], held, out)
             if extras:
                 cases["floor read"] = thread_case(floor.read)
                 cases["retrieve buffered"] = retrieve_case(
                     caches["buffered"], held, out, before=_dropper(only_tier(caches["buffered"], DiskTier))
                 )
             stats = await sample_async(cases, settings)
+            if not (torch.equal(aligned, kv) and torch.equal(out, kv)):
+                raise RuntimeError("retrieve returned other bytes than were stored")
 
             for mode, cache in caches.items():
                 counters = only_tier(cache, DiskTier).statistics()
@@ -278,6 +285,7 @@ async def _measure_size(
     results = [
         Result(NAME, f"store {label}", "MiB/s", rates["store"], TARGET, write, "dd"),
         Result(NAME, f"retrieve out= {label}", "MiB/s", rates["retrieve"], TARGET, read, "dd"),
+        Result(NAME, f"retrieve out= unaligned {label}", "MiB/s", rates["retrieve unaligned"], None, read, "dd"),
     ]
     if extras:
         results += [

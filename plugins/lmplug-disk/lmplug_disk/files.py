@@ -5,7 +5,8 @@ Every function here blocks and runs in a worker thread (``anyio.to_thread.run_sy
 A chunk file is ``<root>/<2 hex>/<key hex>.<tokens>.kv``: the 76-byte header of
 :mod:`lmplug.core.serde` padded to one 4 KiB block, then the payload padded to whole
 blocks, so that with O_DIRECT every transfer is block-aligned and the payload moves
-straight between the file and the chunk's pool memory. A file is written under a
+straight between the file and aligned memory (the pool's chunks, a caller's aligned KV
+buffer); memory that is not aligned goes through a per-thread staging area. A file is written under a
 temporary name and renamed into place, so a crash never leaves a partial file under a
 chunk's name; the payload checksum catches what a power loss might.
 """
@@ -13,6 +14,7 @@ chunk's name; the payload checksum catches what a power loss might.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import mmap
 import os
@@ -22,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lmplug import ChunkKey, CorruptChunk, KVLayout
-from lmplug.core.serde import HEADER, ChunkHeader, payload_checksum
+from lmplug.core.serde import HEADER, ChunkHeader, parts_checksum, slice_parts
 
 BLOCK = 4096
 _ZEROS = bytes(BLOCK)
@@ -108,21 +110,45 @@ class _Staging:
         return self.view_all[start : start + length]
 
 
-def _payload_iovec(payload: memoryview, address: int, direct: bool, staging: _Staging) -> tuple[list[memoryview], int]:
-    """Buffers that cover the payload in whole blocks, and where the unaligned tail was staged.
+def address_of(view: memoryview) -> int:
+    """Where a writable memoryview's bytes start in memory."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(view)) if view.nbytes else 0
 
-    Returns ``(buffers, tail_offset)``; bytes from ``tail_offset`` on travel through the
-    staging area (from ``BLOCK`` on) rather than straight from the payload.
+
+def _direct_ready(views: Sequence[memoryview], addresses: Sequence[int]) -> bool:
+    """Whether O_DIRECT can move ``views`` (consecutive file bytes) as they are: each starts on a
+    block boundary and all but the last are whole blocks (the last one's tail is staged)."""
+    last = len(views) - 1
+    return all(
+        address % BLOCK == 0 and (index == last or view.nbytes % BLOCK == 0)
+        for index, (view, address) in enumerate(zip(views, addresses, strict=True))
+    )
+
+
+def _iovec(
+    views: list[memoryview], nbytes: int, ready: bool, direct: bool, staging: _Staging
+) -> tuple[list[memoryview], list[memoryview], memoryview]:
+    """How one ``preadv``/``pwritev`` moves ``views`` (``nbytes`` consecutive file bytes).
+
+    Returns ``(buffers, staged, area)``: the buffers of the system call (the views themselves
+    where they can be used, staging memory in whole blocks otherwise), and the views (or the
+    last one's tail) whose bytes travel through ``area``, a staging region, back to back. A
+    reader copies ``area`` into ``staged`` after the call, a writer the other way before it.
     """
-    nbytes = payload.nbytes
     if not direct:
-        return [payload], nbytes
-    if address % BLOCK:
-        return [staging.view(BLOCK, round_up(nbytes))], 0
-    main = nbytes - nbytes % BLOCK
-    if main == nbytes:
-        return [payload], nbytes
-    return [payload[:main], staging.view(BLOCK, BLOCK)], main
+        return views, [], staging.view(BLOCK, 0)
+    if not ready:
+        return [staging.view(BLOCK, round_up(nbytes))], views, staging.view(BLOCK, nbytes)
+    last = views[-1]
+    main = last.nbytes - last.nbytes % BLOCK
+    if main == last.nbytes:
+        return views, [], staging.view(BLOCK, 0)
+    buffers = views[:-1] + ([last[:main]] if main else []) + [staging.view(BLOCK, BLOCK)]
+    return buffers, [last[main:]], staging.view(BLOCK, last.nbytes - main)
+
+
+def _staging_for(nbytes: int, ready: bool, direct: bool) -> _Staging:
+    return _Staging.of(BLOCK + (round_up(nbytes) if direct and not ready else BLOCK))
 
 
 def write_chunk_file(
@@ -130,19 +156,23 @@ def write_chunk_file(
 ) -> None:
     """Write one chunk file atomically (temporary name, then rename)."""
     nbytes = payload.nbytes
-    staging = _Staging.of(BLOCK + (round_up(nbytes) if direct and address % BLOCK else BLOCK))
+    ready = _direct_ready([payload], [address])
+    staging = _staging_for(nbytes, ready, direct)
     header_block = staging.view(0, BLOCK)
     packed = header.pack()
     header_block[: len(packed)] = packed
     header_block[len(packed) :] = _ZEROS[: BLOCK - len(packed)]  # padding is zeros, whatever was read here before
-    buffers, tail = _payload_iovec(payload, address, direct, staging)
-    if direct and tail < nbytes:
-        staged = round_up(nbytes - tail)
-        staging.view(BLOCK, nbytes - tail)[:] = payload[tail:]
-        staging.view(BLOCK + nbytes - tail, staged - (nbytes - tail))[:] = _ZEROS[: staged - (nbytes - tail)]
-    pad = round_up(nbytes) - nbytes
-    if not direct and pad:
-        buffers.append(memoryview(_ZEROS)[:pad])
+    buffers, staged, area = _iovec([payload], nbytes, ready, direct, staging)
+    offset = 0
+    for view in staged:
+        area[offset : offset + view.nbytes] = view
+        offset += view.nbytes
+    if staged:  # the staged blocks' padding is zeros too
+        pad = staging.view(BLOCK + offset, round_up(offset) - offset)
+        pad[:] = _ZEROS[: pad.nbytes]
+    pad_bytes = round_up(nbytes) - nbytes
+    if not direct and pad_bytes:
+        buffers.append(memoryview(_ZEROS)[:pad_bytes])
     temporary = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}{TEMP_SUFFIX}")
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | (os.O_DIRECT if direct else 0)
     fd = os.open(temporary, flags, 0o644)
@@ -171,24 +201,31 @@ SEGMENT = 8 * 2**20
 """Payload bytes one reader moves at a time: large chunks are read by several threads at once."""
 
 
-def read_chunk_part(path: Path, payload: memoryview, start: int, end: int, address: int, *, direct: bool) -> bytes:
-    """Read payload bytes ``[start, end)`` of a chunk file into ``payload[start:end]``.
+def read_chunk_part(
+    path: Path, payload: Sequence[memoryview], size: int, start: int, end: int, *, direct: bool
+) -> bytes:
+    """Read payload bytes ``[start, end)`` of a chunk file into ``payload``.
 
-    The part that starts at 0 also reads the header block, checks the file's size, and
-    returns the header's bytes (verify them with :func:`verify_chunk` once every part is
-    in); other parts return ``b""``. ``start`` is a multiple of the 4 KiB block.
+    ``payload`` is the memory of the chunk's ``size`` payload bytes, in order, as one or more
+    writable views (a chunk's own memory, or the per-layer rows of a caller's KV buffer): with
+    O_DIRECT the bytes go straight into it where it is block-aligned and through this
+    thread's staging memory where it is not. The part that starts at 0 also reads the header
+    block, checks the file's size, and returns the header's bytes (verify them with
+    :func:`verify_chunk` once every part is in); other parts return ``b""``. ``start`` is a
+    multiple of the 4 KiB block.
     """
-    part = payload[start:end]
-    nbytes = part.nbytes
+    part = slice_parts(payload, start, end)
+    nbytes = end - start
+    ready = direct and _direct_ready(part, [address_of(view) for view in part])
     flags = os.O_RDONLY | os.O_CLOEXEC | (os.O_DIRECT if direct else 0)
     fd = os.open(path, flags)
-    staging = _Staging.of(BLOCK + (round_up(nbytes) if direct and address % BLOCK else BLOCK))
+    staging = _staging_for(nbytes, ready, direct)
     try:
-        buffers, tail = _payload_iovec(part, address + start, direct, staging)
+        buffers, staged, area = _iovec(part, nbytes, ready, direct, staging)
         if start == 0:
-            size = os.fstat(fd).st_size
-            if size != file_size(payload.nbytes):
-                raise CorruptChunk(f"{path.name}: {size} bytes on disk, {file_size(payload.nbytes)} expected")
+            on_disk = os.fstat(fd).st_size
+            if on_disk != file_size(size):
+                raise CorruptChunk(f"{path.name}: {on_disk} bytes on disk, {file_size(size)} expected")
             buffers.insert(0, staging.view(0, BLOCK))
             expected = BLOCK + nbytes
         else:
@@ -196,27 +233,31 @@ def read_chunk_part(path: Path, payload: memoryview, start: int, end: int, addre
         read = _transfer_all(fd, buffers, write=False, offset=0 if start == 0 else BLOCK + start)
         if read < expected:
             raise CorruptChunk(f"{path.name}: read {read} bytes, {expected} expected (truncated)")
-        if tail < nbytes:
-            part[tail:] = staging.view(BLOCK, nbytes - tail)
+        source = address_of(area) if staged else 0
+        for view in staged:
+            ctypes.memmove(address_of(view), source, view.nbytes)  # a plain memcpy, without the GIL
+            source += view.nbytes
         return bytes(staging.view(0, HEADER.size)) if start == 0 else b""
     finally:
         os.close(fd)
 
 
-def verify_chunk(path: Path, header: bytes, key: ChunkKey, layout: KVLayout, tokens: int, payload: memoryview) -> None:
-    """Raise :class:`CorruptChunk` unless ``header`` and ``payload`` are ``key``'s KV."""
+def verify_chunk(
+    path: Path, header: bytes, key: ChunkKey, layout: KVLayout, tokens: int, payload: Sequence[memoryview]
+) -> None:
+    """Raise :class:`CorruptChunk` unless ``header`` and ``payload`` (its views in order) are ``key``'s KV."""
     parsed = ChunkHeader.unpack(header)
     parsed.expect(key, layout, tokens)
-    if payload_checksum(payload) != parsed.checksum:
+    if parts_checksum(payload) != parsed.checksum:
         raise CorruptChunk(f"{path.name}: payload checksum mismatch")
 
 
 def read_chunk_file(
-    path: Path, key: ChunkKey, layout: KVLayout, tokens: int, payload: memoryview, address: int, *, direct: bool
+    path: Path, key: ChunkKey, layout: KVLayout, tokens: int, payload: memoryview, *, direct: bool
 ) -> None:
     """Read one chunk file into ``payload`` and verify it; :class:`CorruptChunk` says what is wrong."""
-    header = read_chunk_part(path, payload, 0, payload.nbytes, address, direct=direct)
-    verify_chunk(path, header, key, layout, tokens, payload)
+    header = read_chunk_part(path, [payload], payload.nbytes, 0, payload.nbytes, direct=direct)
+    verify_chunk(path, header, key, layout, tokens, [payload])
 
 
 def _parse(name: str) -> tuple[ChunkKey, int] | None:

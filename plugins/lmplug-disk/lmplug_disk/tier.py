@@ -10,10 +10,12 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import anyio
+import torch
 from pydantic import Field, PositiveInt
 
 from lmplug import (
@@ -22,6 +24,7 @@ from lmplug import (
     ChunkKey,
     ConfigError,
     CorruptChunk,
+    KVBytes,
     KVChunk,
     StrictModel,
     Tier,
@@ -54,10 +57,28 @@ class DiskTierConfig(StrictModel):
     )
 
 
+@dataclass(slots=True)
+class _Read:
+    """One chunk file to read: where its payload goes (its views in order), and how it went."""
+
+    key: ChunkKey
+    tokens: int
+    payload: list[memoryview]
+    chunk: KVChunk | None
+    """The chunk that owns ``payload`` (``lmplug_retrieve``); ``None`` when it is a caller's buffer."""
+    header: bytes = b""
+    failure: Exception | None = None
+    verified: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        return sum(view.nbytes for view in self.payload)
+
+
 class DiskTier(Tier):
     """Chunk files under ``<path>/lmplug-<fingerprint>/``, owned by one process at a time."""
 
-    capabilities = frozenset({Capability.PERSISTENT, Capability.WRITE_BEHIND})
+    capabilities = frozenset({Capability.PERSISTENT, Capability.WRITE_BEHIND, Capability.RETRIEVE_INTO})
 
     def __init__(self, context: TierContext, options: DiskTierConfig) -> None:
         super().__init__(context)
@@ -174,7 +195,7 @@ class DiskTier(Tier):
     @hookimpl
     async def lmplug_retrieve(self, keys: Sequence[ChunkKey]) -> list[KVChunk]:
         chunks: list[KVChunk] = []
-        reads: list[tuple[ChunkKey, int, KVChunk]] = []
+        reads: list[_Read] = []
         for key in keys:
             waiting = self._queue.queued(key)
             if waiting is not None and not reads:
@@ -186,104 +207,119 @@ class DiskTier(Tier):
             chunk = self.context.allocator.allocate(tokens)
             if chunk is None:
                 break
-            reads.append((key, tokens, chunk))
+            reads.append(_Read(key, tokens, [chunk.raw()], chunk))
         if reads:
-            chunks += await self._read(reads)
-        self._hits += len(chunks)
-        if len(chunks) < len(keys):
-            self._misses += 1
+            good = await self._read(reads)
+            for index, read in enumerate(reads):
+                if read.chunk is not None:
+                    if index < good:
+                        chunks.append(read.chunk)
+                    else:
+                        read.chunk.release()
+        self._count(len(chunks), len(keys))
         return chunks
 
-    async def _read(self, reads: list[tuple[ChunkKey, int, KVChunk]]) -> list[KVChunk]:
-        """Read the files (large ones in segments), up to ``readers`` at once; the leading good chunks."""
+    @hookimpl
+    async def lmplug_retrieve_into(self, keys: Sequence[ChunkKey], out: torch.Tensor) -> int:
+        """Files are read straight into ``out`` (O_DIRECT where it is 4 KiB-aligned, else through
+        the reader thread's staging memory, copied into ``out`` by that thread while other reads
+        go on); a CUDA ``out`` is served through chunks."""
+        rows = KVBytes.of(out)
+        if rows is None:
+            return await self.retrieve_by_copy(keys, out)
+        size = self.context.config.chunk_size
+        total = int(out.shape[2])
+        served = 0
+        reads: list[_Read] = []
+        for index, key in enumerate(keys):
+            start = index * size
+            if start >= total:
+                break
+            tokens = min(size, total - start)
+            waiting = self._queue.queued(key)
+            if waiting is not None and not reads:
+                if waiting.num_tokens != tokens:
+                    break
+                out.narrow(2, start, tokens).copy_(waiting.tensor)  # still in memory, queued for writing
+                served += 1
+                continue
+            if self._index.get(key) != tokens:
+                break
+            reads.append(_Read(key, tokens, rows.payload(start, tokens), None))
+        if reads:
+            served += await self._read(reads)
+        self._count(served, len(keys))
+        return served
+
+    def _count(self, served: int, wanted: int) -> None:
+        self._hits += served
+        if served < wanted:
+            self._misses += 1
+
+    async def _read(self, reads: list[_Read]) -> int:
+        """Read the files (large ones in segments), up to ``readers`` at once; how many leading ones are good."""
         parts = [
-            (index, start, min(start + files.SEGMENT, chunk.nbytes))
-            for index, (_, _, chunk) in enumerate(reads)
-            for start in range(0, chunk.nbytes, files.SEGMENT)
+            (index, start, min(start + files.SEGMENT, read.nbytes))
+            for index, read in enumerate(reads)
+            for start in range(0, read.nbytes, files.SEGMENT)
         ]
         lanes = min(self.options.readers, len(parts))
-        headers = [b""] * len(reads)
-        failures: list[Exception | None] = [None] * len(reads)
-        verified = [False] * len(reads)
 
         async def lane(first: int) -> None:
             # Lane i reads parts i, i + lanes, ...: each lane is one worker thread's queue.
-            await anyio.to_thread.run_sync(
-                self._read_parts, reads, parts[first::lanes], headers, failures, verified, limiter=self._read_limiter
-            )
+            await anyio.to_thread.run_sync(self._read_parts, reads, parts[first::lanes], limiter=self._read_limiter)
 
         self._reads_in_flight += 1
         try:
             async with anyio.create_task_group() as group:
                 for first in range(lanes):
                     group.start_soon(lane, first)
-            good = await anyio.to_thread.run_sync(
-                self._verify, reads, headers, failures, verified, limiter=self._read_limiter
-            )
+            good = await anyio.to_thread.run_sync(self._verify, reads, limiter=self._read_limiter)
         finally:
             self._reads_in_flight -= 1
             if not self._reads_in_flight:
                 self._reads_done.set()
                 self._reads_done = anyio.Event()
-        for index, (key, _, chunk) in enumerate(reads):
+        for index, read in enumerate(reads):
             if index < good:
-                if key in self._index:
-                    self._index.move_to_end(key)
-                continue
-            chunk.release()
-            failure = failures[index]
-            if index == good and failure is not None:
-                self._failed_read(key, failure)
-        return [chunk for _, _, chunk in reads[:good]]
+                if read.key in self._index:
+                    self._index.move_to_end(read.key)
+            elif index == good and read.failure is not None:
+                self._failed_read(read.key, read.failure)
+        return good
 
-    def _read_parts(
-        self,
-        reads: list[tuple[ChunkKey, int, KVChunk]],
-        parts: list[tuple[int, int, int]],
-        headers: list[bytes],
-        failures: list[Exception | None],
-        verified: list[bool],
-    ) -> None:
+    def _read_parts(self, reads: list[_Read], parts: list[tuple[int, int, int]]) -> None:
         """Read some parts of some files (a worker thread's share); failures are recorded per file."""
         for index, start, end in parts:
-            if failures[index] is not None:
+            read = reads[index]
+            if read.failure is not None:
                 continue
-            key, tokens, chunk = reads[index]
-            path = files.chunk_path(self.root, key, tokens)
+            path = files.chunk_path(self.root, read.key, read.tokens)
             try:
-                header = files.read_chunk_part(
-                    path, chunk.raw(), start, end, chunk.tensor.data_ptr(), direct=self.direct
-                )
+                header = files.read_chunk_part(path, read.payload, read.nbytes, start, end, direct=self.direct)
             except (OSError, CorruptChunk) as exc:
-                failures[index] = exc
+                read.failure = exc
                 continue
-            if start == 0 and end == chunk.nbytes:
+            if start == 0 and end == read.nbytes:
                 # A one-part file is checked right here, overlapping other lanes' reads.
-                failures[index] = self._check(path, header, reads[index])
-                verified[index] = failures[index] is None
+                read.failure = self._check(path, header, read)
+                read.verified = read.failure is None
             elif start == 0:
-                headers[index] = header
+                read.header = header
 
-    def _verify(
-        self,
-        reads: list[tuple[ChunkKey, int, KVChunk]],
-        headers: list[bytes],
-        failures: list[Exception | None],
-        verified: list[bool],
-    ) -> int:
+    def _verify(self, reads: list[_Read]) -> int:
         """Check the multi-part files' headers and checksums in order; how many leading files are good."""
-        for index, (key, tokens, _) in enumerate(reads):
-            if failures[index] is None and not verified[index]:
-                failures[index] = self._check(files.chunk_path(self.root, key, tokens), headers[index], reads[index])
-            if failures[index] is not None:
+        for index, read in enumerate(reads):
+            if read.failure is None and not read.verified:
+                read.failure = self._check(files.chunk_path(self.root, read.key, read.tokens), read.header, read)
+            if read.failure is not None:
                 return index
         return len(reads)
 
-    def _check(self, path: Path, header: bytes, read: tuple[ChunkKey, int, KVChunk]) -> Exception | None:
-        """Verify one file read into its chunk and touch it; why it is bad, or ``None``."""
-        key, tokens, chunk = read
+    def _check(self, path: Path, header: bytes, read: _Read) -> Exception | None:
+        """Verify one file read into its memory and touch it; why it is bad, or ``None``."""
         try:
-            files.verify_chunk(path, header, key, self.context.layout, tokens, chunk.raw())
+            files.verify_chunk(path, header, read.key, self.context.layout, read.tokens, read.payload)
             os.utime(path)  # recency survives a restart: the index is rebuilt in mtime order
         except (OSError, CorruptChunk) as exc:
             return exc
