@@ -202,7 +202,7 @@ class LmConnector(RemoteConnector):
         await self.put_many([(key, parts)], ttl)
 
     async def put_many(self, entries: Sequence[tuple[str, Sequence[memoryview]]], ttl: float | None) -> None:
-        """Store several values in one frame (each replaces its key atomically)."""
+        """Store several values, as many per frame as the server's limits allow (each replaces its key atomically)."""
         if not entries:
             return
         ttl_ms = 0 if ttl is None else min(_MAX_TTL_MS, max(1, math.ceil(ttl * 1000)))
@@ -214,18 +214,28 @@ class LmConnector(RemoteConnector):
             for size in sizes:
                 if size > limits.max_value:
                     raise TierUnavailable(f"{self.url}: value of {size} bytes exceeds max_value {limits.max_value}")
-            request_id = connection.request_id()
-            request = protocol.encode_keyed_request(Op.PUT, request_id, keys, [ttl_ms] * len(keys), sizes)
-            if len(request) - protocol.HEADER.size + sum(sizes) > limits.max_frame:
-                raise TierUnavailable(f"{self.url}: a frame of {sum(sizes)} value bytes exceeds max_frame")
             sock = connection.sock
-            self._bytes_sent += await protocol.send_buffers(sock, [request, *(v for value in views for v in value)])
-            replies = await _reply_items(sock, Op.PUT, request_id, len(keys), len(keys) * ITEM.size)
-        for (name, _), reply in zip(entries, replies, strict=True):
-            if reply.status is ItemStatus.NO_SPACE:
-                raise TierUnavailable(f"{self.url}: {name}: the value is larger than the server's whole capacity")
-            if reply.status is not ItemStatus.OK:
-                raise TierUnavailable(f"{self.url}: {name}: server refused the value ({reply.status.name})")
+            for first, end in _frames(keys, sizes, limits):
+                body = sum(
+                    ITEM.size + len(key) + size for key, size in zip(keys[first:end], sizes[first:end], strict=True)
+                )
+                if body > limits.max_frame:
+                    raise TierUnavailable(f"{self.url}: a value of {sizes[first]} bytes exceeds max_frame")
+                request_id = connection.request_id()
+                batch = keys[first:end]
+                request = protocol.encode_keyed_request(
+                    Op.PUT, request_id, batch, [ttl_ms] * len(batch), sizes[first:end]
+                )
+                values = [view for value in views[first:end] for view in value]
+                self._bytes_sent += await protocol.send_buffers(sock, [request, *values])
+                replies = await _reply_items(sock, Op.PUT, request_id, len(batch), len(batch) * ITEM.size)
+                for (name, _), reply in zip(entries[first:end], replies, strict=True):
+                    if reply.status is ItemStatus.NO_SPACE:
+                        raise TierUnavailable(
+                            f"{self.url}: {name}: the value is larger than the server's whole capacity"
+                        )
+                    if reply.status is not ItemStatus.OK:
+                        raise TierUnavailable(f"{self.url}: {name}: server refused the value ({reply.status.name})")
 
     async def get_into(self, key: str, parts: Sequence[memoryview]) -> int | None:
         (length,) = await self.get_many_into([(key, parts)])
@@ -328,6 +338,19 @@ class LmConnector(RemoteConnector):
             "bytes_sent": self._bytes_sent,
             "bytes_received": self._bytes_received,
         }
+
+
+def _frames(keys: Sequence[bytes], sizes: Sequence[int], limits: Limits) -> Iterator[tuple[int, int]]:
+    """``(first, end)`` ranges of entries, each as many as one PUT frame may carry (at least one)."""
+    first = 0
+    body = 0
+    for index, (key, size) in enumerate(zip(keys, sizes, strict=True)):
+        item = ITEM.size + len(key) + size
+        if index > first and (body + item > limits.max_frame or index - first >= limits.max_keys):
+            yield first, index
+            first, body = index, 0
+        body += item
+    yield first, len(keys)
 
 
 def _prefix(views: Sequence[memoryview], length: int) -> list[memoryview]:

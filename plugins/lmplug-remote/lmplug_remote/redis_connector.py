@@ -379,10 +379,16 @@ class RedisConnector(RemoteConnector):
             client.close()
 
     async def put(self, key: str, parts: Sequence[memoryview], ttl: float | None) -> None:
-        value: memoryview | _Concat = parts[0] if len(parts) == 1 else _Concat(parts)
+        await self.put_many([(key, parts)], ttl)
+
+    async def put_many(self, entries: Sequence[tuple[str, Sequence[memoryview]]], ttl: float | None) -> None:
+        """One ``SET`` per value, pipelined (one round trip per server), in one worker-thread call."""
+        if not entries:
+            return
+        values = [(key, parts[0] if len(parts) == 1 else _Concat(parts)) for key, parts in entries]
         px = max(1, round(ttl * 1000)) if ttl is not None else None
-        await self._run("SET", _set, key, value, px)
-        self._counters["bytes_written"] += sum(part.nbytes for part in parts)
+        await self._run("SET", _set_many, values, px)
+        self._counters["bytes_written"] += sum(part.nbytes for _, parts in entries for part in parts)
 
     async def get_into(self, key: str, parts: Sequence[memoryview]) -> int | None:
         length = await self._run("GET", _get_into, key, parts, self.target.where)
@@ -410,8 +416,16 @@ class RedisConnector(RemoteConnector):
 # ---------------------------------------------------------------------------- blocking bodies (worker threads)
 
 
-def _set(client: Client, key: str, value: memoryview | _Concat, px: int | None) -> None:
-    client.set(key, value, px=px)  # type: ignore[arg-type]
+def _set_many(client: Client, values: list[tuple[str, memoryview | _Concat]], px: int | None) -> None:
+    if len(values) == 1:
+        ((key, value),) = values
+        client.set(key, value, px=px)  # type: ignore[arg-type]
+        return
+    # Pipelined: the next value is on its way while the server still takes in the last one.
+    with client.pipeline(transaction=False) as pipe:
+        for key, value in values:
+            pipe.set(key, value, px=px)  # type: ignore[arg-type]
+        pipe.execute()
 
 
 def _get_into(client: Client, key: str, parts: Sequence[memoryview], where: str) -> int | None:

@@ -25,6 +25,7 @@ from lmplug import (
     ConfigError,
     CorruptChunk,
     Duration,
+    KVBytes,
     KVChunk,
     PluginUnavailable,
     RawCodec,
@@ -38,7 +39,7 @@ from lmplug import (
 )
 from lmplug.core.config import config_error
 from lmplug.core.reporting import ThrottledLog
-from lmplug.core.serde import HEADER, ChunkHeader, payload_checksum
+from lmplug.core.serde import HEADER, ChunkHeader, parts_checksum, payload_checksum, slice_parts
 from lmplug.core.writebehind import Batch, WriteBehind
 from lmplug_remote.breaker import BreakerState, CircuitBreaker
 
@@ -76,7 +77,9 @@ class RemoteTierConfig(StrictModel):
 class RemoteTier(Tier):
     """A remote store reached through a connector plugin; see the module docstring."""
 
-    capabilities = frozenset({Capability.SHARED, Capability.PERSISTENT, Capability.WRITE_BEHIND})
+    capabilities = frozenset(
+        {Capability.SHARED, Capability.PERSISTENT, Capability.WRITE_BEHIND, Capability.RETRIEVE_INTO}
+    )
 
     def __init__(self, context: TierContext, options: RemoteTierConfig) -> None:
         super().__init__(context)
@@ -218,33 +221,89 @@ class RemoteTier(Tier):
             start += 1
         if start < len(keys):
             chunks += await self._fetch(keys[start:])
-        self._hits += len(chunks)
-        if len(chunks) < len(keys):
-            self._misses += 1
+        self._count(len(chunks), len(keys))
         return chunks
 
     async def _fetch(self, keys: Sequence[ChunkKey]) -> list[KVChunk]:
         """Read the chunks in parallel (up to ``readers``); the leading ones that came back whole."""
-        results: list[KVChunk | None] = [None] * len(keys)
+        results = await self._fetch_prefix(len(keys), lambda index: self._get(keys[index]))
+        good = next((i for i, chunk in enumerate(results) if chunk is None), len(results))
+        for chunk in results[good:]:
+            if chunk is not None:
+                chunk.release()
+        return [chunk for chunk in results[:good] if chunk is not None]
+
+    async def _fetch_prefix(self, count: int, get: Callable[[int], Awaitable[T | None]]) -> list[T | None]:
+        """``get(i)`` for ``i < count`` in parallel (up to ``readers``); a key after one that missed is not asked."""
+        results: list[T | None] = [None] * count
+        done = [False] * count
 
         async def fetch(index: int) -> None:
             async with self._read_limiter:
                 if index and any(results[i] is None and done[i] for i in range(index)):
                     return  # an earlier key missed: this one cannot be used
                 try:
-                    results[index] = await self._get(keys[index])
+                    results[index] = await get(index)
                 finally:
                     done[index] = True
 
-        done = [False] * len(keys)
         async with anyio.create_task_group() as group:
-            for index in range(len(keys)):
+            for index in range(count):
                 group.start_soon(fetch, index)
-        good = next((i for i, chunk in enumerate(results) if chunk is None), len(results))
-        for chunk in results[good:]:
-            if chunk is not None:
-                chunk.release()
-        return [chunk for chunk in results[:good] if chunk is not None]
+        return results
+
+    @hookimpl
+    async def lmplug_retrieve_into(self, keys: Sequence[ChunkKey], out: torch.Tensor) -> int:
+        """Raw entries are received straight into ``out`` (its per-layer rows as the read's
+        buffers) and verified there; other codecs, and a CUDA ``out``, go through chunks."""
+        rows = KVBytes.of(out) if self._raw else None
+        if rows is None:
+            return await self.retrieve_by_copy(keys, out)
+        size = self._chunk_size
+        total = int(out.shape[2])
+        count = min(len(keys), -(-total // size))
+        served = 0
+        while served < count and self._is_pending(keys[served]):
+            waiting = self._queue.pending[keys[served]]  # still queued for writing: from memory
+            start = served * size
+            if waiting.num_tokens != min(size, total - start):
+                break
+            out.narrow(2, start, waiting.num_tokens).copy_(waiting.tensor)
+            served += 1
+        if served < count:
+            first = served
+
+            async def get(index: int) -> bool | None:
+                start = (first + index) * size
+                tokens = min(size, total - start)
+                return await self._get_into(keys[first + index], rows.payload(start, tokens), tokens)
+
+            results = await self._fetch_prefix(count - first, get)
+            served += next((i for i, ok in enumerate(results) if not ok), len(results))
+        self._count(served, len(keys))
+        return served
+
+    def _count(self, served: int, wanted: int) -> None:
+        self._hits += served
+        if served < wanted:
+            self._misses += 1
+
+    async def _get_into(self, key: ChunkKey, payload: list[memoryview], tokens: int) -> bool | None:
+        """One raw entry received into ``payload`` and verified there; ``None`` on a miss, a failure or bad data."""
+        header = bytearray(HEADER.size)
+        try:
+            length = await self._guarded(
+                "get", self.options.timeout, self.connector.get_into, self.key_name(key), [memoryview(header), *payload]
+            )
+            if length is None:
+                return None
+            await self._off_loop(length, self._verify, key, header, payload, length, tokens)
+        except CorruptChunk as exc:
+            await self._drop(key, exc)
+            return None
+        except TierUnavailable:
+            return None
+        return True
 
     async def _get(self, key: ChunkKey) -> KVChunk | None:
         """One chunk from the store, verified; ``None`` on a miss, a failure or bad data."""
@@ -272,7 +331,7 @@ class RemoteTier(Tier):
             if length is None:
                 return None
             try:
-                described = await self._off_loop(length, self._verify, key, header, body, length)
+                described = await self._off_loop(length, self._verify, key, header, [body], length)
             except CorruptChunk as exc:
                 await self._drop(key, exc)
                 return None
@@ -301,18 +360,21 @@ class RemoteTier(Tier):
             return function(*args)
         return await anyio.to_thread.run_sync(function, *args, limiter=self._cpu_limiter)
 
-    def _verify(self, key: ChunkKey, header: bytearray, body: memoryview, length: int) -> ChunkHeader:
-        """Check a value read back: its header names this key and layout, and its bytes match the checksum."""
+    def _verify(
+        self, key: ChunkKey, header: bytearray, body: list[memoryview], length: int, tokens: int | None = None
+    ) -> ChunkHeader:
+        """Check a value read back: its header names this key and layout (and ``tokens`` when known),
+        and its bytes (the first of ``body``'s, in order) match the checksum."""
         if length < HEADER.size:
             raise CorruptChunk(f"entry of {length} bytes is shorter than a chunk header")
         described = ChunkHeader.unpack(bytes(header))
-        described.expect(key, self.context.layout)
+        described.expect(key, self.context.layout, tokens)
         if not 0 < described.tokens <= self._chunk_size:
             raise CorruptChunk(f"entry holds {described.tokens} tokens; chunks hold at most {self._chunk_size}")
-        stored = body[: length - HEADER.size]
-        if self._raw and len(stored) != described.nbytes:
-            raise CorruptChunk(f"entry has {len(stored)} payload bytes, its header says {described.nbytes}")
-        if payload_checksum(stored) != described.checksum:
+        stored = length - HEADER.size
+        if self._raw and stored != described.nbytes:
+            raise CorruptChunk(f"entry has {stored} payload bytes, its header says {described.nbytes}")
+        if parts_checksum(slice_parts(body, 0, stored)) != described.checksum:
             raise CorruptChunk("entry payload checksum mismatch")
         return described
 
@@ -340,8 +402,8 @@ class RemoteTier(Tier):
                 self._queue.offer(key, chunk)  # a full queue skips it: the store is behind, the engine is not
 
     async def _put_batch(self, batch: Batch) -> None:
-        """Write the chunks the store does not hold yet, asking about all of them in one round trip;
-        failures are counted and reported, never raised."""
+        """Write the chunks the store does not hold yet: one EXISTS round trip for the batch, then
+        one ``put_many``; failures are counted and reported, never raised."""
         batch = [(key, chunk) for key, chunk in batch if not self._queue.cancelled(key)]
         if not batch:
             return
@@ -351,34 +413,40 @@ class RemoteTier(Tier):
             )
         except TierUnavailable:
             return  # counted and reported by _call
-        for (key, chunk), there in zip(batch, held, strict=True):
-            if there:
-                continue  # another engine (or an earlier run) stored it already
+        # Another engine (or an earlier run) may have stored some already.
+        todo = [(key, chunk) for (key, chunk), there in zip(batch, held, strict=True) if not there]
+        if not todo:
+            return
+        encoded = await self._off_loop(sum(chunk.nbytes for _, chunk in todo), self._encode_all, todo)
+        if not encoded:
+            return
+        entries = [(self.key_name(key), parts) for key, parts in encoded]
+        limit = self.options.write_timeout * len(entries)
+        try:
+            await self._guarded("put", limit, self.connector.put_many, entries, self.options.ttl)
+        except TierUnavailable:
+            return  # counted and reported by _call
+        undo = [name for (key, _), (name, _) in zip(encoded, entries, strict=True) if self._queue.cancelled(key)]
+        if undo:  # evicted on command while they were being written
+            with contextlib.suppress(TierUnavailable):
+                await self._guarded("delete", self.options.timeout, self.connector.delete, undo)
+        self._stored += len(entries) - len(undo)
+        self._bytes_written += sum(part.nbytes for _, parts in entries for part in parts)
+
+    def _encode_all(self, todo: Batch) -> list[tuple[ChunkKey, list[memoryview]]]:
+        """Header and stored bytes of each chunk; a chunk the codec fails on is skipped (a codec bug
+        must not take the cache down)."""
+        encoded: list[tuple[ChunkKey, list[memoryview]]] = []
+        for key, chunk in todo:
             try:
-                await self._put(key, chunk)
-            except TierUnavailable:
-                pass  # counted and reported by _call
-            except Exception as exc:  # a codec bug must not take the cache down: skip the chunk
+                stored = chunk.raw() if self._raw else self.codec.encode(chunk.tensor)
+            except Exception as exc:
                 self._errors += 1
                 self._report("encode", f"cannot encode a chunk with codec {self.codec.name!r}: {exc!r}")
-
-    async def _put(self, key: ChunkKey, chunk: KVChunk) -> None:
-        if self._queue.cancelled(key):
-            return
-        name = self.key_name(key)
-        header, stored = await self._off_loop(chunk.nbytes, self._encode, key, chunk)
-        put = self.connector.put
-        await self._guarded("put", self.options.write_timeout, put, name, [header, stored], self.options.ttl)
-        if self._queue.cancelled(key):  # evicted on command while it was being written
-            await self._guarded("delete", self.options.timeout, self.connector.delete, [name])
-            return
-        self._stored += 1
-        self._bytes_written += len(header) + len(stored)
-
-    def _encode(self, key: ChunkKey, chunk: KVChunk) -> tuple[memoryview, memoryview]:
-        stored = chunk.raw() if self._raw else self.codec.encode(chunk.tensor)
-        header = ChunkHeader.describe(key, self.context.layout, chunk.num_tokens, payload_checksum(stored))
-        return memoryview(header.pack()), stored
+                continue
+            header = ChunkHeader.describe(key, self.context.layout, chunk.num_tokens, payload_checksum(stored))
+            encoded.append((key, [memoryview(header.pack()), stored]))
+        return encoded
 
     @hookimpl
     async def lmplug_evict(self, keys: Sequence[ChunkKey]) -> int:

@@ -16,6 +16,7 @@ import pytest
 
 import lmplug
 from lmplug_remote.lm_connector import LmConnector, LmOptions
+from lmplug_remote.protocol import Limits
 from lmplug_remote.server import LmServer, ServerConfig
 from lmplug_remote.server_store import DiskStore, KVStore
 
@@ -266,6 +267,22 @@ async def test_ttl_and_batched_requests_over_the_wire() -> None:
         await anyio.sleep(0.1)
         assert await client.exists(["short-lived", "b0"]) == [False, True]
         assert await client.delete([f"b{index}" for index in range(20)] + ["absent"]) == 20
+
+
+async def test_a_batch_larger_than_one_frame_is_sent_in_several() -> None:
+    """put_many (the tier's writers) splits a batch by the server's max_frame and max_keys."""
+    limits = Limits(max_keys=3, max_value=3000, max_frame=7000)
+    async with running(ServerConfig(port=0, capacity=1 << 20, limits=limits)) as server, connector(server) as client:
+        entries = [(f"f{index}", [memoryview(value(index, 2000 + index))]) for index in range(10)]
+        await client.put_many(entries, None)
+        for index in range(10):
+            buffer = bytearray(3000)
+            assert await client.get_into(f"f{index}", [memoryview(buffer)]) == 2000 + index
+            assert buffer[: 2000 + index] == value(index, 2000 + index)
+        stats = await client.server_statistics()
+        assert stats["requests"]["PUT"] == 4  # 3 values (about 6 KiB) per frame at most: 3 + 3 + 3 + 1
+        with pytest.raises(lmplug.TierUnavailable, match="exceeds max_value"):
+            await client.put_many([("big", [memoryview(bytes(3001))])], None)
 
 
 async def test_metrics_endpoint_counts_operations() -> None:

@@ -78,6 +78,22 @@ async def test_parts_round_trip_byte_identical(store_url: str) -> None:
         assert stats["failures"] == 0
 
 
+async def test_put_many_pipelines_every_value_to_its_node(store_url: str) -> None:
+    """The tier's writers hand a batch to put_many: one pipelined call (per cluster node)."""
+    values = [os.urandom(1000 + 997 * i) for i in range(12)]
+    entries = [(f"lmplug/test/many/{i}", [memoryview(v[:10]), memoryview(v[10:])]) for i, v in enumerate(values)]
+    async with RedisConnector(store_url, RedisOptions()) as connector:
+        await connector.put_many(entries, 30.0)
+        assert connector.statistics()["calls"] == 1
+        for (name, _), value in zip(entries, values, strict=True):
+            buffer = bytearray(len(value))
+            assert await connector.get_into(name, [memoryview(buffer)]) == len(value)
+            assert buffer == value
+        assert connector.statistics()["bytes_written"] == sum(map(len, values))
+        await connector.put_many([], None)
+        assert connector.statistics()["calls"] == 1 + len(values)
+
+
 async def test_exists_and_delete_span_many_keys(store_url: str) -> None:
     names = [f"lmplug/test/{i}" for i in range(40)]  # spread over every node of a cluster
     async with RedisConnector(store_url, RedisOptions()) as connector:
