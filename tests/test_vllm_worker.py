@@ -102,3 +102,47 @@ def test_undelivered_promises_are_reported(worker: WorkerSide) -> None:
             worker.wait_for_layer(name)
         worker.save(StepPlan())
     assert worker.take_failed_blocks() == {3, 4}  # the second chunk was promised but is not there
+
+
+def test_loads_land_in_4k_aligned_staging_that_a_disk_tier_reads_into(
+    tmp_path: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each request's KV starts on a 4 KiB boundary of the staging buffer, so a disk-only stack
+    reads its files straight into it with O_DIRECT (rows of 64 tokens x 16 floats = 4 KiB)."""
+    monkeypatch.setenv("LMPLUG_RUNTIME_DIR", str(tmp_path))
+    chunk = 64
+    config = load_config(
+        {
+            "chunk_size": chunk,
+            "save_partial_chunks": True,
+            "model": {"name": "t", "num_layers": LAYERS, "num_kv_heads": HEADS, "head_size": DIM, "dtype": "float32"},
+            "tiers": [{"type": "disk", "path": f"{tmp_path}/kv", "io_mode": "direct"}],
+        }
+    )
+    side = WorkerSide(config, f"worker-test-{next(_engines)}", BLOCK)
+    layout = CpuLayout(HEADS, DIM, BLOCK)
+    side.register({f"model.layers.{i}.self_attn.attn": torch.zeros(layout.cache_shape(40)) for i in range(LAYERS)})
+    try:
+        first, second = list(range(1, 1 + chunk + 5)), list(range(7000, 7000 + 2 * chunk))
+        kv_first = torch.randn(2, LAYERS, len(first), HEADS * DIM)
+        kv_second = torch.randn(2, LAYERS, len(second), HEADS * DIM)
+        side.cache.store(first, kv_first)
+        side.cache.store(second, kv_second)
+        side.cache.drain()
+        with torch.inference_mode():
+            # The first request's rows are not whole 4 KiB blocks (69 tokens): the second still starts on one.
+            loads = [
+                LoadSpec("a", first, list(range(5)), 0, len(first)),
+                LoadSpec("b", second, list(range(8, 16)), 0, len(second)),
+            ]
+            plan = StepPlan(loads=loads)
+            side.start_load(plan)
+            assert [load.kv.data_ptr() % 4096 for load in side._loads] == [0, 0]
+            for name in names(side):
+                side.wait_for_layer(name)
+            side.save(StepPlan())
+        assert torch.equal(read_back(side, list(range(5)), len(first)), kv_first)
+        assert torch.equal(read_back(side, list(range(8, 16)), len(second)), kv_second)
+        assert side.take_failed_blocks() == set()
+    finally:
+        side.close()

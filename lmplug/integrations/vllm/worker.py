@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import re
 import time
 from collections.abc import Mapping
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from lmplug.core.config import LmplugConfig
+from lmplug.core.memory import IO_ALIGNMENT, aligned_empty
 from lmplug.core.sync import SyncCache
 from lmplug.integrations.vllm.lookup import LookupServer, socket_path
 from lmplug.integrations.vllm.paged import PagedLayout, Slots, layout_for
@@ -24,6 +26,10 @@ _LAYER_NUMBER = re.compile(r"\.(\d+)\.")
 def _layer_order(name: str) -> tuple[int, str]:
     match = _LAYER_NUMBER.search(name)
     return (int(match.group(1)) if match else 0, name)
+
+
+def _round_up(value: int, step: int) -> int:
+    return -(-value // step) * step
 
 
 @dataclass(slots=True)
@@ -109,11 +115,12 @@ class WorkerSide:
         """Fetch the step's promised KV from lmplug; queue the per-layer copies on CUDA."""
         self._loads = []
         if plan.loads:
-            staging = self._staging("load", sum(spec.end for spec in plan.loads))
+            step = self._aligned_tokens()
+            staging = self._staging("load", sum(_round_up(spec.end, step) for spec in plan.loads))
             offset = 0
             for spec in plan.loads:
                 load = self._fetch(spec, staging.narrow(2, offset, spec.end))
-                offset += spec.end
+                offset += _round_up(spec.end, step)  # each request's KV starts on a 4 KiB boundary
                 if load is not None:
                     self._loads.append(load)
         self._loaded = [False] * len(self.layers)
@@ -169,18 +176,34 @@ class WorkerSide:
         for request_id in request_ids:
             self.server.release(request_id)
 
+    def _aligned_tokens(self) -> int:
+        """Tokens whose KV rows fill whole 4 KiB blocks (1 on CUDA, where alignment buys nothing)."""
+        first = self.layers[0]
+        if first.device.type != "cpu":
+            return 1
+        model = self.config.model
+        row = model.num_kv_heads * model.head_size * first.element_size()
+        return IO_ALIGNMENT // math.gcd(IO_ALIGNMENT, row)
+
     def _staging(self, purpose: str, tokens: int) -> torch.Tensor:
-        """A reusable ``[2, layers, >= tokens, hidden]`` buffer on the KV cache's device (no page faults per step)."""
+        """A reusable ``[2, layers, >= tokens, hidden]`` buffer on the KV cache's device (no page
+        faults per step). On the CPU it is 4 KiB-aligned, its rows too, so that a disk tier can
+        read straight into it with O_DIRECT."""
         buffer = self._buffers.get(purpose)
         if buffer is None or buffer.shape[2] < tokens:
             model = self.config.model
             first = self.layers[0]
-            capacity = max(tokens, 2 * buffer.shape[2] if buffer is not None else 0)
+            capacity = _round_up(max(tokens, 2 * buffer.shape[2] if buffer is not None else 0), self._aligned_tokens())
             shape = (2, len(self.layers), capacity, model.num_kv_heads * model.head_size)
             # vLLM calls in under inference mode; the cache writes into this buffer from its own
             # thread, which an inference tensor would refuse.
             with torch.inference_mode(mode=False):
-                buffer = self._buffers[purpose] = torch.empty(shape, dtype=first.dtype, device=first.device)
+                if first.device.type == "cpu":
+                    memory = aligned_empty(math.prod(shape) * first.element_size(), pin_memory=False)
+                    buffer = memory.view(first.dtype).view(shape)
+                else:
+                    buffer = torch.empty(shape, dtype=first.dtype, device=first.device)
+                self._buffers[purpose] = buffer
         return buffer
 
     def _fetch(self, spec: LoadSpec, out: torch.Tensor) -> _Load | None:
