@@ -37,7 +37,7 @@ Info rows (full runs only, measured on the first backend only):
   the disk); its retrieve is a cold read: the held files were fsynced once and are dropped
   from the page cache (``posix_fadvise(DONTNEED)``) before every sample.
 
-Target: store and retrieve each at >= 0.8x dd. ``--quick``: 2 MiB chunks only, no info rows.
+Target: store and retrieve each at >= 0.8x dd. ``--quick``: 2 MiB chunks only, no info rows but the unaligned retrieve.
 """
 
 from __future__ import annotations
