@@ -156,17 +156,9 @@ class Pipeline:
                 position = len(served)
                 if position >= total:
                     break
-                wanted = keys[position:] if position else keys
-                try:
-                    chunks = await slot.retrieve(wanted)
-                except Exception as exc:
-                    self._failed(slot, "retrieve", exc)
-                    continue
-                chunks = self._valid_prefix(slot, chunks, token_counts, position)
+                chunks = await self._chunks(index, slot, keys, token_counts, position)
                 if not chunks:
                     continue
-                if index:
-                    await self._promote(index, slot.name, wanted[: len(chunks)], chunks)
                 served.extend(chunks)
                 progress = True
         return served
@@ -189,27 +181,19 @@ class Pipeline:
                 for index, slot in enumerate(self.slots):
                     if position >= total:
                         break
-                    wanted = keys[position:] if position else keys
                     target = out.narrow(2, filled, out.shape[2] - filled) if filled else out
                     into = slot.retrieve_into if index == 0 else None
                     if into is not None:
-                        served = await self._retrieve_into(slot, into, wanted, target)
+                        served = await self._retrieve_into(slot, into, keys[position:] if position else keys, target)
                         if not served:
                             continue
                         tokens = sum(token_counts[position : position + served])
                     else:
-                        try:
-                            chunks = await slot.retrieve(wanted)
-                        except Exception as exc:
-                            self._failed(slot, "retrieve", exc)
-                            continue
-                        chunks = self._valid_prefix(slot, chunks, token_counts, position)
+                        chunks = await self._chunks(index, slot, keys, token_counts, position)
                         if not chunks:
                             continue
                         copied += chunks
                         tokens = copy_from_chunks(chunks, target)
-                        if index:
-                            await self._promote(index, slot.name, wanted[: len(chunks)], chunks)
                         served = len(chunks)
                     position += served
                     filled += tokens
@@ -221,6 +205,21 @@ class Pipeline:
                 for chunk in copied:
                     chunk.release()
         return filled
+
+    async def _chunks(
+        self, index: int, slot: TierSlot, keys: Sequence[ChunkKey], token_counts: Sequence[int], position: int
+    ) -> list[KVChunk]:
+        """``keys[position:]`` from the tier at ``index``: its valid leading chunks, promoted into the tiers above."""
+        wanted = keys[position:] if position else keys
+        try:
+            chunks = await slot.retrieve(wanted)
+        except Exception as exc:
+            self._failed(slot, "retrieve", exc)
+            return []
+        chunks = self._valid_prefix(slot, chunks, token_counts, position)
+        if chunks and index:
+            await self._promote(index, slot.name, wanted[: len(chunks)], chunks)
+        return chunks
 
     async def _retrieve_into(
         self,
