@@ -260,47 +260,51 @@ def read_chunk_file(
     verify_chunk(path, header, key, layout, tokens, [payload])
 
 
-def _parse(name: str) -> tuple[ChunkKey, int] | None:
-    """``(key, tokens)`` from ``<48 hex>.<tokens>.kv``, or ``None`` for any other name."""
-    if len(name) < 52 or name[48] != "." or not name.endswith(SUFFIX):
-        return None
-    tokens = name[49 : -len(SUFFIX)]
-    if not tokens.isdigit():
-        return None
-    try:
-        return ChunkKey(bytes.fromhex(name[:48])), int(tokens)
-    except ValueError:
-        return None
+def scan(root: Path, bytes_per_token: int) -> tuple[list[ChunkKey], list[int]]:
+    """The key and token count of every chunk file under ``root``, least recently used first.
 
-
-def scan(root: Path, bytes_per_token: int) -> list[tuple[int, ChunkKey, int]]:
-    """``(mtime_ns, key, tokens)`` of every chunk file under ``root``, oldest first.
-
-    Only names and ``stat`` are read, no file is opened. Temporary files left by a crash,
-    files whose size does not match their name (truncated), and strays are removed.
+    Only names and ``stat`` are read, no file is opened; files come in the order of their
+    modification times. Temporary files left by a crash, files whose size does not match
+    their name (truncated), and strays are removed. A name is ``<48 hex>.<tokens>.kv``; its
+    token count is parsed once per distinct value (nearly every file holds a full chunk), and
+    what is kept per file are plain lists of ints and keys, no tuple the garbage collector
+    would walk again and again: together that keeps the walk within a few times a bare
+    ``scandir`` of the tree.
     """
-    found: list[tuple[int, ChunkKey, int]] = []
-    append = found.append
+    times: list[int] = []
+    keys: list[ChunkKey] = []
+    sizes: list[int] = []
+    counts: dict[str, tuple[int, int]] = {}  # "<tokens>" -> (tokens, expected file size)
+    fromhex = bytes.fromhex
+    suffix = len(SUFFIX)
     for shard in os.scandir(root):
         if len(shard.name) != 2 or not shard.is_dir(follow_symlinks=False):
             continue
         for entry in os.scandir(shard.path):
-            parsed = _parse(entry.name)
+            name = entry.name
+            known = None
+            if len(name) >= 52 and name[48] == "." and name.endswith(SUFFIX):
+                text = name[49:-suffix]
+                known = counts.get(text)
+                if known is None and text.isdigit():
+                    tokens = int(text)
+                    known = counts[text] = (tokens, file_size(tokens * bytes_per_token))
             try:
                 info = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue
-            if (
-                parsed is None
-                or not stat.S_ISREG(info.st_mode)
-                or info.st_size != file_size(parsed[1] * bytes_per_token)
-            ):
+            try:
+                if known is None or info.st_size != known[1] or not stat.S_ISREG(info.st_mode):
+                    raise ValueError(name)
+                keys.append(ChunkKey(fromhex(name[:48])))
+            except ValueError:  # a stray, a crash's temporary file, or a truncated chunk file
                 with contextlib.suppress(OSError):
                     os.unlink(entry.path)
                 continue
-            append((info.st_mtime_ns, parsed[0], parsed[1]))
-    found.sort()
-    return found
+            times.append(info.st_mtime_ns)
+            sizes.append(known[0])
+    order = sorted(range(len(keys)), key=times.__getitem__)
+    return [keys[i] for i in order], [sizes[i] for i in order]
 
 
 def remove_files(paths: Sequence[Path]) -> None:

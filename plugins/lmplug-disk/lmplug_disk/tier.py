@@ -8,7 +8,7 @@ import fcntl
 import logging
 import os
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,15 +153,15 @@ class DiskTier(Tier):
             if mode == "direct" and not supported:
                 raise TierUnavailable(f"tier {self.name!r}: the filesystem of {self.root} does not support O_DIRECT")
             self.direct = supported and mode != "buffered"
-            found = files.scan(self.root, self.context.layout.bytes_per_token)
+            keys, tokens = files.scan(self.root, self.context.layout.bytes_per_token)
         except OSError as exc:
             self._unlock()
             raise TierUnavailable(f"tier {self.name!r}: cannot use {self.root}: {exc.strerror or exc}") from exc
         except BaseException:
             self._unlock()
             raise
-        self._index = OrderedDict((key, tokens) for _, key, tokens in found)
-        self._used = sum(self._size(tokens) for _, _, tokens in found)
+        self._index = OrderedDict(zip(keys, tokens, strict=True))
+        self._used = sum(self._size(count) * files_of for count, files_of in Counter(tokens).items())
         self.scan_seconds = time.perf_counter() - started
 
     def _unlock(self) -> None:
