@@ -79,7 +79,8 @@ def copy_from_chunks(chunks: Sequence[KVChunk], out: torch.Tensor) -> int:
         tensor = chunks[first].tensor
         tokens = tensor.shape[2]
         if count == 1:
-            out.narrow(2, position, tokens).copy_(tensor, non_blocking=True)
+            target = out if position == 0 and out.shape[2] == tokens else out.narrow(2, position, tokens)
+            target.copy_(tensor, non_blocking=True)
         else:
             _token_view(out, position, count, tokens).copy_(_run_view(tensor, count), non_blocking=True)
         position += count * tokens
