@@ -417,7 +417,10 @@ class RemoteTier(Tier):
         todo = [(key, chunk) for (key, chunk), there in zip(batch, held, strict=True) if not there]
         if not todo:
             return
-        encoded = await self._off_loop(sum(chunk.nbytes for _, chunk in todo), self._encode_all, todo)
+        encoded, failures = await self._off_loop(sum(chunk.nbytes for _, chunk in todo), self._encode_all, todo)
+        for exc in failures:  # a codec bug must not take the cache down: those chunks are skipped
+            self._errors += 1
+            self._report("encode", f"cannot encode a chunk with codec {self.codec.name!r}: {exc!r}")
         if not encoded:
             return
         entries = [(self.key_name(key), parts) for key, parts in encoded]
@@ -433,20 +436,19 @@ class RemoteTier(Tier):
         self._stored += len(entries) - len(undo)
         self._bytes_written += sum(part.nbytes for _, parts in entries for part in parts)
 
-    def _encode_all(self, todo: Batch) -> list[tuple[ChunkKey, list[memoryview]]]:
-        """Header and stored bytes of each chunk; a chunk the codec fails on is skipped (a codec bug
-        must not take the cache down)."""
+    def _encode_all(self, todo: Batch) -> tuple[list[tuple[ChunkKey, list[memoryview]]], list[Exception]]:
+        """Header and stored bytes of each chunk, and what the codec raised for those it could not encode."""
         encoded: list[tuple[ChunkKey, list[memoryview]]] = []
+        failures: list[Exception] = []
         for key, chunk in todo:
             try:
                 stored = chunk.raw() if self._raw else self.codec.encode(chunk.tensor)
             except Exception as exc:
-                self._errors += 1
-                self._report("encode", f"cannot encode a chunk with codec {self.codec.name!r}: {exc!r}")
+                failures.append(exc)
                 continue
             header = ChunkHeader.describe(key, self.context.layout, chunk.num_tokens, payload_checksum(stored))
             encoded.append((key, [memoryview(header.pack()), stored]))
-        return encoded
+        return encoded, failures
 
     @hookimpl
     async def lmplug_evict(self, keys: Sequence[ChunkKey]) -> int:
