@@ -6,9 +6,9 @@ A chunk file is ``<root>/<2 hex>/<key hex>.<tokens>.kv``: the 76-byte header of
 :mod:`lmplug.core.serde` padded to one 4 KiB block, then the payload padded to whole
 blocks, so that with O_DIRECT every transfer is block-aligned and the payload moves
 straight between the file and aligned memory (the pool's chunks, a caller's aligned KV
-buffer); memory that is not aligned goes through a per-thread staging area. A file is written under a
-temporary name and renamed into place, so a crash never leaves a partial file under a
-chunk's name; the payload checksum catches what a power loss might.
+buffer); memory that is not aligned goes through a per-thread staging area. A file is
+written under a temporary name and renamed into place, so a crash never leaves a partial
+file under a chunk's name; the payload checksum catches what a power loss might.
 """
 
 from __future__ import annotations
