@@ -198,8 +198,9 @@ class Cache:
 
         ``kv`` is ``[2, layers, n, hidden]``. With ``out`` (a tensor of this layout covering
         at least ``len(tokens)`` tokens, on the CPU or a CUDA device) the KV is written into
-        it and a view of its first ``n`` tokens is returned; ``out``'s tokens past ``n`` may
-        have been written too (with KV that a tier read but could not verify). On the CPU,
+        it and a view of its first ``n`` tokens is returned; ``out``'s tokens from ``n`` to
+        ``len(tokens)`` may have been written too (with KV that a tier read but could not
+        verify), and none after them. On the CPU,
         ``out`` memory aligned to 4 KiB (:func:`lmplug.empty_kv`) lets a disk tier read into
         it with O_DIRECT, without a copy.
         """
