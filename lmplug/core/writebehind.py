@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
+import torch
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
@@ -96,6 +97,20 @@ class WriteBehind:
         if key in self._cancelled:
             return None
         return self.pending.get(key)
+
+    def copy_queued(self, keys: Sequence[ChunkKey], out: torch.Tensor, chunk_size: int) -> int:
+        """Copy the leading ``keys`` still queued into ``out`` (their tokens, key ``i`` from token
+        ``i * chunk_size``), as a tier's ``lmplug_retrieve_into`` serves them from memory; how many."""
+        total = int(out.shape[2])
+        served = 0
+        for key in keys:
+            start = served * chunk_size
+            chunk = self.queued(key) if start < total else None
+            if chunk is None or chunk.num_tokens != min(chunk_size, total - start):
+                break
+            out.narrow(2, start, chunk.num_tokens).copy_(chunk.tensor)
+            served += 1
+        return served
 
     def cancel(self, key: ChunkKey) -> bool:
         """Cancel the queued write of ``key``; False when it is not queued."""

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from lmplug.core.config import LmplugConfig
-from lmplug.core.memory import IO_ALIGNMENT, aligned_empty
+from lmplug.core.layout import KVLayout
+from lmplug.core.memory import IO_ALIGNMENT, empty_kv
 from lmplug.core.sync import SyncCache
 from lmplug.integrations.vllm.lookup import LookupServer, socket_path
 from lmplug.integrations.vllm.paged import PagedLayout, Slots, layout_for
@@ -194,15 +195,14 @@ class WorkerSide:
             model = self.config.model
             first = self.layers[0]
             capacity = _round_up(max(tokens, 2 * buffer.shape[2] if buffer is not None else 0), self._aligned_tokens())
-            shape = (2, len(self.layers), capacity, model.num_kv_heads * model.head_size)
+            layout = KVLayout(len(self.layers), model.num_kv_heads, model.head_size, first.dtype)
             # vLLM calls in under inference mode; the cache writes into this buffer from its own
             # thread, which an inference tensor would refuse.
             with torch.inference_mode(mode=False):
                 if first.device.type == "cpu":
-                    memory = aligned_empty(math.prod(shape) * first.element_size(), pin_memory=False)
-                    buffer = memory.view(first.dtype).view(shape)
+                    buffer = empty_kv(layout, capacity)
                 else:
-                    buffer = torch.empty(shape, dtype=first.dtype, device=first.device)
+                    buffer = torch.empty(layout.shape(capacity), dtype=first.dtype, device=first.device)
                 self._buffers[purpose] = buffer
         return buffer
 

@@ -229,23 +229,14 @@ class DiskTier(Tier):
             return await self.retrieve_by_copy(keys, out)
         size = self.context.config.chunk_size
         total = int(out.shape[2])
-        served = 0
+        served = self._queue.copy_queued(keys, out, size)  # still in memory, queued for writing
         reads: list[_Read] = []
-        for index, key in enumerate(keys):
+        for index in range(served, len(keys)):
             start = index * size
-            if start >= total:
-                break
             tokens = min(size, total - start)
-            waiting = self._queue.queued(key)
-            if waiting is not None and not reads:
-                if waiting.num_tokens != tokens:
-                    break
-                out.narrow(2, start, tokens).copy_(waiting.tensor)  # still in memory, queued for writing
-                served += 1
-                continue
-            if self._index.get(key) != tokens:
+            if start >= total or self._index.get(keys[index]) != tokens:
                 break
-            reads.append(_Read(key, tokens, rows.payload(start, tokens), None))
+            reads.append(_Read(keys[index], tokens, rows.payload(start, tokens), None))
         if reads:
             served += await self._read(reads)
         self._count(served, len(keys))

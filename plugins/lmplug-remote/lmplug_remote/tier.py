@@ -262,14 +262,7 @@ class RemoteTier(Tier):
         size = self._chunk_size
         total = int(out.shape[2])
         count = min(len(keys), -(-total // size))
-        served = 0
-        while served < count and self._is_pending(keys[served]):
-            waiting = self._queue.pending[keys[served]]  # still queued for writing: from memory
-            start = served * size
-            if waiting.num_tokens != min(size, total - start):
-                break
-            out.narrow(2, start, waiting.num_tokens).copy_(waiting.tensor)
-            served += 1
+        served = self._queue.copy_queued(keys[:count], out, size)  # still queued for writing: from memory
         if served < count:
             first = served
 

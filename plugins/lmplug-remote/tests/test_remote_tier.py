@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lmplug
-from lmplug.testing import reference_kv
+from lmplug.testing import make_config, reference_kv
 
 from remote_testing import STORES, dict_host, remote_tier, two_tier_config
 
@@ -53,6 +53,34 @@ async def test_queued_writes_are_served_from_memory(url: str) -> None:
         assert tier.statistics().pending_writes == 2
         await cache.evict(tokens, tiers=["cpu"])
         got, hit = await cache.retrieve(tokens)
+        assert hit == len(tokens)
+        assert torch.equal(got, kv)
+
+
+@pytest.mark.parametrize("codec", ["raw", "zstd"])
+async def test_a_first_tier_retrieves_into_the_callers_buffer(url: str, codec: str) -> None:
+    """Alone in the stack, the tier writes into ``out``: queued chunks from memory, the rest as the
+    store sends them (raw: received in place; other codecs: decoded through a chunk)."""
+    config = make_config(
+        [{"type": "remote", "url": url, "codec": codec, "connector": {"latency": "50ms"}}],
+        chunk_size=CHUNK,
+        save_partial_chunks=True,
+    )
+    tokens = prompt(5, 3 * CHUNK + 4)
+    kv = reference_kv(tokens, config)
+    async with lmplug.open_cache(config, plugins=dict_host()) as cache:
+        tier = remote_tier(cache)
+        await cache.store(tokens[: 2 * CHUNK], kv[:, :, : 2 * CHUNK])
+        await tier.drain()
+        await cache.store(tokens, kv[:, :, 2 * CHUNK :], start=2 * CHUNK)
+        assert tier.statistics().pending_writes == 2  # two chunks in the store, two still queued
+        out = torch.full((*kv.shape[:2], len(tokens) + 3, kv.shape[3]), float("nan"), dtype=kv.dtype)
+        got, hit = await cache.retrieve(tokens, out=out)
+        assert hit == len(tokens)
+        assert torch.equal(got, kv)
+        await tier.drain()
+        out.fill_(float("nan"))
+        got, hit = await cache.retrieve(tokens, out=out)
         assert hit == len(tokens)
         assert torch.equal(got, kv)
 
