@@ -14,9 +14,10 @@ back. One sample moves one prompt of 64 MiB (32 MiB with ``--quick``): several c
   write queue (stored and drained once, before sampling), into a buffer from
   ``lmplug.empty_kv`` (4 KiB-aligned host memory, as ``dd``'s own buffer is): the tier reads
   each file with O_DIRECT straight into ``out``'s per-layer rows, so the page cache never
-  serves it and nothing is copied. An info row retrieves into a plain ``torch.zeros`` buffer
-  (aligned to 64 bytes only): each file then lands in the reader thread's staging memory and
-  that thread copies it into ``out``, overlapping the other readers' I/O.
+  serves it and nothing is copied. An info row retrieves into a buffer that starts 64 bytes
+  past a 4 KiB boundary (torch's own alignment, on purpose never a block's): each file then
+  lands in the reader thread's staging memory and that thread copies it into ``out``,
+  overlapping the other readers' I/O.
 - references: ``dd if=/dev/zero of=F bs=<chunk> count=<chunks> oflag=direct`` (no fsync: the
   tier does not fsync by default either; ``dd`` truncates and rewrites ``F`` every sample, as
   the tier writes new files) and ``dd if=G of=/dev/null bs=<chunk> iflag=direct`` of a file
@@ -206,7 +207,11 @@ async def _measure_size(
     shape = (2, num_layers, num_tokens, KV_HEADS * HEAD_SIZE)
     # Written, not just allocated: reading never-touched pages would read the shared zero page.
     kv = torch.ones(shape, dtype=torch.bfloat16)
-    out = torch.zeros(shape, dtype=torch.bfloat16)  # torch's own alignment: 64 bytes
+    # torch's own alignment is 64 bytes, but a plain buffer may still land on a 4 KiB boundary:
+    # start this one 64 bytes past one, so the unaligned rows never measure O_DIRECT by chance.
+    out = lmplug.aligned_empty(kv.nbytes + 64, pin_memory=False)[64:].view(torch.bfloat16).view(shape).zero_()
+    if out.data_ptr() % lmplug.IO_ALIGNMENT == 0:
+        raise RuntimeError("the unaligned retrieve buffer is 4 KiB-aligned")
     if kv.nbytes != sample_bytes:
         raise RuntimeError(f"geometry error: a prompt is {kv.nbytes} bytes, expected {sample_bytes}")
     # `stored` is stored by every store sample (and evicted after it, untimed); `held` is stored

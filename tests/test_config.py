@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -96,9 +97,26 @@ def test_bad_keys_are_named_by_path(mutate: Any, path: str) -> None:
     assert path in str(info.value)
 
 
-def test_unknown_environment_key_is_an_error() -> None:
-    with pytest.raises(ConfigError, match="chunk_sise: unknown key"):
-        load_config(make_config(), environ={"LMPLUG_CHUNK_SISE": "4"})
+def test_unknown_key_under_an_overridden_section_is_an_error() -> None:
+    with pytest.raises(ConfigError, match=r"model\.num_layrs: unknown key"):
+        load_config(make_config(), environ={"LMPLUG_MODEL__NUM_LAYRS": "4"})
+
+
+def test_bad_environment_value_of_a_key_is_an_error() -> None:
+    with pytest.raises(ConfigError, match="chunk_size: Input should be"):
+        load_config(make_config(), environ={"LMPLUG_CHUNK_SIZE": "many"})
+
+
+def test_variables_that_name_no_config_key_are_left_alone_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    environ = {"LMPLUG_VENV": "/opt/venv", "LMPLUG_SERVER_BACKEND": "trio", "LMPLUG_CHUNK_SIZE": "32"}
+    with caplog.at_level(logging.WARNING, logger="lmplug"):
+        config = load_config(make_config(), environ=environ)
+    assert config.chunk_size == 32
+    warnings = [record for record in caplog.records if record.levelno == logging.WARNING]
+    assert [record.name for record in warnings] == ["lmplug.config"] * 2
+    messages = [record.getMessage() for record in warnings]
+    assert sum("LMPLUG_SERVER_BACKEND" in message for message in messages) == 1
+    assert sum("LMPLUG_VENV" in message for message in messages) == 1
 
 
 def test_environment_index_out_of_range_is_an_error() -> None:
@@ -205,7 +223,9 @@ def test_example_stacks_are_valid(path: Path) -> None:
     assert planned
 
 
-def test_operational_variables_are_not_config_keys() -> None:
+def test_operational_variables_are_not_config_keys(caplog: pytest.LogCaptureFixture) -> None:
     environ = {"LMPLUG_RUNTIME_DIR": "/run/lmplug", "LMPLUG_SERVER_TOKEN": "secret", "LMPLUG_PLUGINS": "cpu"}
-    config = load_config(make_config(), environ=environ)
+    with caplog.at_level(logging.DEBUG, logger="lmplug"):
+        config = load_config(make_config(), environ=environ)
     assert config.chunk_size == 16
+    assert not caplog.records  # lmplug's own switches: no warning

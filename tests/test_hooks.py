@@ -199,6 +199,36 @@ async def test_hook_lmplug_store(stack: dict[str, Any]) -> None:
             assert await slot.contains(keys) == 2
 
 
+async def test_a_store_never_asks_a_write_behind_tier_what_it_holds(third_party_plugins: Path) -> None:
+    """Its contains may be a network round trip on the engine's path; its own store skips duplicates."""
+    layers = [{"type": "cpu", "capacity": "1MiB"}, {"type": "memo-behind", "name": "low"}]
+    config = make_config(layers, chunk_size=CHUNK)
+    async with lmplug.open_cache(config) as cache:
+        low = cache.pipeline.slots[1].tier
+        prompt = tokens(11, 2)
+        kv = reference_kv(prompt, config)
+        for _ in range(2):
+            assert await cache.store(prompt, kv) == 2 * CHUNK  # the second: L1 holds both, nothing is offered
+        await cache.evict(prompt, tiers=["cpu"])
+        assert await cache.store(prompt, kv) == 2 * CHUNK  # L1 lacks them: offered to every tier again
+        assert low.calls.get("contains", 0) == 0  # type: ignore[attr-defined]
+        assert low.calls["store"] == 2  # type: ignore[attr-defined]
+        assert len(low.data) == 2  # type: ignore[attr-defined]
+
+
+async def test_a_stack_of_write_behind_tiers_is_offered_every_chunk(third_party_plugins: Path) -> None:
+    config = make_config([{"type": "memo-behind", "name": "low"}], chunk_size=CHUNK)
+    async with lmplug.open_cache(config) as cache:
+        low = cache.pipeline.slots[0].tier
+        prompt = tokens(12, 2)
+        kv = reference_kv(prompt, config)
+        for _ in range(2):
+            assert await cache.store(prompt, kv) == 2 * CHUNK
+        assert low.calls.get("contains", 0) == 0  # type: ignore[attr-defined]
+        assert low.calls["store"] == 2  # type: ignore[attr-defined]
+        assert await cache.lookup(prompt) == 2 * CHUNK
+
+
 async def test_hook_lmplug_evict(stack: dict[str, Any]) -> None:
     async with lmplug.open_cache(stack) as cache:
         prompt = tokens(5, 2)

@@ -3,10 +3,16 @@
 The core validates its own keys here; each tier's options are validated by the config
 model its plugin registers (see :mod:`lmplug.core.composer`). Unknown keys are errors
 that name the key's path, e.g. ``tiers[0].capacty: unknown key``.
+
+An ``LMPLUG_*`` variable overrides a key only when its first segment names a top-level key:
+other programs use the prefix too (a user's ``LMPLUG_VENV``, lmplug-server's
+``LMPLUG_SERVER_BACKEND``), and a variable lmplug does not own must not stop an engine from
+starting. Such variables are left alone with a warning.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,6 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 
 from lmplug.core.units import Duration
 from lmplug.errors import ConfigError
+
+logger = logging.getLogger("lmplug.config")
 
 CONFIG_ENV = "LMPLUG_CONFIG"
 ENV_PREFIX = "LMPLUG_"
@@ -75,7 +83,9 @@ class LmplugConfig(StrictModel):
     """The whole configuration of one cache."""
 
     chunk_size: PositiveInt = Field(default=256, description="Tokens per chunk.")
-    save_partial_chunks: bool = Field(default=False, description="Also store a trailing partial chunk.")
+    save_partial_chunks: bool = Field(
+        default=False, description="Also store a trailing partial chunk (found again by prompts that extend it)."
+    )
     hash_algorithm: HashAlgorithm = "blake3"
     namespace: str | None = Field(
         default=None, description="Tenant salt: caches with different namespaces never share KV."
@@ -131,11 +141,18 @@ def _env_value(raw: str) -> object:
 
 
 def apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
-    """Return ``data`` with ``LMPLUG_A__B__0__C=value`` set at ``a.b[0].c`` (values parsed as YAML)."""
+    """Return ``data`` with ``LMPLUG_A__B__0__C=value`` set at ``a.b[0].c`` (values parsed as YAML).
+
+    Only variables whose ``A`` is a field of :class:`LmplugConfig` are overrides; any other
+    ``LMPLUG_*`` variable is logged at WARNING and left alone (:data:`CONTROL_ENV` silently).
+    """
     for variable in sorted(environ):
         if not variable.startswith(ENV_PREFIX) or variable in CONTROL_ENV:
             continue
         parts = [part.lower() for part in variable[len(ENV_PREFIX) :].split("__")]
+        if parts[0] not in LmplugConfig.model_fields:
+            logger.warning("ignoring environment variable %s: %r is not an lmplug config key", variable, parts[0])
+            continue
         if not all(parts):
             raise ConfigError(f"environment variable {variable} does not name a config key")
         node: Any = data
@@ -187,7 +204,7 @@ def load_config(source: ConfigSource = None, *, environ: Mapping[str, str] | Non
 
     ``source`` is a YAML path, a mapping, an existing config (returned as is), or ``None``
     to read the path in ``LMPLUG_CONFIG``. ``LMPLUG_*`` environment overrides apply to
-    paths and mappings.
+    paths and mappings (see :func:`apply_env_overrides`).
     """
     if isinstance(source, LmplugConfig):
         return source

@@ -40,7 +40,9 @@ class Capability(enum.Enum):
     SHARED = "shared"
     """Other processes or machines see what this tier stores."""
     WRITE_BEHIND = "write_behind"
-    """``lmplug_store`` queues the write and returns before it is durable."""
+    """``lmplug_store`` queues the write and returns before it is durable. A store never asks
+    such a tier which chunks it holds (its ``lmplug_contains`` may be slow): it is offered
+    chunks it may have already, and its queued writes skip those."""
     RETRIEVE_INTO = "retrieve_into"
     """The tier implements ``lmplug_retrieve_into``: it reads straight into a caller's KV buffer."""
 

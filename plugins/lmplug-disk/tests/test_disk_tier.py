@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -14,6 +15,7 @@ import torch
 
 import lmplug
 from lmplug.testing import reference_kv
+from lmplug_disk import files
 
 from disk_testing import CHUNK, CHUNK_FILE, chunk_files, disk_config, prompt, store_on_disk_only
 
@@ -81,6 +83,36 @@ async def test_store_returns_before_the_disk_write_and_queued_chunks_are_served(
         await disk_tier(cache).drain()
         assert cache.statistics().tiers[0].pending_writes == 0
         assert len(chunk_files(tmp_path)) == 4
+
+
+@pytest.mark.parametrize("cpu", [True, False], ids=["cpu+disk", "disk"])
+async def test_storing_the_same_tokens_again_writes_each_file_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cpu: bool
+) -> None:
+    """A store does not ask the (write-behind) disk what it holds: the tier skips what it has
+    queued or indexed itself."""
+    written: list[str] = []
+    write = files.write_chunk_file
+
+    def spy(path: Path, *args: Any, **kwargs: Any) -> None:
+        write(path, *args, **kwargs)
+        written.append(path.name)  # once written (a first write into a missing directory is retried)
+
+    monkeypatch.setattr(files, "write_chunk_file", spy)
+    config = disk_config(tmp_path, cpu=cpu)
+    async with lmplug.open_cache(config) as cache:
+        tokens = prompt(12, 3)
+        kv = reference_kv(tokens, config)
+        for _ in range(2):  # the second while the first is queued
+            assert await cache.store(tokens, kv) == len(tokens)
+        await disk_tier(cache).drain()
+        if cpu:
+            await cache.evict(tokens, tiers=["cpu"])  # L1 lacks them: the store offers them to the disk again
+        assert await cache.store(tokens, kv) == len(tokens)
+        await disk_tier(cache).drain()
+        assert sorted(written) == sorted(path.name for path in chunk_files(tmp_path))
+        assert len(written) == 3
+        assert cache.statistics().tiers[-1].stored == 3
 
 
 async def test_a_full_write_queue_skips_instead_of_blocking(tmp_path: Path) -> None:
@@ -238,6 +270,7 @@ async def test_a_full_disk_is_reported_once_and_the_engine_keeps_serving(
 PERMISSION_SCRIPT = """
 import json, sys, anyio, torch, lmplug
 from lmplug.testing import reference_kv
+from lmplug_disk import files
 
 config = json.loads(sys.argv[1])
 tokens = json.loads(sys.argv[2])
@@ -320,8 +353,6 @@ async def test_writes_wait_while_reads_are_in_flight(tmp_path: Path) -> None:
 async def test_large_chunks_are_read_in_parallel_segments(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, io_mode: str
 ) -> None:
-    from lmplug_disk import files
-
     monkeypatch.setattr(files, "SEGMENT", 4096)  # 7 KiB chunks: a full block and an unaligned tail each
     config = disk_config(tmp_path, cpu=True, io_mode=io_mode)
     config["model"].update(num_layers=7)
