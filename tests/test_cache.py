@@ -41,11 +41,101 @@ async def test_partial_chunks_are_cached_when_configured(config: dict[str, Any])
     config["save_partial_chunks"] = True
     async with lmplug.open_cache(config) as cache:
         tokens = prompt(2, 2 * CHUNK + 5)
-        assert await cache.store(tokens, reference_kv(tokens, config)) == len(tokens)
+        kv = reference_kv(tokens, config)
+        assert await cache.store(tokens, kv) == len(tokens)
         assert await cache.lookup(tokens) == len(tokens)
-        # A longer prompt shares the full chunks but not the partial one.
+        # A longer prompt that extends them (the next turn of a chat) finds the partial chunk too.
         longer = [*tokens, 1, 2, 3]
-        assert await cache.lookup(longer) == 2 * CHUNK
+        assert await cache.lookup(longer) == len(tokens)
+        out, count = await cache.retrieve(longer)
+        assert count == len(tokens)
+        assert torch.equal(out, kv)
+        buffer = torch.full((2, 2, len(longer), 8), -1.0)
+        _, count = await cache.retrieve(longer, out=buffer)
+        assert count == len(tokens)
+        assert torch.equal(buffer[:, :, : len(tokens)], kv)
+        # A prompt that differs inside the partial chunk does not (only whole chunks match).
+        other = [*tokens[:-1], tokens[-1] + 1, 1, 2]
+        assert await cache.lookup(other) == 2 * CHUNK
+        # Shorter than the partial chunk: its KV cannot be told apart from another prompt's.
+        assert await cache.lookup(tokens[:-2]) == 2 * CHUNK
+
+
+async def test_partial_chunks_are_off_when_configured_so(config: dict[str, Any]) -> None:
+    config["save_partial_chunks"] = False
+    async with lmplug.open_cache(config) as cache:
+        tokens = prompt(2, 2 * CHUNK + 5)
+        assert await cache.store(tokens, reference_kv(tokens, config)) == 2 * CHUNK
+        assert await cache.lookup([*tokens, 1]) == 2 * CHUNK
+
+
+async def test_a_partial_chunk_is_superseded_when_its_chunk_fills_up(config: dict[str, Any]) -> None:
+    config["save_partial_chunks"] = True
+    async with lmplug.open_cache(config) as cache:
+        conversation = prompt(6, 3 * CHUNK)
+        first = conversation[: CHUNK + 5]
+        await cache.store(first, reference_kv(first, config))
+        second = conversation[: CHUNK + 11]  # the same chunk, longer: replaces the 5-token one
+        await cache.store(second, reference_kv(second, config)[:, :, CHUNK:], start=CHUNK)
+        await anyio.sleep(0.01)  # superseded chunks are evicted in the background
+        assert cache.statistics().tiers[0].chunks == 2
+        assert await cache.lookup(conversation) == CHUNK + 11
+        whole = conversation[: 2 * CHUNK + 3]  # the chunk is full now
+        kv = reference_kv(whole, config)
+        await cache.store(whole, kv[:, :, CHUNK:], start=CHUNK)
+        await anyio.sleep(0.01)
+        assert cache.statistics().tiers[0].chunks == 3  # two full chunks and the new partial one
+        out, count = await cache.retrieve(conversation)
+        assert count == len(whole)
+        assert torch.equal(out, kv)
+
+
+async def test_a_lease_grows_as_lower_tiers_are_promoted(tmp_path: Any) -> None:
+    config = make_config(
+        [{"type": "cpu", "capacity": "1MiB"}, {"type": "disk", "path": str(tmp_path)}],
+        chunk_size=CHUNK,
+        save_partial_chunks=True,
+    )
+    async with lmplug.open_cache(config) as cache:
+        tokens = prompt(8, 4 * CHUNK + 3)
+        kv = reference_kv(tokens, config)
+        await cache.store(tokens, kv)
+        await cache.drain()
+        await cache.evict(tokens[: 4 * CHUNK], tiers=["cpu"])  # chunks 2.. only on disk now
+        await cache.evict(tokens[: 2 * CHUNK], tiers=["cpu"])
+        held = await cache.lookup(tokens)
+        assert held == len(tokens)
+        lease = await cache.start_lease(tokens)
+        assert not lease.ready.is_set() or lease.num_tokens == len(tokens)
+        with anyio.fail_after(5):
+            await lease.ready.wait()
+        assert lease.num_tokens == len(tokens)
+        assert sum(chunk.num_tokens for chunk in lease.chunks) == len(tokens)
+        got = torch.cat([chunk.tensor for chunk in lease.chunks], dim=2)
+        assert torch.equal(got, kv)
+        lease.release()
+        assert cache.statistics().tiers[0].chunks == 5  # promoted into host memory on the way
+
+
+async def test_a_lease_released_while_it_grows_leaks_nothing(tmp_path: Any) -> None:
+    config = make_config(
+        [{"type": "cpu", "capacity": "1MiB"}, {"type": "disk", "path": str(tmp_path)}], chunk_size=CHUNK
+    )
+    async with lmplug.open_cache(config) as cache:
+        tokens = prompt(9, 6 * CHUNK)
+        await cache.store(tokens, reference_kv(tokens, config))
+        await cache.drain()
+        await cache.evict(tokens, tiers=["cpu"])
+        lease = await cache.start_lease(tokens)
+        lease.release()
+        with anyio.fail_after(5):
+            await lease.ready.wait()
+        await anyio.sleep(0.05)
+        await cache.drain()
+        stats = cache.statistics()
+        assert stats.leases == 0
+        assert stats.tiers[0].pinned == 0
+        assert stats.allocator.used_bytes == stats.tiers[0].used_bytes
 
 
 async def test_retrieve_into_a_caller_buffer(config: dict[str, Any]) -> None:

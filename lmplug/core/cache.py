@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from types import TracebackType
 
 import anyio
+import numpy as np
 import torch
 
 from lmplug.core.composer import build_tier, plan_tiers
@@ -18,6 +19,7 @@ from lmplug.core.layout import KVLayout
 from lmplug.core.leases import Lease, LeaseTable
 from lmplug.core.memory import AllocatorStatistics, ChunkAllocator, HeapAllocator, KVChunk
 from lmplug.core.metrics import CacheMetrics
+from lmplug.core.partials import ROOT, PartialIndex
 from lmplug.core.reporting import ThrottledLog
 from lmplug.core.tier import Capability, TierStatistics
 from lmplug.core.transfer import copy_from_chunks, copy_into_chunks
@@ -71,6 +73,7 @@ class Cache:
         self.layout = KVLayout.from_model(self.config.model)
         self.keymaker = KeyMaker(self.config)
         self._leases = LeaseTable(self._lease_expired)
+        self._partials = PartialIndex()
         planned = plan_tiers(self.config, self.plugins)
         stack = AsyncExitStack()
         self._stack = stack
@@ -96,6 +99,7 @@ class Cache:
             self.pipeline = Pipeline(slots, self.layout, self._tier_failed)
             self.metrics = CacheMetrics(self._tier_statistics)
             task_group = await stack.enter_async_context(anyio.create_task_group())
+            self._task_group = task_group
             stack.callback(task_group.cancel_scope.cancel)
             stack.callback(self._leases.release_all)
             task_group.start_soon(self._leases.run)
@@ -137,13 +141,80 @@ class Cache:
             counts[-1] = num_tokens - (num_keys - 1) * size
         return counts
 
+    def _candidates(self, array: np.ndarray) -> tuple[list[ChunkKey], list[int]]:
+        """The keys a read of ``array`` tries first, and their token counts: every full chunk,
+        plus the trailing partial chunk as it stands (when partial chunks are kept)."""
+        keys = self.keymaker.chunk_keys(array)
+        return keys, self._token_counts(array.size, len(keys))
+
+    def _partials_at(self, array: np.ndarray, keys: Sequence[ChunkKey], position: int) -> list[tuple[ChunkKey, int]]:
+        """Partial chunks this cache stored at chunk ``position`` of ``array`` (after ``keys[position - 1]``)
+        whose tokens are ``array``'s tokens there: ``(key, tokens)``, longest first."""
+        if not self.config.save_partial_chunks:
+            return []
+        previous = keys[position - 1] if position else ROOT
+        entries = self._partials.at(previous)
+        if not entries:
+            return []
+        begin = position * self.config.chunk_size
+        room = array.size - begin
+        found: list[tuple[ChunkKey, int]] = []
+        for length in sorted(set(entries.values()), reverse=True):
+            if length <= room:
+                key = self.keymaker.key_after(previous, array[begin : begin + length])
+                if entries.get(key) == length:
+                    found.append((key, length))
+        return found
+
+    async def _held(self, array: np.ndarray) -> tuple[list[ChunkKey], list[int]]:
+        """The leading keys of ``array`` that the pipeline holds (no data moves), and their token counts."""
+        keys, sizes = self._candidates(array)
+        found = await self.pipeline.contains(keys) if keys else 0
+        if found == len(keys):
+            return keys, sizes
+        keys, sizes = keys[:found], sizes[:found]  # whole chunks only: a partial key is always last
+        for key, length in self._partials_at(array, keys, found):
+            if await self.pipeline.contains([key]):
+                return [*keys, key], [*sizes, length]
+            self._partials.discard(keys[found - 1] if found else ROOT, key)  # gone from every tier
+        return keys, sizes
+
+    def _note_stored(self, array: np.ndarray, keys: Sequence[ChunkKey], first: int, stop: int) -> None:
+        """Chunks ``first..stop-1`` of ``array`` are now cached: index the partial ones, and evict the
+        partial chunks they supersede (the same tokens, now part of a longer chunk)."""
+        if not self.config.save_partial_chunks:
+            return
+        size = self.config.chunk_size
+        superseded: list[ChunkKey] = []
+        for index in range(first, stop):
+            previous = keys[index - 1] if index else ROOT
+            begin = index * size
+            length = min(size, array.size - begin)
+            entries = self._partials.at(previous)
+            for key, shorter in entries.items():
+                if shorter < length and self.keymaker.key_after(previous, array[begin : begin + shorter]) == key:
+                    superseded.append(key)
+                    self._partials.discard(previous, key)
+            if length < size:
+                self._partials.add(previous, keys[index], length)
+        if superseded:
+            # Off the store path: a lower tier's evict may be a file unlink or a network call.
+            self._task_group.start_soon(self._evict_quietly, superseded)
+
+    async def _evict_quietly(self, keys: list[ChunkKey]) -> None:
+        if self._open:
+            await self.pipeline.evict(keys)
+
     async def lookup(self, tokens: object) -> int:
-        """How many leading tokens of ``tokens`` have their KV cached (contiguous from token 0)."""
+        """How many leading tokens of ``tokens`` have their KV cached (contiguous from token 0).
+
+        Besides whole chunks, a partial chunk this cache stored counts when ``tokens`` extend its
+        tokens (a prompt that continues an earlier prompt and its answer).
+        """
         self._check_open()
         array = canonical_tokens(tokens)
-        keys = self.keymaker.chunk_keys(array)
-        found = await self.pipeline.contains(keys) if keys else 0
-        hit = min(found * self.config.chunk_size, array.size)
+        _, sizes = await self._held(array)
+        hit = sum(sizes)
         counts = self.metrics.counts
         counts.lookups += 1
         counts.lookup_tokens += array.size
@@ -155,9 +226,13 @@ class Cache:
 
         ``start`` (a multiple of ``chunk_size``) skips chunks stored before, as an engine
         does when it saves a growing prompt step by step; ``kv`` then covers
-        ``tokens[start:]``. Chunks every tier already holds are skipped. Returns how many
-        leading tokens are cached after the call (fewer than offered when memory ran out:
-        a store never blocks and never evicts what is pinned or in use).
+        ``tokens[start:]``. Chunks that every tier consulted on this path already holds are
+        skipped (write-behind tiers skip duplicates themselves, off the caller's path). With
+        ``save_partial_chunks``, a trailing partial chunk is stored too, and a partial chunk
+        stored earlier whose tokens this store covers with a longer chunk is evicted (in the
+        background). Returns how many leading tokens are cached after the call (fewer than
+        offered when memory ran out: a store never blocks and never evicts what is pinned
+        or in use).
         """
         self._check_open()
         array = canonical_tokens(tokens)
@@ -186,6 +261,7 @@ class Cache:
         finally:
             for chunk in chunks:
                 chunk.release()
+        self._note_stored(array, keys, first, held + len(chunks))
         counts = self.metrics.counts
         counts.stores += 1
         for chunk in chunks:
@@ -206,8 +282,8 @@ class Cache:
         """
         self._check_open()
         array = canonical_tokens(tokens)
-        keys = self.keymaker.chunk_keys(array)
-        sizes = self._token_counts(array.size, len(keys))
+        keys, sizes = self._candidates(array)
+        size = self.config.chunk_size
         if out is not None:
             if out.dim() != 4 or out.shape[2] < array.size:
                 raise KVShapeError(f"out has shape {list(out.shape)}; it must cover {array.size} tokens")
@@ -216,12 +292,26 @@ class Cache:
             if keys:
                 target = out if out.shape[2] == array.size else out.narrow(2, 0, array.size)
                 num_tokens = await self.pipeline.retrieve_into(keys, sizes, target)
+                if num_tokens < array.size and num_tokens % size == 0:
+                    full = num_tokens // size
+                    for key, length in self._partials_at(array, keys, full):
+                        rest = target.narrow(2, num_tokens, length)
+                        if await self.pipeline.retrieve_into([key], [length], rest):
+                            num_tokens += length
+                            break
                 if out.is_cuda:
                     torch.cuda.current_stream(out.device).synchronize()
         else:
             chunks = await self.pipeline.retrieve(keys, sizes) if keys else []
             try:
                 num_tokens = sum(chunk.num_tokens for chunk in chunks)
+                if num_tokens < array.size and num_tokens % size == 0:
+                    for key, length in self._partials_at(array, keys, len(chunks)):
+                        more = await self.pipeline.retrieve([key], [length])
+                        if more:
+                            chunks += more
+                            num_tokens += length
+                            break
                 out = torch.empty(self.layout.shape(num_tokens), dtype=self.layout.dtype)
                 copy_from_chunks(chunks, out)
             finally:
@@ -236,15 +326,46 @@ class Cache:
     async def lease(self, tokens: object, *, ttl: float | None = None) -> Lease:
         """Pin the leading cached chunks of ``tokens`` in host memory for ``ttl`` seconds or until released.
 
-        Chunks found in lower tiers are promoted on the way, so a later :meth:`retrieve`
-        of the leased tokens is served from memory. ``lease.num_tokens`` may be 0.
+        Chunks found in lower tiers are promoted on the way, so the lease holds every chunk
+        when this returns (:meth:`start_lease` returns before the promotion is done).
+        ``lease.num_tokens`` may be 0.
+        """
+        lease = await self.start_lease(tokens, ttl=ttl)
+        await lease.ready.wait()
+        return lease
+
+    async def start_lease(self, tokens: object, *, ttl: float | None = None) -> Lease:
+        """A lease over the leading cached chunks of ``tokens`` that host memory holds now (no I/O).
+
+        The pipeline is asked what it holds (``contains``; no data moves); chunks that only
+        lower tiers hold are promoted in the background, in the cache's task group, and
+        added to the lease as they arrive (``lease.num_tokens`` grows, contiguously);
+        ``lease.ready`` is set when nothing more will come. Releasing the lease early is
+        safe: chunks that arrive later are released at once.
         """
         self._check_open()
         array = canonical_tokens(tokens)
-        keys = self.keymaker.chunk_keys(array)
-        chunks = await self.pipeline.retrieve(keys, self._token_counts(array.size, len(keys))) if keys else []
-        num_tokens = sum(chunk.num_tokens for chunk in chunks)
-        return self._leases.grant(chunks, num_tokens, self.config.lease_timeout if ttl is None else ttl)
+        keys, sizes = await self._held(array)
+        lease = self._leases.grant([], 0, self.config.lease_timeout if ttl is None else ttl)
+
+        def sink(chunks: list[KVChunk]) -> None:
+            lease.extend(chunks, sum(chunk.num_tokens for chunk in chunks))
+
+        taken = await self.pipeline.take_resident(keys, sizes, sink) if keys else 0
+        if taken < len(keys):
+            self._task_group.start_soon(self._promote_into, lease, keys[taken:], sizes[taken:], sink)
+        else:
+            lease.ready.set()
+        return lease
+
+    async def _promote_into(
+        self, lease: Lease, keys: list[ChunkKey], sizes: list[int], sink: Callable[[list[KVChunk]], None]
+    ) -> None:
+        try:
+            if lease.active:
+                await self.pipeline.retrieve(keys, sizes, sink)
+        finally:
+            lease.ready.set()
 
     async def evict(self, tokens: object, *, tiers: Sequence[str] | None = None) -> dict[str, int]:
         """Drop the chunks of ``tokens`` from every tier (or the named ones); chunks dropped per tier."""

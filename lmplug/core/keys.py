@@ -168,6 +168,13 @@ class KeyMaker:
         """
         return self.chunk_keys(canonical_tokens(tokens), limit)
 
+    def key_after(self, previous: bytes, array: np.ndarray) -> ChunkKey:
+        """The key of a chunk holding ``array`` (canonical tokens, possibly fewer than a full
+        chunk) that follows the chunk keyed ``previous`` (``b""``: the first chunk). Equal to
+        what :meth:`chunk_keys` yields for the same chunk in place."""
+        digest = previous[FINGERPRINT_BYTES:] if previous else self.root
+        return ChunkKey(self.fingerprint + self._chain(digest, array.data.cast("B")))
+
     def chunk_keys(self, array: np.ndarray, limit: int | None = None) -> list[ChunkKey]:
         """:meth:`keys` for an array that :func:`canonical_tokens` already produced."""
         count = self.num_chunks(array.size)

@@ -18,9 +18,14 @@ from lmplug.core.memory import KVChunk
 
 
 class Lease:
-    """A promise that the KV of the leading :attr:`num_tokens` tokens stays in host memory."""
+    """A promise that the KV of the leading :attr:`num_tokens` tokens stays in host memory.
 
-    __slots__ = ("_chunks", "_on_release", "deadline", "lease_id", "num_tokens")
+    A lease may grow after it is granted: :meth:`lmplug.Cache.lease` first pins what host
+    memory holds, then extends the lease as chunks of lower tiers arrive (:meth:`extend`),
+    and sets :attr:`ready` when nothing more will come.
+    """
+
+    __slots__ = ("_chunks", "_on_release", "deadline", "lease_id", "num_tokens", "ready")
 
     def __init__(
         self,
@@ -35,6 +40,8 @@ class Lease:
         self.deadline = deadline
         self._chunks = chunks
         self._on_release = on_release
+        self.ready = anyio.Event()
+        """Set once the lease will not grow any more (promotion finished, failed or was cut short)."""
         for chunk in chunks:
             chunk.pin()
 
@@ -46,9 +53,24 @@ class Lease:
     def chunks(self) -> tuple[KVChunk, ...]:
         return tuple(self._chunks or ())
 
+    def extend(self, chunks: list[KVChunk], num_tokens: int) -> None:
+        """Take over ``chunks`` (their references), which cover the next ``num_tokens`` tokens.
+
+        On a released lease the chunks are released at once.
+        """
+        if self._chunks is None:
+            for chunk in chunks:
+                chunk.release()
+            return
+        for chunk in chunks:
+            chunk.pin()
+        self._chunks.extend(chunks)
+        self.num_tokens += num_tokens
+
     def release(self) -> None:
         """Unpin and release every chunk. Idempotent."""
         chunks = self._chunks
+        self.ready.set()
         if chunks is None:
             return
         self._chunks = None  # type: ignore[assignment]

@@ -95,6 +95,10 @@ class SyncCache:
         """Run ``function()`` on the cache's loop thread (to touch cache internals safely)."""
         return self._portal_or_raise().call(function)
 
+    def call(self, function: Callable[..., Awaitable[T]], *args: object) -> T:
+        """Run ``await function(*args)`` on the cache's loop thread and return its result."""
+        return self._portal_or_raise().call(function, *args)
+
     def start_background(self, function: Callable[..., Awaitable[object]]) -> None:
         """Run ``await function(task_status=...)`` on the cache's loop until it returns or the cache
         closes; returns once the function calls ``task_status.started()`` (it is ready)."""

@@ -133,9 +133,18 @@ class Pipeline:
         return position
 
     async def held_by_all(self, keys: Sequence[ChunkKey]) -> int:
-        """Leading keys that every tier already holds (what a store can skip)."""
+        """Leading keys that every tier without :attr:`Capability.WRITE_BEHIND` already holds
+        (what a store can skip).
+
+        Write-behind tiers are not asked: their ``contains`` may be slow (a remote EXISTS)
+        and a store is on the engine's critical path, while their queued writes skip what
+        they hold already, off that path. A stack of write-behind tiers only skips nothing: 0.
+        """
+        asked = [slot for slot in self.slots if Capability.WRITE_BEHIND not in slot.tier.capabilities]
+        if not asked:
+            return 0
         held = len(keys)
-        for slot in self.slots:
+        for slot in asked:
             try:
                 held = min(held, await slot.contains(keys[:held]))
             except Exception as exc:
@@ -145,23 +154,46 @@ class Pipeline:
                 break
         return held
 
-    async def retrieve(self, keys: Sequence[ChunkKey], token_counts: Sequence[int]) -> list[KVChunk]:
-        """Chunks for the leading keys, each with one reference for the caller (waterfall + promotion)."""
+    async def retrieve(
+        self,
+        keys: Sequence[ChunkKey],
+        token_counts: Sequence[int],
+        sink: Callable[[list[KVChunk]], None] | None = None,
+    ) -> list[KVChunk]:
+        """Chunks for the leading keys, each with one reference for the caller (waterfall + promotion).
+
+        With ``sink``, each tier's chunks are handed to it (references and all) as soon as they
+        are checked, before they are promoted, and the call returns ``[]``: a caller that is
+        cancelled part-way keeps what arrived (a lease that grows), and nothing leaks.
+        """
         total = len(keys)
         served: list[KVChunk] = []
+        position = 0
         progress = True
-        while progress and len(served) < total:
+        # Several passes: a tier may hold later keys but miss an earlier one that a tier
+        # below holds; after that one is served, the tier above is asked again.
+        while progress and position < total:
             progress = False
             for index, slot in enumerate(self.slots):
-                position = len(served)
                 if position >= total:
                     break
-                chunks = await self._chunks(index, slot, keys, token_counts, position)
+                chunks = await self._chunks(index, slot, keys, token_counts, position, sink)
                 if not chunks:
                     continue
-                served.extend(chunks)
+                if sink is None:
+                    served.extend(chunks)
+                position += len(chunks)
                 progress = True
         return served
+
+    async def take_resident(
+        self, keys: Sequence[ChunkKey], token_counts: Sequence[int], sink: Callable[[list[KVChunk]], None]
+    ) -> int:
+        """Hand ``sink`` the leading chunks of ``keys`` that the first tier holds when that tier is host
+        memory (it provides the allocator: no I/O); how many. Nothing is promoted, no other tier is asked."""
+        if not self.slots or Capability.PROVIDES_ALLOCATOR not in self.slots[0].tier.capabilities:
+            return 0
+        return len(await self._chunks(0, self.slots[0], keys, token_counts, 0, sink))
 
     async def retrieve_into(self, keys: Sequence[ChunkKey], token_counts: Sequence[int], out: torch.Tensor) -> int:
         """Write the KV of the leading keys into ``out`` (which covers their tokens); how many tokens.
@@ -207,9 +239,19 @@ class Pipeline:
         return filled
 
     async def _chunks(
-        self, index: int, slot: TierSlot, keys: Sequence[ChunkKey], token_counts: Sequence[int], position: int
+        self,
+        index: int,
+        slot: TierSlot,
+        keys: Sequence[ChunkKey],
+        token_counts: Sequence[int],
+        position: int,
+        sink: Callable[[list[KVChunk]], None] | None = None,
     ) -> list[KVChunk]:
-        """``keys[position:]`` from the tier at ``index``: its valid leading chunks, promoted into the tiers above."""
+        """``keys[position:]`` from the tier at ``index``: its valid leading chunks, promoted into the tiers above.
+
+        With ``sink``, the chunks go to it (with their references) before the promotion, which
+        only reads them; the list returned then holds no references of its own.
+        """
         wanted = keys[position:] if position else keys
         try:
             chunks = await slot.retrieve(wanted)
@@ -217,8 +259,21 @@ class Pipeline:
             self._failed(slot, "retrieve", exc)
             return []
         chunks = self._valid_prefix(slot, chunks, token_counts, position)
-        if chunks and index:
-            await self._promote(index, slot.name, wanted[: len(chunks)], chunks)
+        if not chunks:
+            return chunks
+        if sink is None:
+            if index:
+                await self._promote(index, slot.name, wanted[: len(chunks)], chunks)
+            return chunks
+        # The sink's owner may let go of the chunks while they are promoted: keep them alive until then.
+        reading = [chunk.acquire() for chunk in chunks]
+        try:
+            sink(chunks)
+            if index:
+                await self._promote(index, slot.name, wanted[: len(chunks)], reading)
+        finally:
+            for chunk in reading:
+                chunk.release()
         return chunks
 
     async def _retrieve_into(
