@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import socket
-import struct
+import time
 from pathlib import Path
 
 import pytest
 
 import lmplug
-from lmplug.integrations.vllm.lookup import REPLY, LookupClient, LookupServer
+from lmplug.integrations.vllm.lookup import REPLY, REQUEST, LookupClient, LookupServer
 from lmplug.testing import make_config, reference_kv
 
 CHUNK = 16
@@ -38,10 +38,13 @@ def test_lookups_lease_until_released(tmp_path: Path, backend: str) -> None:
         # A malformed frame closes that connection only; the next lookup reconnects.
         raw = socket.socket(socket.AF_UNIX)
         raw.connect(str(path))
-        raw.sendall(struct.pack("<4sHI", b"JUNK", 0, 0))
+        raw.sendall(REQUEST.pack(b"JUNK", 0, 0, 0))
         assert raw.recv(REPLY.size) == b""
         raw.close()
         assert client.lookup("req-3", tokens) == 3 * CHUNK
+        stats = client.statistics()
+        assert stats["lookups"]["count"] == 3  # type: ignore[index]
+        assert stats["lookups"]["samples"] == 2  # type: ignore[index]  # each lookup reports the one before
         client.close()
     assert not path.exists()  # the socket is removed when the cache closes
 
@@ -51,3 +54,57 @@ def test_no_worker_is_a_miss(tmp_path: Path, caplog: pytest.LogCaptureFixture) -
     assert client.lookup("req", list(range(100))) == 0
     assert client.lookup("req", list(range(100))) == 0
     assert len([r for r in caplog.records if "lookup channel failed" in r.getMessage()]) == 1
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_lower_tier_hit_is_pending_until_promoted_and_never_blocks(tmp_path: Path, backend: str) -> None:
+    config = make_config(
+        [{"type": "cpu", "capacity": "1MiB"}, {"type": "disk", "path": str(tmp_path / "kv")}], chunk_size=CHUNK
+    )
+    path = tmp_path / "lookup.sock"
+    tokens = list(range(6 * CHUNK))
+    with lmplug.SyncCache(config, backend=backend) as cache:  # type: ignore[arg-type]
+        cache.store(tokens, reference_kv(tokens, config))
+        cache.drain()
+        cache.evict(tokens, tiers=["cpu"])  # on disk only
+        server = LookupServer(cache.cache, path, wait=0.0)  # answer at once: pending
+        cache.start_background(server.serve)
+        client = LookupClient(path, timeout=5)
+        assert client.lookup("req", tokens) is None  # being promoted; vLLM asks again next step
+        answers = []
+        for _ in range(200):
+            answer = client.lookup("req", tokens)
+            answers.append(answer)
+            if answer is not None:
+                break
+            time.sleep(0.01)
+        assert answers[-1] == 6 * CHUNK
+        lease = cache.run_sync(lambda: server.lease("req"))
+        assert lease is not None
+        assert sum(chunk.num_tokens for chunk in lease.chunks) == 6 * CHUNK
+        assert cache.statistics().tiers[0].chunks == 6  # promoted into host memory
+        cache.run_sync(lambda: server.release("req"))
+        assert cache.statistics().leases == 0
+        client.close()
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_past_the_deadline_a_lookup_answers_what_arrived(tmp_path: Path, backend: str) -> None:
+    config = make_config(
+        [{"type": "cpu", "capacity": "1MiB"}, {"type": "disk", "path": str(tmp_path / "kv")}], chunk_size=CHUNK
+    )
+    path = tmp_path / "lookup.sock"
+    tokens = list(range(4 * CHUNK))
+    with lmplug.SyncCache(config, backend=backend) as cache:  # type: ignore[arg-type]
+        cache.store(tokens, reference_kv(tokens, config))
+        cache.drain()
+        cache.evict(tokens[2 * CHUNK :], tiers=["cpu"])  # the last two chunks are on disk only
+        cache.evict(list(range(10_000, 10_000 + 4 * CHUNK)), tiers=["cpu"])
+        server = LookupServer(cache.cache, path, wait=0.0, deadline=0.0)
+        cache.start_background(server.serve)
+        client = LookupClient(path, timeout=5)
+        hit = client.lookup("req", tokens)
+        assert hit is not None  # past the deadline: never pending
+        assert 2 * CHUNK <= hit <= 4 * CHUNK  # host memory's share at least
+        cache.run_sync(lambda: server.release_all())
+        client.close()

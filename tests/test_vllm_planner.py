@@ -17,14 +17,14 @@ CHUNK = 16
 class FixedLookup:
     """A lookup channel answering a fixed hit (the worker's side is tested in test_vllm_lookup)."""
 
-    def __init__(self, hit: int) -> None:
+    def __init__(self, hit: int | None) -> None:
         self.hit = hit
         self.asked: list[tuple[str, int]] = []
         self.released: list[str] = []
 
-    def lookup(self, request_id: str, tokens: list[int]) -> int:
+    def lookup(self, request_id: str, tokens: list[int]) -> int | None:
         self.asked.append((request_id, len(tokens)))
-        return min(self.hit, len(tokens))
+        return None if self.hit is None else min(self.hit, len(tokens))
 
     def release(self, request_id: str) -> None:
         self.released.append(request_id)
@@ -33,8 +33,14 @@ class FixedLookup:
         return None
 
 
-def request(request_id: str, length: int, computed: int = 0) -> Any:
-    return SimpleNamespace(request_id=request_id, prompt_token_ids=list(range(length)), num_computed_tokens=computed)
+def request(request_id: str, length: int, computed: int = 0, output: int = 0) -> Any:
+    prompt = list(range(length))
+    return SimpleNamespace(
+        request_id=request_id,
+        prompt_token_ids=prompt,
+        all_token_ids=prompt + list(range(9000, 9000 + output)),
+        num_computed_tokens=computed,
+    )
 
 
 def step(new: list[Any] = (), cached: Any = None, scheduled: dict[str, int] | None = None) -> Any:  # type: ignore[assignment]
@@ -44,9 +50,9 @@ def step(new: list[Any] = (), cached: Any = None, scheduled: dict[str, int] | No
     )
 
 
-def planner(hit: int) -> tuple[SchedulerSide, FixedLookup]:
+def planner(hit: int | None, *, partial: bool = False) -> tuple[SchedulerSide, FixedLookup]:
     lookup = FixedLookup(hit)
-    return SchedulerSide(lookup, CHUNK, save_partial_chunks=False), lookup  # type: ignore[arg-type]
+    return SchedulerSide(lookup, CHUNK, save_partial_chunks=partial), lookup
 
 
 def test_a_hit_becomes_a_load_and_never_covers_the_last_token() -> None:
@@ -109,7 +115,55 @@ def test_finished_and_aborted_requests_release_their_lease() -> None:
     side, lookup = planner(hit=2 * CHUNK)
     req = request("a", 4 * CHUNK)
     side.num_new_matched_tokens(req, 0)
-    side.finished("a")  # aborted before allocation
+    assert side.finished(req, []) is False  # aborted before allocation: nothing to save
     # Released at once over the lookup channel: no later step may come to carry it.
     assert lookup.released == ["a"]
     assert side.build(step()).releases == []
+
+
+def test_a_pending_lookup_asks_vllm_to_ask_again() -> None:
+    side, lookup = planner(hit=None)
+    req = request("a", 4 * CHUNK)
+    assert side.num_new_matched_tokens(req, 0) is None  # lower tiers are being read
+    lookup.hit = 2 * CHUNK
+    assert side.num_new_matched_tokens(req, 0) == 2 * CHUNK
+
+
+def test_every_tensor_parallel_rank_must_hold_the_tokens() -> None:
+    ranks = [FixedLookup(3 * CHUNK), FixedLookup(CHUNK), FixedLookup(None)]
+    side = SchedulerSide(ranks, CHUNK, save_partial_chunks=True)
+    req = request("a", 4 * CHUNK)
+    assert side.num_new_matched_tokens(req, 0) is None  # one rank still promoting
+    ranks[2].hit = 4 * CHUNK
+    assert side.num_new_matched_tokens(req, 0) == CHUNK  # what every rank can supply
+    side.finished(req, [])
+    assert [rank.released for rank in ranks] == [["a"]] * 3
+
+
+def test_a_finished_request_saves_the_rest_of_its_prompt_and_its_answer() -> None:
+    side, _ = planner(hit=0, partial=True)
+    req = request("a", 2 * CHUNK + 5, output=20)
+    assert side.num_new_matched_tokens(req, 0) == 0
+    side.after_alloc(req, [1, 2], 0)
+    new = SimpleNamespace(req_id="a", prompt_token_ids=req.prompt_token_ids, block_ids=([1, 2],), num_computed_tokens=0)
+    assert [(s.start, s.end) for s in side.build(step([new], scheduled={"a": 2 * CHUNK + 5})).saves] == [(0, 2 * CHUNK)]
+    req.num_computed_tokens = 2 * CHUNK + 5 + 19  # the last answer token was sampled, never fed
+    assert side.finished(req, [1, 2, 3, 4]) is True  # vLLM keeps the blocks for one more step
+    # A new turn of the same conversation waits one step for that save.
+    follow_up = request("b", 4 * CHUNK)
+    assert side.num_new_matched_tokens(follow_up, 0) is None
+    plan = side.build(step())
+    (save,) = plan.saves
+    assert (save.start, save.end, save.block_ids) == (2 * CHUNK, 2 * CHUNK + 24, [1, 2, 3, 4])
+    assert save.tokens == req.all_token_ids[:-1]
+    assert plan.finished == ["a"]
+    assert side.num_new_matched_tokens(follow_up, 0) == 0
+
+
+def test_without_partial_chunks_a_finished_request_frees_its_blocks_at_once() -> None:
+    side, _ = planner(hit=0)
+    req = request("a", 2 * CHUNK + 5, output=20)
+    side.num_new_matched_tokens(req, 0)
+    side.after_alloc(req, [1, 2], 0)
+    req.num_computed_tokens = 2 * CHUNK + 24
+    assert side.finished(req, [1, 2, 3, 4]) is False

@@ -6,8 +6,10 @@ vLLM calls the connector under ``torch.inference_mode()``, so these tests do too
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 import torch
 
@@ -39,6 +41,17 @@ def worker(tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> Iterator[Worker
     side.close()
 
 
+def lease(worker: WorkerSide, request_id: str, tokens: list[int]) -> int:
+    """What the scheduler's lookup does first: lease the tokens for ``request_id`` (waiting out a promotion)."""
+    array = np.asarray(tokens, dtype="<i4")
+    for _ in range(500):
+        hit = worker.cache.call(worker.server.lookup, request_id, array)
+        if hit is not None:
+            return int(hit)
+        time.sleep(0.01)
+    raise AssertionError("the lookup stayed pending")
+
+
 def names(worker: WorkerSide) -> list[str]:
     return sorted(worker.index, key=worker.index.__getitem__)
 
@@ -67,6 +80,7 @@ def test_saves_gather_layer_by_layer_and_loads_land_layer_by_layer(worker: Worke
     for layer in worker.layers:
         layer.zero_()
     other = [30, 31, 32, 33, 34]
+    assert lease(worker, "b", tokens[: 2 * CHUNK]) == 2 * CHUNK
     with torch.inference_mode():
         plan = StepPlan(loads=[LoadSpec("b", tokens[: 2 * CHUNK], other, 0, 2 * CHUNK)])
         worker.start_load(plan)
@@ -81,11 +95,13 @@ def test_saves_gather_layer_by_layer_and_loads_land_layer_by_layer(worker: Worke
     assert torch.equal(read_back(worker, other, 2 * CHUNK), kv[:, :, : 2 * CHUNK])
     assert worker.take_failed_blocks() == set()
     assert worker.transfers.loaded_bytes == kv[:, :, : 2 * CHUNK].numel() * 4
+    assert worker.cache.statistics().leases == 0  # released once loaded
 
 
 def test_layers_vllm_never_asked_for_are_recomputed(worker: WorkerSide) -> None:
     tokens = list(range(500, 500 + CHUNK))
     worker.cache.store(tokens, torch.randn(2, LAYERS, CHUNK, HEADS * DIM))
+    assert lease(worker, "c", tokens) == CHUNK
     with torch.inference_mode():
         worker.start_load(StepPlan(loads=[LoadSpec("c", tokens, [4, 9], 0, CHUNK)]))
         worker.wait_for_layer(names(worker)[0])  # the other layers never ask
@@ -96,6 +112,7 @@ def test_layers_vllm_never_asked_for_are_recomputed(worker: WorkerSide) -> None:
 def test_undelivered_promises_are_reported(worker: WorkerSide) -> None:
     tokens = list(range(900, 900 + 2 * CHUNK))
     worker.cache.store(tokens[:CHUNK], torch.randn(2, LAYERS, CHUNK, HEADS * DIM))
+    assert lease(worker, "d", tokens) == CHUNK
     with torch.inference_mode():
         worker.start_load(StepPlan(loads=[LoadSpec("d", tokens, [1, 2, 3, 4], 0, 2 * CHUNK)]))
         for name in names(worker):
@@ -104,45 +121,76 @@ def test_undelivered_promises_are_reported(worker: WorkerSide) -> None:
     assert worker.take_failed_blocks() == {3, 4}  # the second chunk was promised but is not there
 
 
-def test_loads_land_in_4k_aligned_staging_that_a_disk_tier_reads_into(
-    tmp_path: object, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Each request's KV starts on a 4 KiB boundary of the staging buffer, so a disk-only stack
-    reads its files straight into it with O_DIRECT (rows of 64 tokens x 16 floats = 4 KiB)."""
+def test_a_miss_leaves_vllms_kv_untouched(worker: WorkerSide) -> None:
+    """A load whose lease is gone (expired, or never granted) writes nothing into vLLM's blocks."""
+    for layer in worker.layers:
+        layer.normal_()
+    before = [layer.clone() for layer in worker.layers]
+    tokens = list(range(3000, 3000 + 2 * CHUNK))
+    assert lease(worker, "e", tokens) == 0
+    with torch.inference_mode():
+        worker.start_load(StepPlan(loads=[LoadSpec("e", tokens, [1, 2, 3, 4], 0, 2 * CHUNK)]))
+        for name in names(worker):
+            worker.wait_for_layer(name)
+        worker.save(StepPlan())
+    assert all(torch.equal(a, b) for a, b in zip(before, worker.layers, strict=True))
+    assert worker.take_failed_blocks() == {1, 2, 3, 4}
+
+
+def test_a_partial_tail_saved_at_finish_is_loaded_into_scattered_blocks(worker: WorkerSide) -> None:
+    """The rest of a finished request (a partial chunk) is saved, reported as sent, and a longer
+    prompt loads it back, whole blocks and odd tokens alike, into blocks that are not consecutive."""
+    tokens = list(range(4000, 4000 + CHUNK + 21))  # one chunk and 21 tokens: 3 whole blocks and 5 tokens
+    kv = torch.randn(2, LAYERS, len(tokens), HEADS * DIM)
+    blocks = [5, 6, 7, 8]
+    assert worker.layout is not None
+    worker.layout.scatter(worker.layers, worker._slots(blocks, 0, len(tokens)), kv)
+    with torch.inference_mode():
+        worker.start_load(StepPlan())
+        plan = StepPlan(saves=[SaveSpec("f", tokens, blocks, 0, len(tokens))], finished=["f"])
+        worker.save(plan)
+    assert worker.take_finished_saves() == {"f"}
+    longer = [*tokens, 1, 2, 3]
+    assert lease(worker, "g", longer) == len(tokens)
+    other = [30, 12, 31, 2]
+    with torch.inference_mode():
+        worker.start_load(StepPlan(loads=[LoadSpec("g", longer[: len(tokens)], other, 0, len(tokens))]))
+        for name in names(worker):
+            worker.wait_for_layer(name)
+        worker.save(StepPlan())
+    assert torch.equal(read_back(worker, other, len(tokens)), kv)
+    assert worker.take_failed_blocks() == set()
+
+
+def test_a_disk_only_stack_loads_through_the_lease(tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No host-memory tier: the lookup reads the files in the background (pending until then) and the
+    load writes the lease's chunks into vLLM's blocks."""
     monkeypatch.setenv("LMPLUG_RUNTIME_DIR", str(tmp_path))
-    chunk = 64
     config = load_config(
         {
-            "chunk_size": chunk,
-            "save_partial_chunks": True,
+            "chunk_size": CHUNK,
             "model": {"name": "t", "num_layers": LAYERS, "num_kv_heads": HEADS, "head_size": DIM, "dtype": "float32"},
-            "tiers": [{"type": "disk", "path": f"{tmp_path}/kv", "io_mode": "direct"}],
+            "tiers": [{"type": "disk", "path": f"{tmp_path}/kv"}],
         }
     )
     side = WorkerSide(config, f"worker-test-{next(_engines)}", BLOCK)
     layout = CpuLayout(HEADS, DIM, BLOCK)
     side.register({f"model.layers.{i}.self_attn.attn": torch.zeros(layout.cache_shape(40)) for i in range(LAYERS)})
     try:
-        first, second = list(range(1, 1 + chunk + 5)), list(range(7000, 7000 + 2 * chunk))
-        kv_first = torch.randn(2, LAYERS, len(first), HEADS * DIM)
-        kv_second = torch.randn(2, LAYERS, len(second), HEADS * DIM)
-        side.cache.store(first, kv_first)
-        side.cache.store(second, kv_second)
+        tokens = list(range(1, 1 + 2 * CHUNK + 5))
+        kv = torch.randn(2, LAYERS, len(tokens), HEADS * DIM)
+        side.cache.store(tokens, kv)
         side.cache.drain()
+        assert lease(side, "a", tokens) == len(tokens)
+        blocks = list(range(10, 15))
         with torch.inference_mode():
-            # The first request's rows are not whole 4 KiB blocks (69 tokens): the second still starts on one.
-            loads = [
-                LoadSpec("a", first, list(range(5)), 0, len(first)),
-                LoadSpec("b", second, list(range(8, 16)), 0, len(second)),
-            ]
-            plan = StepPlan(loads=loads)
-            side.start_load(plan)
-            assert [load.kv.data_ptr() % 4096 for load in side._loads] == [0, 0]
+            side.start_load(StepPlan(loads=[LoadSpec("a", tokens, blocks, 0, len(tokens))]))
             for name in names(side):
                 side.wait_for_layer(name)
             side.save(StepPlan())
-        assert torch.equal(read_back(side, list(range(5)), len(first)), kv_first)
-        assert torch.equal(read_back(side, list(range(8, 16)), len(second)), kv_second)
+        assert torch.equal(read_back(side, blocks, len(tokens)), kv)
         assert side.take_failed_blocks() == set()
+        assert side.cache.statistics().leases == 0
+        assert side.cache.statistics().allocator.used_bytes == 0  # the heap chunks went with the lease
     finally:
         side.close()

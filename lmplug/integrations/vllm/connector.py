@@ -4,13 +4,16 @@ Select it with ``--kv-transfer-config '{"kv_connector":"LMPlugConnector","kv_rol
 (lmplug registers the name through vLLM's ``vllm.general_plugins`` entry point) and point
 ``LMPLUG_CONFIG`` (or ``kv_connector_extra_config["lmplug_config"]``) at a stack.
 
-vLLM builds one instance per role. The scheduler instance (EngineCore process) asks the
-worker's cache over a Unix socket how many leading prompt tokens it can supply (leasing
-them), and plans each step's loads, saves and lease releases. The worker instance owns
-the cache: it fetches leased KV before the forward and writes it into vLLM's blocks layer
-by layer as attention reaches each layer; it gathers newly computed full chunks layer by
-layer and stores them after the forward. Any lmplug failure becomes recompute, never a
-wrong answer.
+vLLM builds one instance per role. The scheduler instance (EngineCore process) asks each
+worker's cache (one per tensor-parallel rank) over a Unix socket how many leading prompt
+tokens it can supply; the lookup moves no data and leases what it found (a lower tier's
+chunks are promoted while the request waits: vLLM is told to ask again next step). It
+plans each step's loads, saves and lease releases. The worker instance owns the cache: it
+writes the leased chunks into vLLM's blocks layer by layer as attention reaches each
+layer; it gathers newly computed full chunks layer by layer and stores them after the
+forward; when a request finishes, vLLM keeps its blocks one more step while the rest of
+its KV (the partial last chunk and the generated answer, all but the last token) is
+saved. Any lmplug failure becomes recompute, never a wrong answer.
 """
 
 from __future__ import annotations
@@ -51,7 +54,8 @@ class LMPlugMetadata(KVConnectorMetadata):
 class LMPlugConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: Any = None) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
-        config = engine_config(vllm_config)
+        rank = _tensor_parallel_rank() if role == KVConnectorRole.WORKER else 0
+        config = engine_config(vllm_config, rank)
         transfer = vllm_config.kv_transfer_config
         engine_id = str(transfer.engine_id if transfer is not None else "default")
         block_size = int(vllm_config.cache_config.block_size)
@@ -63,15 +67,16 @@ class LMPlugConnector(KVConnectorBase_V1):
                 # cannot be delivered is a miss to recompute, never a failed request.
                 logger.info("lmplug: setting kv_load_failure_policy to 'recompute' (a cache miss is never fatal)")
                 object.__setattr__(transfer, "kv_load_failure_policy", "recompute")
-            client = LookupClient(socket_path(engine_id))
-            self._scheduler = SchedulerSide(client, config.chunk_size, config.save_partial_chunks)
+            clients = [LookupClient(socket_path(engine_id, r)) for r in range(config.world_size)]
+            self._scheduler = SchedulerSide(clients, config.chunk_size, config.save_partial_chunks)
         else:
-            self._worker = WorkerSide(config, engine_id, block_size)
+            self._worker = WorkerSide(config, engine_id, block_size, rank)
 
     # ---------------------------------------------------------------- scheduler role
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         assert self._scheduler is not None
+        # None: lower tiers are being read (or an earlier turn is being saved); vLLM asks again next step.
         return self._scheduler.num_new_matched_tokens(request, num_computed_tokens), False
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
@@ -84,8 +89,8 @@ class LMPlugConnector(KVConnectorBase_V1):
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         assert self._scheduler is not None
-        self._scheduler.finished(request.request_id)
-        return False, None
+        # True: keep the blocks until the worker has saved the rest of the request's KV.
+        return self._scheduler.finished(request, block_ids), None
 
     # ---------------------------------------------------------------- worker role
 
@@ -114,6 +119,11 @@ class LMPlugConnector(KVConnectorBase_V1):
         assert isinstance(metadata, LMPlugMetadata)
         return metadata.plan
 
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        if self._worker is None:
+            return None, None
+        return self._worker.take_finished_saves() or None, None
+
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.take_failed_blocks() if self._worker is not None else set()
 
@@ -122,4 +132,15 @@ class LMPlugConnector(KVConnectorBase_V1):
             self._worker.close()
             self._worker = None
         if self._scheduler is not None:
-            self._scheduler.client.close()
+            for client in self._scheduler.lookups:
+                client.close()
+
+
+def _tensor_parallel_rank() -> int:
+    """This worker's tensor-parallel rank (0 when vLLM's parallel state is not set up)."""
+    try:
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+        return int(get_tensor_model_parallel_rank())
+    except (AssertionError, ImportError, RuntimeError):
+        return 0

@@ -1,20 +1,28 @@
 """The lookup channel: vLLM's scheduler asks the worker's cache what it can supply.
 
 vLLM's scheduler runs in the EngineCore process, while the KV (and lmplug's L1) lives in
-the worker process. The worker serves lookups on a Unix socket; a lookup also takes a
-lease, so the chunks it promises stay in host memory until the worker loads them (or
-the scheduler says the request no longer needs them).
+the worker process (one per tensor-parallel rank, each with its own socket). The worker
+serves lookups on a Unix socket. A lookup moves no data: the cache answers from what its
+tiers hold (``contains``) and leases the chunks host memory has; chunks that only a lower
+tier holds are promoted in the background while the scheduler keeps scheduling. Until
+they are in, the answer is *pending* (vLLM is told to ask again next step); past the load
+deadline the answer is whatever has arrived. The lease then keeps the chunks in host
+memory until the worker loads them straight into vLLM's blocks (or the scheduler says the
+request no longer needs them).
 
 Frames, little-endian::
 
-    request:  b"LMPQ" u16 id_length u32 num_tokens, the request id (UTF-8), int32 tokens
-    reply:    b"LMPA" u32 hit_tokens
+    request:  b"LMPQ" u16 id_length u32 num_tokens u32 last_micros, the request id (UTF-8), int32 tokens
+    reply:    b"LMPA" u32 hit_tokens (0xFFFFFFFF: pending, ask again)
 
-    request:  b"LMPR" u16 id_length u32 0, the request id  (release its lease)
+    request:  b"LMPR" u16 id_length u32 0 u32 0, the request id  (release its lease)
     reply:    b"LMPA" u32 0
 
-    request:  b"LMPS" u16 0 u32 0                        (statistics)
+    request:  b"LMPS" u16 0 u32 0 u32 0                        (statistics)
     reply:    b"LMPJ" u32 length, a JSON object of that length
+
+``last_micros`` is how long the client's previous lookup took, as the scheduler saw it
+(0: none), so that the worker's statistics show the scheduler's side of the channel.
 """
 
 from __future__ import annotations
@@ -27,49 +35,91 @@ import os
 import socket
 import struct
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
 import anyio
 import numpy as np
-from anyio.abc import ByteStream, TaskStatus
+from anyio.abc import ByteStream, TaskGroup, TaskStatus
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from lmplug.core.cache import Cache
 from lmplug.core.leases import Lease
+from lmplug.core.reporting import ThrottledLog
 
 logger = logging.getLogger("lmplug.vllm")
 
-REQUEST = struct.Struct("<4sHI")
+REQUEST = struct.Struct("<4sHII")
 REPLY = struct.Struct("<4sI")
 MAX_TOKENS = 1 << 24
+PENDING = 0xFFFFFFFF
+LOOKUP_WAIT = 0.002
+"""How long a lookup waits for its answer before saying *pending* (the scheduler asks again next step)."""
+LOAD_DEADLINE = 2.0
+"""How long a request may wait for lower tiers; after that it is answered with what has arrived."""
 
 
-def socket_path(engine_id: str) -> Path:
-    """Where the worker of engine ``engine_id`` listens (both processes derive the same path)."""
+def socket_path(engine_id: str, rank: int = 0) -> Path:
+    """Where the worker of engine ``engine_id`` and tensor-parallel ``rank`` listens (both processes derive it)."""
     safe = "".join(ch for ch in engine_id if ch.isalnum() or ch in "-_")[:40] or "default"
-    return Path(os.environ.get("LMPLUG_RUNTIME_DIR", "/tmp")) / f"lmplug-{safe}.sock"
+    suffix = f"-r{rank}" if rank else ""
+    return Path(os.environ.get("LMPLUG_RUNTIME_DIR", "/tmp")) / f"lmplug-{safe}{suffix}.sock"
+
+
+@dataclasses.dataclass(slots=True)
+class _Entry:
+    """One request's lookup: its tokens, the lease that answers it (once granted), and when to stop waiting."""
+
+    tokens: np.ndarray
+    deadline: float
+    lease: Lease | None = None
+    done: anyio.Event = dataclasses.field(default_factory=anyio.Event)
+    released: bool = False
+
+    def answer(self, now: float) -> int | None:
+        lease = self.lease
+        if self.done.is_set() or now >= self.deadline:
+            return lease.num_tokens if lease is not None else 0
+        return None
 
 
 class LookupServer:
     """Answers lookups on the cache's event loop and keeps the leases they take, by request id."""
 
-    def __init__(self, cache: Cache, path: Path, extra: Callable[[], dict[str, object]] | None = None) -> None:
+    def __init__(
+        self,
+        cache: Cache,
+        path: Path,
+        extra: Callable[[], dict[str, object]] | None = None,
+        *,
+        wait: float = LOOKUP_WAIT,
+        deadline: float = LOAD_DEADLINE,
+    ) -> None:
         self.cache = cache
         self.path = path
         self.extra = extra
         """Adds entries to :meth:`statistics` (the worker's transfer counters)."""
-        self.leases: dict[str, Lease] = {}
+        self.wait = wait
+        self.deadline = deadline
+        self._entries: dict[str, _Entry] = {}
+        self._task_group: TaskGroup | None = None
+        self._latencies: deque[int] = deque(maxlen=4096)
+        self._lookups = 0
+        self._pending = 0
+        self._warnings = ThrottledLog(logger)
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
         listener = await anyio.create_unix_listener(self.path)
-        task_status.started()
         try:
-            async with listener:
-                await listener.serve(self._handle)
+            async with listener, anyio.create_task_group() as group:
+                self._task_group = group
+                task_status.started()
+                await listener.serve(self._handle, task_group=group)
         finally:
+            self._task_group = None
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
             self.release_all()
@@ -79,7 +129,7 @@ class LookupServer:
         async with stream:
             try:
                 while True:
-                    magic, id_length, count = REQUEST.unpack(await reader.receive_exactly(REQUEST.size))
+                    magic, id_length, count, micros = REQUEST.unpack(await reader.receive_exactly(REQUEST.size))
                     if magic == b"LMPS":
                         body = json.dumps(self.statistics()).encode()
                         await stream.send(REPLY.pack(b"LMPJ", len(body)) + body)
@@ -91,41 +141,97 @@ class LookupServer:
                     if magic != b"LMPQ" or count > MAX_TOKENS:
                         logger.warning("lmplug lookup channel: malformed request; closing the connection")
                         return
+                    if micros:
+                        self._latencies.append(micros)
                     request_id = (await reader.receive_exactly(id_length)).decode()
                     raw = await reader.receive_exactly(4 * count) if count else b""
-                    tokens = np.frombuffer(raw, dtype="<i4")
-                    hit = await self.lookup(request_id, tokens)
-                    await stream.send(REPLY.pack(b"LMPA", hit))
+                    hit = await self.lookup(request_id, np.frombuffer(raw, dtype="<i4"))
+                    await stream.send(REPLY.pack(b"LMPA", PENDING if hit is None else hit))
             except (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError, UnicodeDecodeError):
                 return
 
-    async def lookup(self, request_id: str, tokens: np.ndarray) -> int:
+    async def lookup(self, request_id: str, tokens: np.ndarray) -> int | None:
+        """Leading tokens leased for ``request_id``, or ``None`` while lower tiers are still being read.
+
+        Asking again for the same tokens answers from the same lease (vLLM may ask more than
+        once); other tokens under the same id start over.
+        """
+        now = anyio.current_time()
+        entry = self._entries.get(request_id)
+        if entry is not None and np.array_equal(entry.tokens, tokens):
+            return self._answer(request_id, entry, now)
         self.release(request_id)
-        lease = await self.cache.lease(tokens)
-        if lease.num_tokens:
-            self.leases[request_id] = lease
+        self._lookups += 1
+        entry = self._entries[request_id] = _Entry(tokens.copy(), now + self.deadline)
+        group = self._task_group
+        if group is None:
+            await self._fill(entry)
         else:
-            lease.release()
-        return lease.num_tokens
+            group.start_soon(self._fill, entry)
+            with anyio.move_on_after(self.wait):
+                await entry.done.wait()
+        return self._answer(request_id, entry, anyio.current_time())
+
+    def _answer(self, request_id: str, entry: _Entry, now: float) -> int | None:
+        answer = entry.answer(now)
+        if answer is None:
+            self._pending += 1
+        elif answer == 0:
+            self.release(request_id)
+        return answer
+
+    async def _fill(self, entry: _Entry) -> None:
+        try:
+            lease = await self.cache.start_lease(entry.tokens)
+            if entry.released:
+                lease.release()
+                return
+            entry.lease = lease
+            await lease.ready.wait()
+        except Exception as exc:  # a cache failure is a miss, never a stuck request
+            name = type(exc).__name__
+            self._warnings.report(name, "lmplug lookup failed (%s: %s); treating it as a miss", name, exc)
+        finally:
+            entry.done.set()
+
+    def lease(self, request_id: str) -> Lease | None:
+        """The lease a lookup took for ``request_id`` (what the worker loads from), if any."""
+        entry = self._entries.get(request_id)
+        return entry.lease if entry is not None else None
 
     def statistics(self) -> dict[str, object]:
-        """The cache's statistics plus the leases held for the scheduler (for operators and leak checks)."""
+        """The cache's statistics, the leases held for the scheduler and the scheduler's lookup latency."""
         stats = self.cache.statistics()
+        latencies = sorted(self._latencies)
+
+        def quantile(q: float) -> float | None:
+            return latencies[min(len(latencies) - 1, int(q * len(latencies)))] / 1000 if latencies else None
+
         return {
-            "requests_with_leases": len(self.leases),
+            "requests_with_leases": sum(1 for entry in self._entries.values() if entry.lease is not None),
             "leases": stats.leases,
             "allocator": dataclasses.asdict(stats.allocator),
             "tiers": [dataclasses.asdict(tier) for tier in stats.tiers],
+            "lookups": {
+                "count": self._lookups,
+                "pending_answers": self._pending,
+                "samples": len(latencies),
+                "p50_ms": quantile(0.5),
+                "p99_ms": quantile(0.99),
+                "max_ms": latencies[-1] / 1000 if latencies else None,
+            },
             **(self.extra() if self.extra is not None else {}),
         }
 
     def release(self, request_id: str) -> None:
-        lease = self.leases.pop(request_id, None)
-        if lease is not None:
-            lease.release()
+        entry = self._entries.pop(request_id, None)
+        if entry is not None:
+            entry.released = True
+            if entry.lease is not None:
+                entry.lease.release()
 
     def release_all(self) -> None:
-        for request_id in list(self.leases):
+        for request_id in list(self._entries):
             self.release(request_id)
 
 
@@ -137,17 +243,22 @@ class LookupClient:
         self.timeout = timeout
         self._socket: socket.socket | None = None
         self._warned_at = -1e9
+        self._last_micros = 0
 
-    def lookup(self, request_id: str, tokens: list[int]) -> int:
-        """Leading tokens the worker's cache holds (and has leased for ``request_id``); 0 on any failure."""
+    def lookup(self, request_id: str, tokens: list[int]) -> int | None:
+        """Leading tokens the worker's cache holds (and has leased for ``request_id``), ``None`` when
+        the answer is pending (ask again later); 0 on any failure."""
+        started = time.perf_counter()
         encoded = request_id.encode()
-        frame = REQUEST.pack(b"LMPQ", len(encoded), len(tokens)) + encoded + np.asarray(tokens, dtype="<i4").tobytes()
-        return self._ask(frame)
+        header = REQUEST.pack(b"LMPQ", len(encoded), len(tokens), min(self._last_micros, 0xFFFFFFFF))
+        hit = self._ask(header + encoded + np.asarray(tokens, dtype="<i4").tobytes())
+        self._last_micros = max(1, int((time.perf_counter() - started) * 1e6))
+        return None if hit == PENDING else hit
 
     def release(self, request_id: str) -> None:
         """Drop the lease a lookup took for ``request_id`` (the request finished or was aborted)."""
         encoded = request_id.encode()
-        self._ask(REQUEST.pack(b"LMPR", len(encoded), 0) + encoded)
+        self._ask(REQUEST.pack(b"LMPR", len(encoded), 0, 0) + encoded)
 
     def _ask(self, frame: bytes) -> int:
         try:
@@ -169,7 +280,7 @@ class LookupClient:
         """The worker's cache statistics (raises ``OSError`` when the worker cannot be reached)."""
         sock = self._connect()
         try:
-            sock.sendall(REQUEST.pack(b"LMPS", 0, 0))
+            sock.sendall(REQUEST.pack(b"LMPS", 0, 0, 0))
             magic, length = REPLY.unpack(self._receive(sock, REPLY.size))
             if magic != b"LMPJ":
                 raise ConnectionError("malformed reply on the lmplug lookup channel")

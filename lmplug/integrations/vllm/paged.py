@@ -44,6 +44,46 @@ class Slots:
         return int(self.blocks.shape[0])
 
 
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where tokens ``[start, end)`` of a request lie in the paged cache, for block-wise copies.
+
+    The range's whole blocks, beginning ``lead`` tokens into it, are copied a block at a
+    time: ``run`` when their ids are consecutive (a slice of the cache), else by the index
+    tensor ``whole``. Tokens before them (``head``) and after them (``tail``) are addressed
+    slot by slot.
+    """
+
+    num_tokens: int
+    lead: int
+    count: int
+    whole: torch.Tensor | None
+    run: slice | None
+    head: Slots | None
+    tail: Slots | None
+
+    @classmethod
+    def of(cls, block_ids: Sequence[int], start: int, end: int, block_size: int, device: torch.device) -> Placement:
+        first = -(-start // block_size)
+        last = end // block_size
+        if last <= first:
+            return cls(end - start, end - start, 0, None, None, _slots(block_ids, start, end, block_size, device), None)
+        ids = list(block_ids[first:last])
+        consecutive = ids[-1] - ids[0] == len(ids) - 1 and ids == list(range(ids[0], ids[-1] + 1))
+        run = slice(ids[0], ids[-1] + 1) if consecutive else None
+        whole = None if consecutive else torch.tensor(ids, dtype=torch.int64).to(device, non_blocking=True)
+        lead = first * block_size - start
+        head = _slots(block_ids, start, first * block_size, block_size, device) if lead else None
+        tail = _slots(block_ids, last * block_size, end, block_size, device) if last * block_size < end else None
+        return cls(end - start, lead, len(ids), whole, run, head, tail)
+
+
+def _slots(block_ids: Sequence[int], start: int, end: int, block_size: int, device: torch.device) -> Slots:
+    positions = torch.arange(start, end, dtype=torch.int64)
+    blocks = torch.tensor(block_ids, dtype=torch.int64)[positions // block_size]
+    return Slots.of(blocks * block_size + positions % block_size, block_size, device)
+
+
 class PagedLayout(abc.ABC):
     """One of vLLM's per-layer KV cache layouts."""
 
@@ -98,6 +138,47 @@ class PagedLayout(abc.ABC):
     @abc.abstractmethod
     def _put(self, layer: torch.Tensor, slots: Slots, k: torch.Tensor, v: torch.Tensor) -> None: ...
 
+    @abc.abstractmethod
+    def _block_planes(self, layer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views ``(K, V)`` of ``layer`` as ``[blocks, block_size, heads, dim]`` (strided as the layout is)."""
+
+    def _blocks(self, placement: Placement, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole-block part of ``kv`` ``[2, n, hidden]`` as ``[count, block_size, heads, dim]`` K and V."""
+        shape = (placement.count, self.block_size, self.num_kv_heads, self.head_size)
+        part = kv.narrow(1, placement.lead, placement.count * self.block_size)
+        return part[0].view(shape), part[1].view(shape)
+
+    def scatter_placed(self, layer: torch.Tensor, placement: Placement, kv: torch.Tensor) -> None:
+        """Write ``kv`` ``[2, n, hidden]`` into one layer where ``placement`` says, whole blocks at a time."""
+        if placement.head is not None:
+            self.scatter_layer(layer, placement.head, kv[:, : placement.lead])
+        if placement.count:
+            k, v = self._blocks(placement, kv)
+            k_planes, v_planes = self._block_planes(layer)
+            if placement.run is not None:
+                k_planes[placement.run].copy_(k)
+                v_planes[placement.run].copy_(v)
+            else:
+                assert placement.whole is not None
+                k_planes[placement.whole] = k
+                v_planes[placement.whole] = v
+        if placement.tail is not None:
+            self.scatter_layer(layer, placement.tail, kv[:, placement.lead + placement.count * self.block_size :])
+
+    def gather_placed(self, layer: torch.Tensor, placement: Placement, out: torch.Tensor) -> None:
+        """Copy one layer's KV where ``placement`` says into ``out`` ``[2, n, hidden]``, whole blocks at a time."""
+        if placement.head is not None:
+            self.gather_layer(layer, placement.head, out[:, : placement.lead])
+        if placement.count:
+            k, v = self._blocks(placement, out)
+            k_planes, v_planes = self._block_planes(layer)
+            index = placement.run if placement.run is not None else placement.whole
+            assert index is not None
+            k.copy_(k_planes[index])
+            v.copy_(v_planes[index])
+        if placement.tail is not None:
+            self.gather_layer(layer, placement.tail, out[:, placement.lead + placement.count * self.block_size :])
+
 
 class CpuLayout(PagedLayout):
     """vLLM's CPU attention layout: per (block, head), K transposed then V."""
@@ -123,6 +204,10 @@ class CpuLayout(PagedLayout):
         k_t[slots.blocks, :, :, slots.offsets] = k
         v_plane[slots.blocks, :, slots.offsets, :] = v
 
+    def _block_planes(self, layer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k_t, v = self._planes(layer)  # [blocks, heads, dim, size] (K transposed) and [blocks, heads, size, dim]
+        return k_t.permute(0, 3, 1, 2), v.permute(0, 2, 1, 3)
+
 
 class FlashLayout(PagedLayout):
     """``[2, num_blocks, block_size, kv_heads, head_size]`` (FlashAttention and most CUDA backends)."""
@@ -142,6 +227,9 @@ class FlashLayout(PagedLayout):
         layer[0][slots.blocks, slots.offsets] = k
         layer[1][slots.blocks, slots.offsets] = v
 
+    def _block_planes(self, layer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return layer[0], layer[1]  # [blocks, size, heads, dim]
+
 
 class FlashInferLayout(PagedLayout):
     """``[num_blocks, 2, block_size, kv_heads, head_size]`` (FlashInfer)."""
@@ -157,6 +245,9 @@ class FlashInferLayout(PagedLayout):
     def _put(self, layer: torch.Tensor, slots: Slots, k: torch.Tensor, v: torch.Tensor) -> None:
         layer[:, 0][slots.blocks, slots.offsets] = k
         layer[:, 1][slots.blocks, slots.offsets] = v
+
+    def _block_planes(self, layer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return layer[:, 0], layer[:, 1]  # [blocks, size, heads, dim]
 
 
 LAYOUTS: dict[str, type[PagedLayout]] = {cls.name: cls for cls in (CpuLayout, FlashLayout, FlashInferLayout)}

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-from lmplug.integrations.vllm.lookup import LookupClient
+
+class Lookups(Protocol):
+    """The scheduler's end of the lookup channel (:class:`lmplug.integrations.vllm.lookup.LookupClient`)."""
+
+    def lookup(self, request_id: str, tokens: list[int]) -> int | None: ...
+
+    def release(self, request_id: str) -> None: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +46,9 @@ class StepPlan:
     loads: list[LoadSpec] = field(default_factory=list)
     saves: list[SaveSpec] = field(default_factory=list)
     releases: list[str] = field(default_factory=list)
+    finished: list[str] = field(default_factory=list)
+    """Requests whose last save is in ``saves``: vLLM keeps their blocks until the worker reports
+    them sent (after the save), then frees them."""
 
 
 @dataclass(slots=True)
@@ -47,26 +59,44 @@ class _Request:
 
 
 class SchedulerSide:
-    """Tracks requests from lookup to finish and plans each step's loads, saves and releases."""
+    """Tracks requests from lookup to finish and plans each step's loads, saves and releases.
 
-    def __init__(self, client: LookupClient, chunk_size: int, save_partial_chunks: bool) -> None:
-        self.client = client
+    ``lookups`` holds one channel per tensor-parallel rank: a request gets what every rank
+    can supply (each rank caches its own shard of the KV).
+    """
+
+    def __init__(self, lookups: Sequence[Lookups] | Lookups, chunk_size: int, save_partial_chunks: bool) -> None:
+        self.lookups: list[Lookups] = list(lookups) if isinstance(lookups, Sequence) else [lookups]
         self.chunk_size = chunk_size
         self.save_partial_chunks = save_partial_chunks
         self._hits: dict[str, int] = {}
         self._requests: dict[str, _Request] = {}
         self._plan = StepPlan()
 
-    def num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> int:
+    def num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> int | None:
+        """Tokens beyond ``num_computed_tokens`` that lmplug will load; ``None``: ask again next step."""
         tokens = list(request.prompt_token_ids or ())
+        if len(tokens) <= 1:
+            return 0
+        if self._saving_a_prefix_of(tokens):
+            return None  # the KV of an earlier turn is saved this coming step: wait for it
         # vLLM must compute at least the last prompt token itself.
-        hit = self.client.lookup(request.request_id, tokens[: max(len(tokens) - 1, 0)]) if len(tokens) > 1 else 0
+        answers = [lookup.lookup(request.request_id, tokens[:-1]) for lookup in self.lookups]
+        if any(answer is None for answer in answers):
+            return None  # lower tiers are being read: the request waits, holding no blocks
+        hit = min(answer or 0 for answer in answers)
         if hit <= num_computed_tokens:
-            if hit:
+            if any(answers):
                 self._plan.releases.append(request.request_id)
             return 0
         self._hits[request.request_id] = hit
         return hit - num_computed_tokens
+
+    def _saving_a_prefix_of(self, tokens: list[int]) -> bool:
+        """Whether a request's final save waiting for the next step starts with ``tokens``' first chunk."""
+        head = tokens[: self.chunk_size]
+        finishing = self._plan.finished
+        return any(spec.tokens[: self.chunk_size] == head for spec in self._plan.saves if spec.request_id in finishing)
 
     def after_alloc(self, request: Any, block_ids: list[int], num_external_tokens: int) -> None:
         request_id = request.request_id
@@ -76,7 +106,7 @@ class SchedulerSide:
             start = request.num_computed_tokens
             end = start + num_external_tokens
             self._plan.loads.append(LoadSpec(request_id, tokens[:end], list(block_ids), start, end))
-            saved = end
+            saved = end - end % self.chunk_size
         else:
             if hit:
                 self._plan.releases.append(request_id)
@@ -105,17 +135,34 @@ class SchedulerSide:
         return plan
 
     def _plan_save(self, request_id: str, state: _Request, computed: int, scheduler_output: Any) -> None:
+        """Whole chunks of the prompt as they are computed (the rest is saved when the request finishes)."""
         done = min(computed + scheduler_output.num_scheduled_tokens.get(request_id, 0), len(state.tokens))
         end = done - done % self.chunk_size
-        if self.save_partial_chunks and done == len(state.tokens):
-            end = done
         if end > state.saved:
             start = state.saved - state.saved % self.chunk_size
             self._plan.saves.append(SaveSpec(request_id, state.tokens[:end], list(state.block_ids), start, end))
             state.saved = end
 
-    def finished(self, request_id: str) -> None:
-        """The request finished or was aborted: its lease goes now, not with a later step (there may be none)."""
-        self._requests.pop(request_id, None)
+    def finished(self, request: Any, block_ids: Sequence[int]) -> bool:
+        """The request finished or was aborted: its lease goes now, not with a later step (there may be none).
+
+        Returns whether vLLM must keep its blocks for a last save: every token whose KV was
+        computed (the prompt and the answer, all but the last token) that is not saved yet,
+        including a trailing partial chunk, is saved in the next step.
+        """
+        request_id = request.request_id
+        state = self._requests.pop(request_id, None)
         self._hits.pop(request_id, None)
-        self.client.release(request_id)
+        for lookup in self.lookups:
+            lookup.release(request_id)
+        if state is None or not self.save_partial_chunks:
+            return False
+        all_tokens = list(getattr(request, "all_token_ids", None) or state.tokens)
+        computed = int(request.num_computed_tokens) - int(getattr(request, "num_in_flight_tokens", 0) or 0)
+        computed = min(computed, len(all_tokens) - 1)  # the last token was sampled, never fed: no KV
+        if computed <= state.saved:
+            return False
+        start = state.saved - state.saved % self.chunk_size
+        self._plan.saves.append(SaveSpec(request_id, all_tokens[:computed], list(block_ids), start, computed))
+        self._plan.finished.append(request_id)
+        return True

@@ -56,9 +56,13 @@ def engine_config(vllm_config: Any, rank: int = 0, environ: Mapping[str, str] | 
                 raise ConfigError(f"lmplug config model.{key} is {given[key]!r} but vLLM serves {value!r}")
         model = {**model, **{k: v for k, v in given.items() if k == "name"}}
     data["model"] = model
-    world_size = int(vllm_config.parallel_config.tensor_parallel_size)
-    if world_size != 1:
-        raise ConfigError("the lmplug vLLM connector supports tensor_parallel_size 1 so far")
-    data.setdefault("world_size", world_size)
-    data.setdefault("rank", rank)
+    # Every token vLLM computed is worth keeping: the partial last chunk of a prompt and the
+    # answer are found again by the next turn, which extends them. A config may say otherwise.
+    data.setdefault("save_partial_chunks", True)
+    parallel = vllm_config.parallel_config
+    if int(getattr(parallel, "pipeline_parallel_size", 1)) != 1:
+        raise ConfigError("the lmplug vLLM connector supports pipeline_parallel_size 1 so far")
+    # Each tensor-parallel rank caches its own shard: rank and world size are part of every key.
+    data["world_size"] = int(parallel.tensor_parallel_size)
+    data["rank"] = rank
     return load_config(data, environ=env)

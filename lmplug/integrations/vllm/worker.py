@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from lmplug.core.config import LmplugConfig
 from lmplug.core.layout import KVLayout
-from lmplug.core.memory import IO_ALIGNMENT, empty_kv
+from lmplug.core.memory import KVChunk, empty_kv
 from lmplug.core.sync import SyncCache
 from lmplug.integrations.vllm.lookup import LookupServer, socket_path
-from lmplug.integrations.vllm.paged import PagedLayout, Slots, layout_for
+from lmplug.integrations.vllm.paged import PagedLayout, Placement, Slots, layout_for
 from lmplug.integrations.vllm.scheduler import LoadSpec, SaveSpec, StepPlan
 
 logger = logging.getLogger("lmplug.vllm")
@@ -29,10 +28,6 @@ def _layer_order(name: str) -> tuple[int, str]:
     return (int(match.group(1)) if match else 0, name)
 
 
-def _round_up(value: int, step: int) -> int:
-    return -(-value // step) * step
-
-
 @dataclass(slots=True)
 class TransferCounters:
     """What the connector moved between lmplug and vLLM's KV cache, and the time it took."""
@@ -42,48 +37,62 @@ class TransferCounters:
     saved_bytes: int = 0
     save_seconds: float = 0.0
 
-    def as_dict(self) -> dict[str, object]:
+    def statistics(self) -> dict[str, object]:
         return {"transfers": dataclasses.asdict(self)}
 
 
 @dataclass(slots=True)
-class _Load:
-    """KV fetched for one request, waiting to be written into vLLM's blocks layer by layer."""
+class _Piece:
+    """Part of a request's loaded KV: ``kv`` ``[2, layers, n, hidden]`` (a leased chunk's tokens, or
+    their copy on the KV cache's device) and where those tokens go in vLLM's blocks."""
 
-    slots: Slots
-    kv: torch.Tensor  # [2, layers, n, hidden], on the KV cache's device
-    block_ids: list[int]
+    kv: torch.Tensor
+    placement: Placement
+
+
+@dataclass(slots=True)
+class _Taken:
+    """What one step took from the lookup server: the leased chunks of each load (with a reference
+    each, released after the step) and what each lease covers."""
+
+    chunks: dict[str, tuple[KVChunk, ...]]
+    tokens: dict[str, int]
+    loads: list[str]
+    """The requests loaded this step: their leases go once the step is done."""
 
 
 class WorkerSide:
-    """Owns the lmplug cache in vLLM's worker process.
+    """Owns the lmplug cache in vLLM's worker process (one per tensor-parallel rank).
 
-    Loads are layer-wise: ``start_load`` fetches every request's KV from lmplug before the
-    forward; each attention layer then waits only for its own layer
-    (``wait_for_layer``). On CUDA the host-to-device copies and scatters of all layers are
-    queued at once on a side stream, with an event per layer, so layer ``i`` computes while
-    later layers still load. On the CPU a layer is scattered when its attention asks for it.
-    Saves are gathered layer by layer as attention finishes with each one (``save_layer``)
-    and stored after the forward (``save``).
+    Loads read the chunks that the scheduler's lookup leased (no second lookup, no staging
+    copy on the CPU) and write them into vLLM's blocks layer by layer: each attention layer
+    waits only for its own layer (``wait_for_layer``). Whole blocks are copied a block at a
+    time. On CUDA the chunks are copied to the device and scattered on a side stream, with
+    an event per layer, so layer ``i`` computes while later layers still load. Saves are
+    gathered layer by layer as attention finishes with each one (``save_layer``) and stored
+    after the forward (``save``), in one hand-off to the cache's loop.
     """
 
-    def __init__(self, config: LmplugConfig, engine_id: str, block_size: int) -> None:
+    def __init__(self, config: LmplugConfig, engine_id: str, block_size: int, rank: int = 0) -> None:
         self.config = config
         self.block_size = block_size
         self.cache = SyncCache(config)
         self.cache.open()
         self.transfers = TransferCounters()
-        self.server = LookupServer(self.cache.cache, socket_path(engine_id), self.transfers.as_dict)
+        self.server = LookupServer(self.cache.cache, socket_path(engine_id, rank), self.transfers.statistics)
         self.cache.start_background(self.server.serve)
         self.layers: list[torch.Tensor] = []
         self.index: dict[str, int] = {}
         self.layout: PagedLayout | None = None
         self.failed_blocks: set[int] = set()
-        self._loads: list[_Load] = []
+        self.finished_saves: set[str] = set()
+        self._loads: list[_Piece] = []
+        self._load_blocks: list[int] = []
         self._loaded: list[bool] = []
+        self._taken: _Taken | None = None
         self._stream: torch.cuda.Stream | None = None
         self._events: list[torch.cuda.Event] = []
-        self._saves: list[tuple[SaveSpec, Slots, torch.Tensor]] | None = None
+        self._saves: list[tuple[SaveSpec, Placement, torch.Tensor]] | None = None
         self._saved: list[bool] = []
         self._warned_unloaded = False
         self._buffers: dict[str, torch.Tensor] = {}
@@ -110,23 +119,32 @@ class WorkerSide:
         blocks = torch.tensor(block_ids, dtype=torch.int64)[positions // self.block_size]
         return Slots.of(blocks * self.block_size + positions % self.block_size, self.block_size, device)
 
+    def _placement(self, block_ids: Sequence[int], start: int, end: int) -> Placement:
+        return Placement.of(block_ids, start, end, self.block_size, self.layers[0].device)
+
     # ------------------------------------------------------------------ loads
 
     def start_load(self, plan: StepPlan) -> None:
-        """Fetch the step's promised KV from lmplug; queue the per-layer copies on CUDA."""
-        self._loads = []
+        """Take the step's leases (one hand-off to the cache's loop) and place their chunks; on
+        CUDA, queue every layer's copies on the side stream."""
+        started = time.perf_counter()
+        self._loads, self._load_blocks = [], []
+        self._loaded = [False] * len(self.layers)
+        if plan.loads or plan.releases:
+            try:
+                self._taken = self.cache.run_sync(lambda: self._take(plan))
+            except Exception:
+                logger.exception("lmplug could not take the step's leases; vLLM recomputes")
+                self._taken = _Taken({}, {}, [])
         if plan.loads:
-            step = self._aligned_tokens()
-            staging = self._staging("load", sum(_round_up(spec.end, step) for spec in plan.loads))
+            device = self.layers[0].device
+            total = sum(spec.end - spec.start for spec in plan.loads)
+            staging = self._staging("load", total) if device.type != "cpu" else None
             offset = 0
             for spec in plan.loads:
-                load = self._fetch(spec, staging.narrow(2, offset, spec.end))
-                offset += _round_up(spec.end, step)  # each request's KV starts on a 4 KiB boundary
-                if load is not None:
-                    self._loads.append(load)
-        self._loaded = [False] * len(self.layers)
-        if plan.releases:
-            self.cache.run_sync(lambda: self._release(plan.releases))
+                self._plan_load(spec, staging.narrow(2, offset, spec.end - spec.start) if staging is not None else None)
+                offset += spec.end - spec.start
+        self.transfers.load_seconds += time.perf_counter() - started
         stream = self._stream
         if not self._loads or stream is None:
             return
@@ -134,9 +152,57 @@ class WorkerSide:
         stream.wait_stream(torch.cuda.current_stream(stream.device))
         with torch.cuda.stream(stream):
             for position, layer in enumerate(self.layers):
-                for load in self._loads:
-                    self.layout.scatter_layer(layer, load.slots, load.kv[:, position])
+                for piece in self._loads:
+                    self.layout.scatter_placed(layer, piece.placement, piece.kv[:, position])
                 self._events[position].record(stream)
+
+    def _take(self, plan: StepPlan) -> _Taken:
+        """On the cache's loop: drop the leases vLLM no longer needs; reference each load's leased chunks."""
+        for request_id in plan.releases:
+            self.server.release(request_id)
+        taken = _Taken({}, {}, [spec.request_id for spec in plan.loads])
+        for spec in plan.loads:
+            lease = self.server.lease(spec.request_id)
+            if lease is None or not lease.active:
+                continue
+            chunks = lease.chunks
+            taken.chunks[spec.request_id] = tuple(chunk.acquire() for chunk in chunks)
+            taken.tokens[spec.request_id] = sum(chunk.num_tokens for chunk in chunks)
+        return taken
+
+    def _plan_load(self, spec: LoadSpec, staging: torch.Tensor | None) -> None:
+        """Place the leased chunks covering ``[spec.start, spec.end)`` (through ``staging``, this
+        request's part of a device buffer, on CUDA); report what the lease lacks."""
+        assert self._taken is not None
+        chunks = self._taken.chunks.get(spec.request_id, ())
+        loaded = min(self._taken.tokens.get(spec.request_id, 0), spec.end)
+        if loaded < spec.end:
+            # Promised but not delivered (expired, evicted, failed): vLLM recomputes these blocks.
+            first = max(loaded, spec.start) // self.block_size
+            last = (spec.end - 1) // self.block_size
+            self.failed_blocks.update(spec.block_ids[first : last + 1])
+        if loaded <= spec.start:
+            return
+        position = 0  # token of the request where the chunk begins
+        for chunk in chunks:
+            begin, end = max(position, spec.start), min(position + chunk.num_tokens, loaded)
+            if begin < end:
+                kv = chunk.tensor.narrow(2, begin - position, end - begin)
+                if staging is not None:
+                    # Pinned host memory to the device, on the side stream, ahead of the scatters.
+                    assert self._stream is not None
+                    with torch.cuda.stream(self._stream):
+                        kv = staging.narrow(2, begin - spec.start, end - begin).copy_(kv, non_blocking=True)
+                self._loads.append(_Piece(kv, self._placement(spec.block_ids, begin, end)))
+            position += chunk.num_tokens
+            if position >= loaded:
+                break
+        self.transfers.loaded_bytes += (loaded - spec.start) * self._bytes_per_token()
+        self._load_blocks.extend(spec.block_ids[spec.start // self.block_size : (loaded - 1) // self.block_size + 1])
+
+    def _bytes_per_token(self) -> int:
+        model = self.config.model
+        return 2 * len(self.layers) * model.num_kv_heads * model.head_size * self.layers[0].element_size()
 
     def wait_for_layer(self, layer_name: str) -> None:
         """Called before ``layer_name``'s attention runs: its loaded KV must be in place."""
@@ -149,8 +215,9 @@ class WorkerSide:
             return
         assert self.layout is not None
         started = time.perf_counter()
-        for load in self._loads:
-            self.layout.scatter_layer(self.layers[position], load.slots, load.kv[:, position])
+        layer = self.layers[position]
+        for piece in self._loads:
+            self.layout.scatter_placed(layer, piece.placement, piece.kv[:, position])
         self.transfers.load_seconds += time.perf_counter() - started
 
     def _finish_loads(self) -> None:
@@ -160,7 +227,7 @@ class WorkerSide:
         if not loads:
             return
         if self._stream is not None:
-            self._stream.synchronize()  # the host buffers may be dropped now
+            self._stream.synchronize()  # the chunks may be released now
         if all(self._loaded):
             return
         if not self._warned_unloaded:
@@ -170,33 +237,18 @@ class WorkerSide:
                 "those requests are recomputed",
                 self._loaded.count(False),
             )
-        for load in loads:
-            self.failed_blocks.update(load.block_ids)
-
-    def _release(self, request_ids: list[str]) -> None:
-        for request_id in request_ids:
-            self.server.release(request_id)
-
-    def _aligned_tokens(self) -> int:
-        """Tokens whose KV rows fill whole 4 KiB blocks (1 on CUDA, where alignment buys nothing)."""
-        first = self.layers[0]
-        if first.device.type != "cpu":
-            return 1
-        model = self.config.model
-        row = model.num_kv_heads * model.head_size * first.element_size()
-        return IO_ALIGNMENT // math.gcd(IO_ALIGNMENT, row)
+        self.failed_blocks.update(self._load_blocks)
 
     def _staging(self, purpose: str, tokens: int) -> torch.Tensor:
         """A reusable ``[2, layers, >= tokens, hidden]`` buffer on the KV cache's device (no page
-        faults per step). On the CPU it is 4 KiB-aligned, its rows too, so that a disk tier can
-        read straight into it with O_DIRECT."""
+        faults per step; on the CPU 4 KiB-aligned, for tiers that write with O_DIRECT)."""
         buffer = self._buffers.get(purpose)
         if buffer is None or buffer.shape[2] < tokens:
             model = self.config.model
             first = self.layers[0]
-            capacity = _round_up(max(tokens, 2 * buffer.shape[2] if buffer is not None else 0), self._aligned_tokens())
+            capacity = max(tokens, 2 * buffer.shape[2] if buffer is not None else 0)
             layout = KVLayout(len(self.layers), model.num_kv_heads, model.head_size, first.dtype)
-            # vLLM calls in under inference mode; the cache writes into this buffer from its own
+            # vLLM calls in under inference mode; the cache reads this buffer from its own
             # thread, which an inference tensor would refuse.
             with torch.inference_mode(mode=False):
                 if first.device.type == "cpu":
@@ -206,38 +258,9 @@ class WorkerSide:
                 self._buffers[purpose] = buffer
         return buffer
 
-    def _fetch(self, spec: LoadSpec, out: torch.Tensor) -> _Load | None:
-        started = time.perf_counter()
-        try:
-            return self._fetch_timed(spec, out)
-        finally:
-            self.transfers.load_seconds += time.perf_counter() - started
-
-    def _fetch_timed(self, spec: LoadSpec, out: torch.Tensor) -> _Load | None:
-        try:
-            # Straight into the staging buffer: on CUDA that is device memory (one host-to-device copy).
-            kv, count = self.cache.retrieve(spec.tokens[: spec.end], out=out)
-        except Exception:
-            logger.exception("lmplug load failed; vLLM recomputes")
-            kv, count = torch.empty(0), 0
-        finally:
-            self.cache.run_sync(lambda: self.server.release(spec.request_id))
-        loaded = min(count, spec.end)
-        if loaded < spec.end:
-            # Promised but not delivered (evicted, failed): vLLM recomputes these blocks.
-            first = max(loaded, spec.start) // self.block_size
-            last = (spec.end - 1) // self.block_size
-            self.failed_blocks.update(spec.block_ids[first : last + 1])
-        if loaded <= spec.start:
-            return None
-        part = kv[:, :, spec.start : loaded]
-        self.transfers.loaded_bytes += part.numel() * part.element_size()
-        blocks = spec.block_ids[spec.start // self.block_size : (loaded - 1) // self.block_size + 1]
-        return _Load(self._slots(spec.block_ids, spec.start, loaded), part, blocks)
-
     # ------------------------------------------------------------------ saves
 
-    def _save_buffers(self, plan: StepPlan) -> list[tuple[SaveSpec, Slots, torch.Tensor]]:
+    def _save_buffers(self, plan: StepPlan) -> list[tuple[SaveSpec, Placement, torch.Tensor]]:
         if self._saves is None:
             staging = self._staging("save", sum(spec.end - spec.start for spec in plan.saves))
             self._saves = []
@@ -245,7 +268,7 @@ class WorkerSide:
             for spec in plan.saves:
                 kv = staging.narrow(2, offset, spec.end - spec.start)
                 offset += spec.end - spec.start
-                self._saves.append((spec, self._slots(spec.block_ids, spec.start, spec.end), kv))
+                self._saves.append((spec, self._placement(spec.block_ids, spec.start, spec.end), kv))
             self._saved = [False] * len(self.layers)
         return self._saves
 
@@ -256,16 +279,30 @@ class WorkerSide:
             return
         assert self.layout is not None
         started = time.perf_counter()
-        for _, slots, kv in self._save_buffers(plan):
-            self.layout.gather_layer(self.layers[position], slots, kv[:, position])
+        for _, placement, kv in self._save_buffers(plan):
+            self.layout.gather_placed(self.layers[position], placement, kv[:, position])
         self._saved[position] = True
         self.transfers.save_seconds += time.perf_counter() - started
 
     def save(self, plan: StepPlan) -> None:
-        """After the forward: gather what was not gathered layer by layer, then store it."""
+        """After the forward: gather what was not gathered layer by layer, then store it and let
+        go of this step's leases, in one hand-off to the cache's loop."""
+        try:
+            self._save(plan)
+        finally:
+            # Saved or not, vLLM may free these requests' blocks now.
+            self.finished_saves.update(plan.finished)
+
+    def _save(self, plan: StepPlan) -> None:
         self._finish_loads()
+        taken, self._taken = self._taken, None
         if not plan.saves:
             self._saves = None
+            if taken is not None:
+                try:
+                    self.cache.run_sync(lambda: self._let_go(taken))
+                except Exception:
+                    logger.exception("lmplug could not release the step's leases (they expire)")
             return
         assert self.layout is not None
         started = time.perf_counter()
@@ -273,19 +310,42 @@ class WorkerSide:
         self._saves = None
         for position, layer in enumerate(self.layers):
             if not self._saved[position]:
-                for _, slots, kv in saves:
-                    self.layout.gather_layer(layer, slots, kv[:, position])
-        for spec, _, kv in saves:
+                for _, placement, kv in saves:
+                    self.layout.gather_placed(layer, placement, kv[:, position])
+        if self.layers[0].is_cuda:
+            torch.cuda.current_stream(self.layers[0].device).synchronize()
+        try:
+            self.cache.call(self._store_all, [(spec, kv) for spec, _, kv in saves], taken)
+        except Exception:
+            logger.exception("lmplug save failed; serving continues without it")
+        self.transfers.saved_bytes += sum(kv.numel() * kv.element_size() for _, _, kv in saves)
+        self.transfers.save_seconds += time.perf_counter() - started
+
+    async def _store_all(self, saves: list[tuple[SaveSpec, torch.Tensor]], taken: _Taken | None) -> None:
+        if taken is not None:
+            self._let_go(taken)
+        for spec, kv in saves:
             try:
-                self.cache.store(spec.tokens, kv, start=spec.start)
+                await self.cache.cache.store(spec.tokens, kv, start=spec.start)
             except Exception:
                 logger.exception("lmplug save failed; serving continues without it")
-            self.transfers.saved_bytes += kv.numel() * kv.element_size()
-        self.transfers.save_seconds += time.perf_counter() - started
+
+    def _let_go(self, taken: _Taken) -> None:
+        """On the cache's loop: the loads are done; drop their references and leases."""
+        for chunks in taken.chunks.values():
+            for chunk in chunks:
+                chunk.release()
+        for request_id in taken.loads:
+            self.server.release(request_id)
 
     def take_failed_blocks(self) -> set[int]:
         failed, self.failed_blocks = self.failed_blocks, set()
         return failed
+
+    def take_finished_saves(self) -> set[str]:
+        """Requests whose last save is done (vLLM may free their blocks now)."""
+        finished, self.finished_saves = self.finished_saves, set()
+        return finished
 
     def close(self) -> None:
         """Stop the lookup channel (its task is cancelled with the cache) and close the cache."""
