@@ -31,6 +31,7 @@ from benchmarks import (
     remote_redis,
     remote_s3,
     sync_overhead,
+    vllm_chat,
     vllm_ttft,
 )
 from benchmarks.harness import Backend, Result, Settings, format_table, write_json
@@ -47,6 +48,7 @@ MODULES: tuple[ModuleType, ...] = (
     remote_lm,
     remote_codecs,
     vllm_ttft,
+    vllm_chat,
 )
 
 
