@@ -368,9 +368,17 @@ class Cache:
             lease.ready.set()
 
     async def evict(self, tokens: object, *, tiers: Sequence[str] | None = None) -> dict[str, int]:
-        """Drop the chunks of ``tokens`` from every tier (or the named ones); chunks dropped per tier."""
+        """Drop the chunks of ``tokens`` from every tier (or the named ones); chunks dropped per tier.
+
+        That includes the partial chunks this cache stored that ``tokens`` extend (what a lookup
+        of ``tokens`` could find).
+        """
         self._check_open()
-        keys = self.keymaker.keys(tokens)
+        array = canonical_tokens(tokens)
+        keys = self.keymaker.chunk_keys(array)
+        full = array.size // self.config.chunk_size
+        for position in range(full + 1):
+            keys += [key for key, _ in self._partials_at(array, keys[:full], position) if key not in keys]
         return await self.pipeline.evict(keys, None if tiers is None else set(tiers)) if keys else {}
 
     async def drain(self) -> None:

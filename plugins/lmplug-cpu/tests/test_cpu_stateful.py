@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
 
 import lmplug
+from lmplug.core.keys import canonical_tokens
 from lmplug.testing import make_config, reference_kv
 
 CHUNK = 8
@@ -40,13 +41,29 @@ class CpuTierMachine(RuleBasedStateMachine):
         self.stored_keys: set[bytes] = set()
         self.pinned: dict[int, list[bytes]] = {}
 
+    def _covering(self, tokens: list[int], num_tokens: int) -> list[bytes]:
+        """The keys of the chunks that hold ``tokens[:num_tokens]``: whole chunks, then perhaps a
+        partial one (a partial chunk stored for a shorter prompt that these tokens extend)."""
+        cache = self.cache.cache
+        full, rest = divmod(num_tokens, CHUNK)
+        keys: list[bytes] = list(cache.keymaker.keys(tokens[: full * CHUNK]))
+        if rest:
+            previous = keys[-1] if keys else b""
+            keys.append(cache.keymaker.key_after(previous, canonical_tokens(tokens[full * CHUNK : num_tokens])))
+        return keys
+
     def _possible(self, tokens: list[int]) -> int:
-        """Tokens the cache could at most know: the chunks stored so far, contiguous from 0."""
-        keys = self.cache.cache.keys(tokens)
+        """Tokens the cache could at most know: the chunks stored so far, contiguous from 0, and then
+        the longest partial chunk stored that these tokens extend."""
         count = 0
-        while count < len(keys) and keys[count] in self.stored_keys:
+        while (count + 1) * CHUNK <= len(tokens) and self._covering(tokens, (count + 1) * CHUNK)[
+            -1
+        ] in self.stored_keys:
             count += 1
-        return min(count * CHUNK, len(tokens))
+        for extra in range(min(CHUNK - 1, len(tokens) - count * CHUNK), 0, -1):
+            if self._covering(tokens, count * CHUNK + extra)[-1] in self.stored_keys:
+                return count * CHUNK + extra
+        return count * CHUNK
 
     @rule(tokens=prompts)
     def store(self, tokens: list[int]) -> None:
@@ -58,7 +75,6 @@ class CpuTierMachine(RuleBasedStateMachine):
     def lookup(self, tokens: list[int]) -> None:
         found = self.cache.lookup(tokens)
         assert found <= self._possible(tokens)
-        assert found % CHUNK == 0 or found == len(tokens)
 
     @rule(tokens=prompts)
     def retrieve(self, tokens: list[int]) -> None:
@@ -69,8 +85,7 @@ class CpuTierMachine(RuleBasedStateMachine):
     @rule(target=leases, tokens=prompts)
     def lease(self, tokens: list[int]) -> lmplug.Lease:
         lease = self.cache.lease(tokens, ttl=3600)
-        keys = self.cache.cache.keys(tokens)
-        self.pinned[lease.lease_id] = list(keys[: -(-lease.num_tokens // CHUNK)])
+        self.pinned[lease.lease_id] = self._covering(tokens, lease.num_tokens)
         return lease
 
     @rule(lease=consumes(leases))
