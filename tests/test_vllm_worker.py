@@ -30,6 +30,7 @@ def worker(tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> Iterator[Worker
     config = load_config(
         {
             "chunk_size": CHUNK,
+            "save_partial_chunks": True,  # as the connector configures it
             "model": {"name": "t", "num_layers": LAYERS, "num_kv_heads": HEADS, "head_size": DIM, "dtype": "float32"},
             "tiers": [{"type": "cpu", "capacity": "16MiB"}],
         }
@@ -169,6 +170,7 @@ def test_a_disk_only_stack_loads_through_the_lease(tmp_path: object, monkeypatch
     config = load_config(
         {
             "chunk_size": CHUNK,
+            "save_partial_chunks": True,  # as the connector configures it
             "model": {"name": "t", "num_layers": LAYERS, "num_kv_heads": HEADS, "head_size": DIM, "dtype": "float32"},
             "tiers": [{"type": "disk", "path": f"{tmp_path}/kv"}],
         }
