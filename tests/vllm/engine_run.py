@@ -5,7 +5,8 @@ Used by the end-to-end tests as a subprocess (vLLM spawns processes, so it needs
     python tests/vllm/engine_run.py MODEL_DIR OUT.json [--lmplug CONFIG.yaml] [--rounds N]
 
 Each round generates greedily for the same prompts, then resets vLLM's own prefix cache
-(unless ``--keep-prefix-cache``), so a later round can only reuse KV through lmplug.
+(unless ``--keep-prefix-cache``), so a later round can only reuse KV through lmplug. With
+lmplug, each round also records the worker's cache statistics as they stand after it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import json
 import os
 import time
+from typing import Any
 
 PROMPT_TOKENS = 1100
 
@@ -39,17 +41,21 @@ def main() -> None:
     from vllm.config import KVTransferConfig
     from vllm.inputs import TokensPrompt
 
+    from lmplug.integrations.vllm.lookup import LookupClient, socket_path
+
+    engine_id = f"run-{os.getpid()}"
     extra = {}
     if args.lmplug:
         extra["kv_transfer_config"] = KVTransferConfig(
-            kv_connector="LMPlugConnector", kv_role="kv_both", kv_connector_extra_config={"lmplug_config": args.lmplug}
-        )
+            kv_connector="LMPlugConnector", kv_role="kv_both", engine_id=engine_id,
+            kv_connector_extra_config={"lmplug_config": args.lmplug},
+        )  # fmt: skip
     llm = LLM(
         model=args.model, skip_tokenizer_init=True, enforce_eager=True, dtype="bfloat16", max_model_len=4096, seed=0,
         **extra,
     )  # fmt: skip
     params = SamplingParams(max_tokens=6, temperature=0, logprobs=3, detokenize=False)
-    rounds = []
+    rounds: list[dict[str, Any]] = []
     for _ in range(args.rounds):
         started = time.perf_counter()
         outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts()], params, use_tqdm=False)
@@ -69,6 +75,10 @@ def main() -> None:
                 ],
             }
         )
+        if args.lmplug:  # every load of the round happened before the forward that needed it
+            client = LookupClient(socket_path(engine_id))
+            rounds[-1]["worker"] = client.statistics()
+            client.close()
         if not args.keep_prefix_cache:
             llm.reset_prefix_cache()
     with open(args.out, "w") as handle:
