@@ -167,3 +167,14 @@ def test_without_partial_chunks_a_finished_request_frees_its_blocks_at_once() ->
     side.after_alloc(req, [1, 2], 0)
     req.num_computed_tokens = 2 * CHUNK + 24
     assert side.finished(req, [1, 2, 3, 4]) is False
+
+
+def test_a_load_starts_where_vllms_own_prefix_hit_ends() -> None:
+    """vLLM sets ``request.num_computed_tokens`` only after ``update_state_after_alloc``: the load
+    must start at the local hit vLLM reported when it asked, not at the request's stale count."""
+    side, _ = planner(hit=4 * CHUNK)
+    req = request("a", 5 * CHUNK, computed=0)  # as vLLM leaves it at allocation time
+    assert side.num_new_matched_tokens(req, 2 * CHUNK) == 2 * CHUNK  # vLLM has the first two chunks
+    side.after_alloc(req, [1, 2, 3, 4, 5], 2 * CHUNK)
+    (load,) = side.build(step()).loads
+    assert (load.start, load.end) == (2 * CHUNK, 4 * CHUNK)

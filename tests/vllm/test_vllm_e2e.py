@@ -221,7 +221,7 @@ def test_preemption_aborts_and_partial_prompts_leak_nothing(model_dir: Path, tmp
     # Control: this comparison tells wrong KV apart. Each long prompt with tokens 512-1023 from
     # the next one is what vLLM computes on top of the next request's KV loaded there; every
     # one differs from its prompt's reference within its first steps. (A connector that loads
-    # nothing leaves zeroed or stale blocks, further off still.)
+    # nothing there leaves zeroed or stale KV instead, as wrong as another request's.)
     for index in range(6):
         right = {key: expected[str(index)][key][:CONTROL_TOKENS] for key in ("tokens", "logprobs")}
         assert not compare(right, expected[f"control-{index}"]).ok, index

@@ -69,7 +69,8 @@ class SchedulerSide:
         self.lookups: list[Lookups] = list(lookups) if isinstance(lookups, Sequence) else [lookups]
         self.chunk_size = chunk_size
         self.save_partial_chunks = save_partial_chunks
-        self._hits: dict[str, int] = {}
+        self._hits: dict[str, tuple[int, int]] = {}
+        """request id -> (vLLM's own computed tokens when asked, tokens lmplug holds)."""
         self._requests: dict[str, _Request] = {}
         self._plan = StepPlan()
 
@@ -89,7 +90,9 @@ class SchedulerSide:
             if any(answers):
                 self._plan.releases.append(request.request_id)
             return 0
-        self._hits[request.request_id] = hit
+        # vLLM sets request.num_computed_tokens only after update_state_after_alloc: the load
+        # starts where vLLM's own prefix hit ends, as it was when it asked.
+        self._hits[request.request_id] = (num_computed_tokens, hit)
         return hit - num_computed_tokens
 
     def _saving_a_prefix_of(self, tokens: list[int]) -> bool:
@@ -101,9 +104,8 @@ class SchedulerSide:
     def after_alloc(self, request: Any, block_ids: list[int], num_external_tokens: int) -> None:
         request_id = request.request_id
         tokens = list(request.prompt_token_ids or ())
-        hit = self._hits.pop(request_id, 0)
+        start, hit = self._hits.pop(request_id, (0, 0))
         if num_external_tokens > 0 and hit:
-            start = request.num_computed_tokens
             end = start + num_external_tokens
             self._plan.loads.append(LoadSpec(request_id, tokens[:end], list(block_ids), start, end))
             saved = end - end % self.chunk_size
