@@ -99,6 +99,16 @@ class SyncCache:
         """Run ``await function(*args)`` on the cache's loop thread and return its result."""
         return self._portal_or_raise().call(function, *args)
 
+    def start_soon(self, function: Callable[..., Awaitable[T]], *args: object) -> Future[T]:
+        """Start ``await function(*args)`` on the cache's loop thread without waiting for it; its future.
+
+        The task runs until it returns or the cache closes (:meth:`close` cancels it).
+        """
+        future = self._portal_or_raise().start_task_soon(function, *args)
+        self._background.append(future)  # type: ignore[arg-type]
+        self._background = [f for f in self._background if not f.done()]
+        return future
+
     def start_background(self, function: Callable[..., Awaitable[object]]) -> None:
         """Run ``await function(task_status=...)`` on the cache's loop until it returns or the cache
         closes; returns once the function calls ``task_status.started()`` (it is ready)."""

@@ -104,7 +104,8 @@ class LookupServer:
         self.deadline = deadline
         self._entries: dict[str, _Entry] = {}
         self._task_group: TaskGroup | None = None
-        self._latencies: deque[int] = deque(maxlen=4096)
+        self._latencies: deque[int] = deque(maxlen=4096)  # the scheduler's round trips, in µs
+        self._serve_times: deque[int] = deque(maxlen=4096)  # this side's share of them, in µs
         self._lookups = 0
         self._pending = 0
         self._warnings = ThrottledLog(logger)
@@ -145,7 +146,9 @@ class LookupServer:
                         self._latencies.append(micros)
                     request_id = (await reader.receive_exactly(id_length)).decode()
                     raw = await reader.receive_exactly(4 * count) if count else b""
+                    started = time.perf_counter()
                     hit = await self.lookup(request_id, np.frombuffer(raw, dtype="<i4"))
+                    self._serve_times.append(int((time.perf_counter() - started) * 1e6))
                     await stream.send(REPLY.pack(b"LMPA", PENDING if hit is None else hit))
             except (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError, UnicodeDecodeError):
                 return
@@ -203,9 +206,10 @@ class LookupServer:
         """The cache's statistics, the leases held for the scheduler and the scheduler's lookup latency."""
         stats = self.cache.statistics()
         latencies = sorted(self._latencies)
+        serve_times = sorted(self._serve_times)
 
-        def quantile(q: float) -> float | None:
-            return latencies[min(len(latencies) - 1, int(q * len(latencies)))] / 1000 if latencies else None
+        def quantile(q: float, values: list[int]) -> float | None:
+            return values[min(len(values) - 1, int(q * len(values)))] / 1000 if values else None
 
         return {
             "requests_with_leases": sum(1 for entry in self._entries.values() if entry.lease is not None),
@@ -216,9 +220,11 @@ class LookupServer:
                 "count": self._lookups,
                 "pending_answers": self._pending,
                 "samples": len(latencies),
-                "p50_ms": quantile(0.5),
-                "p99_ms": quantile(0.99),
+                "p50_ms": quantile(0.5, latencies),
+                "p99_ms": quantile(0.99, latencies),
                 "max_ms": latencies[-1] / 1000 if latencies else None,
+                "served_p50_ms": quantile(0.5, serve_times),
+                "served_p99_ms": quantile(0.99, serve_times),
             },
             **(self.extra() if self.extra is not None else {}),
         }

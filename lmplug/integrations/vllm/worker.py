@@ -7,7 +7,9 @@ import logging
 import re
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -15,6 +17,7 @@ from lmplug.core.config import LmplugConfig
 from lmplug.core.layout import KVLayout
 from lmplug.core.memory import KVChunk, empty_kv
 from lmplug.core.sync import SyncCache
+from lmplug.integrations.vllm.copier import Copier
 from lmplug.integrations.vllm.lookup import LookupServer, socket_path
 from lmplug.integrations.vllm.paged import PagedLayout, Placement, Slots, layout_for
 from lmplug.integrations.vllm.scheduler import LoadSpec, SaveSpec, StepPlan
@@ -34,8 +37,14 @@ class TransferCounters:
 
     loaded_bytes: int = 0
     load_seconds: float = 0.0
+    """Time spent moving loaded KV (in the copy thread on the CPU, overlapping the forward)."""
+    load_wait_seconds: float = 0.0
+    """Time the forward waited for loaded KV (what loads cost vLLM's critical path)."""
     saved_bytes: int = 0
     save_seconds: float = 0.0
+    """Time spent gathering and storing saved KV."""
+    save_wait_seconds: float = 0.0
+    """Time the step waited for its saves after the forward."""
 
     def statistics(self) -> dict[str, object]:
         return {"transfers": dataclasses.asdict(self)}
@@ -96,6 +105,10 @@ class WorkerSide:
         self._saved: list[bool] = []
         self._warned_unloaded = False
         self._buffers: dict[str, torch.Tensor] = {}
+        self._copier: Copier | None = None
+        self._load_jobs: list[Future[object]] = []
+        self._save_jobs: list[Future[object]] = []
+        self._storing: Future[None] | None = None
 
     def register(self, kv_caches: Mapping[str, torch.Tensor]) -> None:
         names = sorted(kv_caches, key=_layer_order)
@@ -111,6 +124,8 @@ class WorkerSide:
         if first.device.type == "cuda":
             self._stream = torch.cuda.Stream(device=first.device)  # type: ignore[no-untyped-call]
             self._events = [torch.cuda.Event() for _ in self.layers]  # type: ignore[no-untyped-call]
+        elif first.device.type == "cpu":
+            self._copier = Copier()
         logger.info("lmplug: %d KV layers in vLLM's %r layout", len(self.layers), name)
 
     def _slots(self, block_ids: list[int], start: int, end: int) -> Slots:
@@ -145,6 +160,9 @@ class WorkerSide:
                 self._plan_load(spec, staging.narrow(2, offset, spec.end - spec.start) if staging is not None else None)
                 offset += spec.end - spec.start
         self.transfers.load_seconds += time.perf_counter() - started
+        if self._loads and self._copier is not None:
+            self._load_jobs = [self._copier.submit(partial(self._scatter, p)) for p in range(len(self.layers))]
+            return
         stream = self._stream
         if not self._loads or stream is None:
             return
@@ -213,6 +231,15 @@ class WorkerSide:
         if self._stream is not None:
             torch.cuda.current_stream(self._stream.device).wait_event(self._events[position])
             return
+        started = time.perf_counter()
+        if self._load_jobs:
+            self._wait(self._load_jobs[position])
+        else:
+            self._scatter(position)
+        self.transfers.load_wait_seconds += time.perf_counter() - started
+
+    def _scatter(self, position: int) -> None:
+        """Write layer ``position``'s loaded KV into vLLM's blocks (on the copy thread on the CPU)."""
         assert self.layout is not None
         started = time.perf_counter()
         layer = self.layers[position]
@@ -220,14 +247,28 @@ class WorkerSide:
             self.layout.scatter_placed(layer, piece.placement, piece.kv[:, position])
         self.transfers.load_seconds += time.perf_counter() - started
 
+    def _wait(self, job: Future[object]) -> bool:
+        """Wait for a copy job; False (logged) when it failed."""
+        try:
+            job.result()
+        except Exception:
+            logger.exception("lmplug copy failed")
+            return False
+        return True
+
     def _finish_loads(self) -> None:
         """After the forward: any layer whose attention never waited for its KV was computed
         without it, so its blocks are reported for recompute (never served wrong)."""
+        jobs, self._load_jobs = self._load_jobs, []
+        failed = not all([self._wait(job) for job in jobs])  # every job ends before the chunks go
         loads, self._loads = self._loads, []
         if not loads:
             return
         if self._stream is not None:
             self._stream.synchronize()  # the chunks may be released now
+        if failed:
+            self.failed_blocks.update(self._load_blocks)
+            return
         if all(self._loaded):
             return
         if not self._warned_unloaded:
@@ -262,6 +303,7 @@ class WorkerSide:
 
     def _save_buffers(self, plan: StepPlan) -> list[tuple[SaveSpec, Placement, torch.Tensor]]:
         if self._saves is None:
+            self.wait_saves()  # the staging buffer is free once the last step's store read it
             staging = self._staging("save", sum(spec.end - spec.start for spec in plan.saves))
             self._saves = []
             offset = 0
@@ -277,11 +319,19 @@ class WorkerSide:
         position = self.index.get(layer_name)
         if not plan.saves or position is None:
             return
+        saves = self._save_buffers(plan)
+        self._saved[position] = True
+        if self._copier is not None:
+            self._save_jobs.append(self._copier.submit(partial(self._gather, position, saves)))
+        else:
+            self._gather(position, saves)
+
+    def _gather(self, position: int, saves: list[tuple[SaveSpec, Placement, torch.Tensor]]) -> None:
+        """Copy layer ``position``'s new KV out of vLLM's blocks (on the copy thread on the CPU)."""
         assert self.layout is not None
         started = time.perf_counter()
-        for _, placement, kv in self._save_buffers(plan):
+        for _, placement, kv in saves:
             self.layout.gather_placed(self.layers[position], placement, kv[:, position])
-        self._saved[position] = True
         self.transfers.save_seconds += time.perf_counter() - started
 
     def save(self, plan: StepPlan) -> None:
@@ -304,29 +354,42 @@ class WorkerSide:
                 except Exception:
                     logger.exception("lmplug could not release the step's leases (they expire)")
             return
-        assert self.layout is not None
         started = time.perf_counter()
         saves = self._save_buffers(plan)
         self._saves = None
-        for position, layer in enumerate(self.layers):
+        jobs, self._save_jobs = self._save_jobs, []
+        gathered = all([self._wait(job) for job in jobs])
+        for position in range(len(self.layers)):
             if not self._saved[position]:
-                for _, placement, kv in saves:
-                    self.layout.gather_placed(layer, placement, kv[:, position])
+                self._gather(position, saves)
         if self.layers[0].is_cuda:
             torch.cuda.current_stream(self.layers[0].device).synchronize()
+        stored = [(spec, kv) for spec, _, kv in saves] if gathered else []  # never store KV not copied whole
         try:
-            self.cache.call(self._store_all, [(spec, kv) for spec, _, kv in saves], taken)
+            # The KV is out of vLLM's blocks: the store into lmplug runs on while vLLM goes on.
+            self._storing = self.cache.start_soon(self._store_all, stored, taken)
         except Exception:
             logger.exception("lmplug save failed; serving continues without it")
-        self.transfers.saved_bytes += sum(kv.numel() * kv.element_size() for _, _, kv in saves)
-        self.transfers.save_seconds += time.perf_counter() - started
+        self.transfers.saved_bytes += sum(kv.numel() * kv.element_size() for _, kv in stored)
+        self.transfers.save_wait_seconds += time.perf_counter() - started
 
     async def _store_all(self, saves: list[tuple[SaveSpec, torch.Tensor]], taken: _Taken | None) -> None:
         if taken is not None:
             self._let_go(taken)
+        started = time.perf_counter()
         for spec, kv in saves:
             try:
                 await self.cache.cache.store(spec.tokens, kv, start=spec.start)
+            except Exception:
+                logger.exception("lmplug save failed; serving continues without it")
+        self.transfers.save_seconds += time.perf_counter() - started
+
+    def wait_saves(self) -> None:
+        """Wait until the stores of the last step's saves are done."""
+        storing, self._storing = self._storing, None
+        if storing is not None:
+            try:
+                storing.result()
             except Exception:
                 logger.exception("lmplug save failed; serving continues without it")
 
@@ -349,4 +412,7 @@ class WorkerSide:
 
     def close(self) -> None:
         """Stop the lookup channel (its task is cancelled with the cache) and close the cache."""
+        if self._copier is not None:
+            self._copier.close()
+        self.wait_saves()
         self.cache.close()
