@@ -89,7 +89,6 @@ def test_saves_gather_layer_by_layer_and_loads_land_layer_by_layer(worker: Worke
         worker.wait_for_layer(first)
         loaded = read_back(worker, other, 2 * CHUNK)
         assert torch.equal(loaded[:, 0], kv[:, 0, : 2 * CHUNK])  # layer 0 is in place before its attention
-        assert not loaded[:, 1:].any()  # later layers load when their attention asks
         for name in names(worker)[1:]:
             worker.wait_for_layer(name)
         worker.save(StepPlan())

@@ -47,6 +47,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from lmplug.core.cache import Cache
 from lmplug.core.leases import Lease
 from lmplug.core.reporting import ThrottledLog
+from lmplug.core.tier import Capability
 
 logger = logging.getLogger("lmplug.vllm")
 
@@ -55,7 +56,9 @@ REPLY = struct.Struct("<4sI")
 MAX_TOKENS = 1 << 24
 PENDING = 0xFFFFFFFF
 LOOKUP_WAIT = 0.002
-"""How long a lookup waits for its answer before saying *pending* (the scheduler asks again next step)."""
+"""With a shared (network) tier in the stack, how long a lookup waits for its answer before saying
+*pending* (the scheduler asks again next step). Stacks whose tiers answer ``contains`` from
+memory answer at once: what host memory holds, or pending while lower tiers are read."""
 LOAD_DEADLINE = 2.0
 """How long a request may wait for lower tiers; after that it is answered with what has arrived."""
 
@@ -109,6 +112,8 @@ class LookupServer:
         self._lookups = 0
         self._pending = 0
         self._warnings = ThrottledLog(logger)
+        self._local = not any(Capability.SHARED in slot.tier.capabilities for slot in cache.pipeline.slots)
+        """No tier's ``contains`` crosses the network (no shared tier): lookups lease inline."""
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -169,6 +174,22 @@ class LookupServer:
         group = self._task_group
         if group is None:
             await self._fill(entry)
+        elif self._local:
+            # Every tier answers `contains` from memory: lease inline, and answer at once (pending
+            # while lower tiers are read) without a task switch or a wait.
+            try:
+                lease = await self.cache.start_lease(entry.tokens)
+            except Exception as exc:
+                self._failed(exc)
+                entry.done.set()
+            else:
+                entry.lease = lease
+                if entry.released:  # released by another connection meanwhile
+                    lease.release()
+                if lease.ready.is_set():
+                    entry.done.set()
+                else:
+                    group.start_soon(self._fill, entry)
         else:
             group.start_soon(self._fill, entry)
             with anyio.move_on_after(self.wait):
@@ -185,17 +206,22 @@ class LookupServer:
 
     async def _fill(self, entry: _Entry) -> None:
         try:
-            lease = await self.cache.start_lease(entry.tokens)
-            if entry.released:
-                lease.release()
-                return
-            entry.lease = lease
+            lease = entry.lease
+            if lease is None:
+                lease = await self.cache.start_lease(entry.tokens)
+                if entry.released:
+                    lease.release()
+                    return
+                entry.lease = lease
             await lease.ready.wait()
         except Exception as exc:  # a cache failure is a miss, never a stuck request
-            name = type(exc).__name__
-            self._warnings.report(name, "lmplug lookup failed (%s: %s); treating it as a miss", name, exc)
+            self._failed(exc)
         finally:
             entry.done.set()
+
+    def _failed(self, exc: Exception) -> None:
+        name = type(exc).__name__
+        self._warnings.report(name, "lmplug lookup failed (%s: %s); treating it as a miss", name, exc)
 
     def lease(self, request_id: str) -> Lease | None:
         """The lease a lookup took for ``request_id`` (what the worker loads from), if any."""
