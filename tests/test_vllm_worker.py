@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from lmplug.core.config import load_config
-from lmplug.integrations.vllm.paged import CpuLayout
+from lmplug.integrations.vllm.paged import CpuLayout, FlashLayout
 from lmplug.integrations.vllm.scheduler import LoadSpec, SaveSpec, StepPlan
 from lmplug.integrations.vllm.worker import WorkerSide
 
@@ -193,5 +193,59 @@ def test_a_disk_only_stack_loads_through_the_lease(tmp_path: object, monkeypatch
         assert side.take_failed_blocks() == set()
         assert side.cache.statistics().leases == 0
         assert side.cache.statistics().allocator.used_bytes == 0  # the heap chunks went with the lease
+    finally:
+        side.close()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_blocks_save_and_load_through_the_side_stream(tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM's flash layout on a CUDA device: saves gather on the device, loads copy the leased
+    (pinned host) chunks to the device and scatter on the side stream, two requests at once."""
+    monkeypatch.setenv("LMPLUG_RUNTIME_DIR", str(tmp_path))
+    config = load_config(
+        {
+            "chunk_size": CHUNK,
+            "save_partial_chunks": True,
+            "model": {"name": "t", "num_layers": LAYERS, "num_kv_heads": HEADS, "head_size": DIM, "dtype": "float32"},
+            "tiers": [{"type": "cpu", "capacity": "16MiB"}],
+        }
+    )
+    side = WorkerSide(config, f"worker-test-{next(_engines)}", BLOCK)
+    layout = FlashLayout(HEADS, DIM, BLOCK)
+    caches = {
+        f"model.layers.{i}.self_attn.attn": torch.zeros(layout.cache_shape(40), device="cuda") for i in range(LAYERS)
+    }
+    side.register(caches)
+    try:
+        first, second = list(range(10, 10 + CHUNK + 7)), list(range(900, 900 + 2 * CHUNK))
+        kvs = {}
+        with torch.inference_mode():
+            for name, tokens, blocks in (("a", first, [1, 2, 3]), ("b", second, [5, 6, 7, 8])):
+                kv = torch.randn(2, LAYERS, len(tokens), HEADS * DIM, device="cuda")
+                layout.scatter(side.layers, side._slots(blocks, 0, len(tokens)), kv)
+                kvs[name] = kv
+                side.start_load(StepPlan())
+                side.save(StepPlan(saves=[SaveSpec(name, tokens, blocks, 0, len(tokens))], finished=[name]))
+            side.wait_saves()
+        for layer in side.layers:
+            layer.zero_()
+        assert lease(side, "c", [*first, 1]) == len(first)
+        assert lease(side, "d", [*second, 1]) == len(second)
+        with torch.inference_mode():
+            loads = [
+                LoadSpec("c", first, [20, 22, 21], 0, len(first)),
+                LoadSpec("d", second, [30, 9, 31, 33], 0, len(second)),
+            ]
+            side.start_load(StepPlan(loads=loads))
+            for name in names(side):
+                side.wait_for_layer(name)
+            torch.cuda.synchronize()
+            side.save(StepPlan())
+        for blocks, tokens, kv in (([20, 22, 21], first, kvs["a"]), ([30, 9, 31, 33], second, kvs["b"])):
+            out = torch.empty(2, LAYERS, len(tokens), HEADS * DIM, device="cuda")
+            layout.gather(side.layers, side._slots(blocks, 0, len(tokens)), out)
+            assert torch.equal(out, kv)
+        assert side.take_failed_blocks() == set()
     finally:
         side.close()
