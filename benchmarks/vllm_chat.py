@@ -222,6 +222,15 @@ def _lmplug_rows(
         rows.append(
             Result(NAME, f"{prefix}connector {label}", "GB/s", rate, Target(">=", 0.5, relative=True), memcpy, "memcpy")
         )
+    transfers = lmplug.get("worker", {}).get("transfers", {})
+    requests = len(lmplug["requests"])
+    for direction in ("load", "save"):
+        waited = transfers.get(f"{direction}_wait_seconds")
+        if isinstance(waited, int | float):
+            rows.append(
+                Result(NAME, f"{prefix}forward waited for {direction}s, per request", "ms",
+                       Stats.of([waited / requests * 1e3]))
+            )  # fmt: skip
     lookups = _lookups(lmplug)
     if lookups is not None:
         rows.append(Result(NAME, f"{prefix}lookup p99 (scheduler side)", "ms", Stats.of([lookups["p99_ms"]])))
