@@ -17,7 +17,7 @@ from lmplug.core.config import LmplugConfig
 from lmplug.core.layout import KVLayout
 from lmplug.core.memory import KVChunk, empty_kv
 from lmplug.core.sync import SyncCache
-from lmplug.integrations.vllm.copier import Copier, compute_cores, move_beside
+from lmplug.integrations.vllm.copier import Copier
 from lmplug.integrations.vllm.lookup import LookupServer, socket_path
 from lmplug.integrations.vllm.paged import PagedLayout, Placement, Slots, layout_for
 from lmplug.integrations.vllm.scheduler import LoadSpec, SaveSpec, StepPlan
@@ -126,8 +126,6 @@ class WorkerSide:
             self._events = [torch.cuda.Event() for _ in self.layers]  # type: ignore[no-untyped-call]
         elif first.device.type == "cpu":
             self._copier = Copier()
-            # Lookups and stores run on the cache's thread: off the compute cores as well.
-            self.cache.run_sync(partial(move_beside, compute_cores()))
         logger.info("lmplug: %d KV layers in vLLM's %r layout", len(self.layers), name)
 
     def _slots(self, block_ids: list[int], start: int, end: int) -> Slots:
