@@ -26,6 +26,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from benchmarks.vllm_setup import connector, prepare_environment
+
 MiB = 1024**2
 VOCAB = (10, 7990)  # token ids drawn from [10, 7990): clear of the specials at the bottom of the vocabulary
 
@@ -77,22 +79,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--probes", type=int, default=3, help="extra cold prompts of the round-0 length")
     args = parser.parse_args()
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB: 128k tokens of the bench model, all of the workload
-    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")  # the same cores with and without a connector
-    os.environ["HF_HUB_OFFLINE"] = "1"
+    prepare_environment(1)  # GiB: 128k tokens of the bench model, all of the workload
     from vllm import LLM, RequestOutput, SamplingParams
-    from vllm.config import KVTransferConfig
     from vllm.inputs import TokensPrompt
 
     engine_id = f"bench-chat-{os.getpid()}"
-    extra: dict[str, Any] = {}
-    if args.lmplug:
-        extra["kv_transfer_config"] = KVTransferConfig(
-            kv_connector="LMPlugConnector",
-            kv_role="kv_both",
-            engine_id=engine_id,
-            kv_connector_extra_config={"lmplug_config": json.loads(args.lmplug)},
-        )
+    extra = connector(engine_id, json.loads(args.lmplug) if args.lmplug else None)
     first_prompt = args.system_tokens + args.turn_tokens
     longest = first_prompt + (args.rounds - 1) * (args.turn_tokens + args.answer_tokens) + args.answer_tokens
     llm = LLM(

@@ -18,6 +18,8 @@ import random
 import time
 from typing import Any
 
+from benchmarks.vllm_setup import connector, prepare_environment
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
@@ -31,22 +33,12 @@ def main() -> None:
     parser.add_argument("--batch-rounds", type=int, default=3)
     parser.add_argument("--max-model-len", type=int, default=16640)
     args = parser.parse_args()
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
-    os.environ["HF_HUB_OFFLINE"] = "1"
+    prepare_environment(2)
     from vllm import LLM, SamplingParams
-    from vllm.config import KVTransferConfig
     from vllm.inputs import TokensPrompt
 
     engine_id = f"bench-{os.getpid()}"
-    extra: dict[str, Any] = {}
-    if args.lmplug:
-        extra["kv_transfer_config"] = KVTransferConfig(
-            kv_connector="LMPlugConnector",
-            kv_role="kv_both",
-            engine_id=engine_id,
-            kv_connector_extra_config={"lmplug_config": args.lmplug},
-        )
+    extra = connector(engine_id, args.lmplug if args.lmplug else None)
     llm = LLM(
         model=args.model,
         skip_tokenizer_init=True,

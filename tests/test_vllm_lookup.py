@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -56,17 +58,28 @@ def test_no_worker_is_a_miss(tmp_path: Path, caplog: pytest.LogCaptureFixture) -
     assert len([r for r in caplog.records if "lookup channel failed" in r.getMessage()]) == 1
 
 
-@pytest.mark.parametrize("backend", ["asyncio", "trio"])
-def test_a_lower_tier_hit_is_pending_until_promoted_and_never_blocks(tmp_path: Path, backend: str) -> None:
+@contextlib.contextmanager
+def cpu_and_disk(tmp_path: Path, backend: str, tokens: list[int], in_memory: int) -> Iterator[lmplug.SyncCache]:
+    """A cpu+disk cache holding ``tokens`` on disk, and only their first ``in_memory`` tokens in host memory."""
     config = make_config(
         [{"type": "cpu", "capacity": "1MiB"}, {"type": "disk", "path": str(tmp_path / "kv")}], chunk_size=CHUNK
     )
+    with lmplug.SyncCache(config, backend=backend) as cache:  # type: ignore[arg-type]
+        kv = reference_kv(tokens, config)
+        cache.store(tokens, kv)
+        cache.drain()
+        cache.evict(tokens, tiers=["cpu"])
+        if in_memory:
+            cache.store(tokens[:in_memory], kv[:, :, :in_memory])
+        assert cache.statistics().tiers[0].chunks == in_memory // CHUNK
+        yield cache
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_lower_tier_hit_is_pending_until_promoted_and_never_blocks(tmp_path: Path, backend: str) -> None:
     path = tmp_path / "lookup.sock"
     tokens = list(range(6 * CHUNK))
-    with lmplug.SyncCache(config, backend=backend) as cache:  # type: ignore[arg-type]
-        cache.store(tokens, reference_kv(tokens, config))
-        cache.drain()
-        cache.evict(tokens, tiers=["cpu"])  # on disk only
+    with cpu_and_disk(tmp_path, backend, tokens, in_memory=0) as cache:
         server = LookupServer(cache.cache, path, wait=0.0)  # answer at once: pending
         cache.start_background(server.serve)
         client = LookupClient(path, timeout=5)
@@ -90,16 +103,9 @@ def test_a_lower_tier_hit_is_pending_until_promoted_and_never_blocks(tmp_path: P
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
 def test_past_the_deadline_a_lookup_answers_what_arrived(tmp_path: Path, backend: str) -> None:
-    config = make_config(
-        [{"type": "cpu", "capacity": "1MiB"}, {"type": "disk", "path": str(tmp_path / "kv")}], chunk_size=CHUNK
-    )
     path = tmp_path / "lookup.sock"
     tokens = list(range(4 * CHUNK))
-    with lmplug.SyncCache(config, backend=backend) as cache:  # type: ignore[arg-type]
-        cache.store(tokens, reference_kv(tokens, config))
-        cache.drain()
-        cache.evict(tokens[2 * CHUNK :], tiers=["cpu"])  # the last two chunks are on disk only
-        cache.evict(list(range(10_000, 10_000 + 4 * CHUNK)), tiers=["cpu"])
+    with cpu_and_disk(tmp_path, backend, tokens, in_memory=2 * CHUNK) as cache:
         server = LookupServer(cache.cache, path, wait=0.0, deadline=0.05)
         cache.start_background(server.serve)
         client = LookupClient(path, timeout=5)
