@@ -17,14 +17,11 @@ compute core cost the forward ~25 ms per request; beside it, the forward waits ~
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
-
-logger = logging.getLogger("lmplug.vllm")
 
 
 def _compute_cores() -> set[int]:

@@ -177,19 +177,8 @@ class LookupServer:
         elif self._local:
             # Every tier answers `contains` from memory: lease inline, and answer at once (pending
             # while lower tiers are read) without a task switch or a wait.
-            try:
-                lease = await self.cache.start_lease(entry.tokens)
-            except Exception as exc:
-                self._failed(exc)
-                entry.done.set()
-            else:
-                entry.lease = lease
-                if entry.released:  # released by another connection meanwhile
-                    lease.release()
-                if lease.ready.is_set():
-                    entry.done.set()
-                else:
-                    group.start_soon(self._fill, entry)
+            if await self._grant(entry):
+                group.start_soon(self._until_ready, entry)
         else:
             group.start_soon(self._fill, entry)
             with anyio.move_on_after(self.wait):
@@ -205,17 +194,30 @@ class LookupServer:
         return answer
 
     async def _fill(self, entry: _Entry) -> None:
+        if await self._grant(entry):
+            await self._until_ready(entry)
+
+    async def _grant(self, entry: _Entry) -> bool:
+        """Lease ``entry``'s tokens; whether lower tiers are still to arrive (else ``entry`` is done)."""
         try:
-            lease = entry.lease
-            if lease is None:
-                lease = await self.cache.start_lease(entry.tokens)
-                if entry.released:
-                    lease.release()
-                    return
-                entry.lease = lease
-            await lease.ready.wait()
-        except Exception as exc:  # a cache failure is a miss, never a stuck request
+            lease = await self.cache.start_lease(entry.tokens)
+        except Exception as exc:  # a cache failure (or bad tokens) is a miss, never a stuck request
             self._failed(exc)
+            entry.done.set()
+            return False
+        if entry.released:  # released meanwhile (the request finished or was aborted)
+            lease.release()
+        else:
+            entry.lease = lease
+        if lease.ready.is_set():
+            entry.done.set()
+            return False
+        return True
+
+    async def _until_ready(self, entry: _Entry) -> None:
+        assert entry.lease is not None
+        try:
+            await entry.lease.ready.wait()
         finally:
             entry.done.set()
 
