@@ -193,6 +193,11 @@ class S3Connector(RemoteConnector):
         )
         self._client = await context.__aenter__()
         self._client_context = context
+        # botocore asks for "Expect: 100-continue" on every file-like body, so each PUT waits a
+        # round trip before its body goes out; and when the server dies between headers and
+        # body, aiohttp's 100-continue path leaves a task whose exception nobody retrieves.
+        # The tier's bodies are one chunk each: they go out with their headers.
+        self._client.meta.events.register_last("before-call.s3", _send_body_at_once)
 
     async def aclose(self) -> None:
         if not self._started:
@@ -505,6 +510,10 @@ def _session() -> Any:
         else:
             session.register_component("data_loader", _loader)
     return session
+
+
+def _send_body_at_once(params: dict[str, Any], **_: Any) -> None:
+    params.get("headers", {}).pop("Expect", None)
 
 
 def _code(exc: ClientError) -> str:

@@ -81,6 +81,24 @@ async def test_large_values_go_up_multipart_and_read_back_identical(s3_server: S
         assert bytes(body) == payload
 
 
+async def test_bodies_go_out_with_their_headers(s3_server: SeaweedS3, s3_url: str) -> None:
+    """No PUT waits for "100 Continue": a round trip saved, and no half-sent request when the server dies."""
+    sent: list[tuple[str, str | None]] = []
+
+    def record(request: Any, **_: Any) -> None:
+        sent.append((request.method, request.headers.get("Expect")))
+
+    async with connector(s3_server, s3_url, multipart_threshold="5MiB", part_size="5MiB") as s3:
+        s3._client.meta.events.register("before-send.s3", record)
+        await s3.put("whole", [memoryview(os.urandom(3000))], None)
+        await s3.put("parts", [memoryview(os.urandom(6 * MiB))], None)
+        assert s3.statistics()["multipart_puts"] == 1
+        assert await s3.exists(["whole", "parts"]) == [True, True]
+    puts = [expect for method, expect in sent if method == "PUT"]
+    assert len(puts) == 3  # one whole object, two parts
+    assert puts == [None] * 3
+
+
 async def test_a_cancelled_multipart_upload_leaves_nothing_behind(s3_server: SeaweedS3, s3_url: str) -> None:
     payload = memoryview(os.urandom(30 * MiB))
     async with connector(s3_server, s3_url, multipart_threshold="5MiB", part_size="5MiB", max_concurrency=2) as s3:
