@@ -8,22 +8,13 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
+from lmplug.core.commands import CliCommand
 from lmplug.core.composer import plan_tiers
 from lmplug.core.config import load_config
 from lmplug.errors import LmplugError
 from lmplug.hooks.manager import PluginHost
-
-
-@dataclass(frozen=True, slots=True)
-class CliCommand:
-    """A sub-command a plugin adds through ``lmplug_register_commands``."""
-
-    name: str
-    help: str
-    configure: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int]
 
 
 def _plugins(host: PluginHost, args: argparse.Namespace) -> int:

@@ -14,7 +14,7 @@ import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import TYPE_CHECKING, ClassVar, Generic, Self, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, Self, TypeVar
 
 import torch
 from pydantic import BaseModel
@@ -27,7 +27,15 @@ from lmplug.hooks.markers import hookimpl
 
 if TYPE_CHECKING:
     from lmplug.core.config import LmplugConfig
-    from lmplug.hooks.manager import PluginHost
+    from lmplug.core.remote import ChunkCodec, RemoteScheme
+
+
+class Registries(Protocol):
+    """What a tier may look up among the cache's plugins (the plugin host satisfies it)."""
+
+    def resolve_remote_scheme(self, scheme: str) -> RemoteScheme[Any]: ...
+
+    def resolve_codec(self, name: str) -> ChunkCodec: ...
 
 
 class Capability(enum.Enum):
@@ -76,8 +84,8 @@ class TierContext:
     layout: KVLayout
     fingerprint: bytes
     report_evicted: Callable[[str, Sequence[ChunkKey]], None] = field(repr=False)
-    plugins: PluginHost | None = field(default=None, repr=False)
-    """The plugins the cache loaded (for tiers that look up remote schemes or codecs)."""
+    plugins: Registries | None = field(default=None, repr=False)
+    """The remote schemes and codecs the cache's plugins offer (for tiers that look them up)."""
     _allocator: ChunkAllocator | None = field(default=None, repr=False)
 
     @property
@@ -95,6 +103,16 @@ class TierContext:
         """Tell the cache (and ``lmplug_chunks_evicted`` listeners) that this tier dropped ``keys``."""
         if keys:
             self.report_evicted(self.name, keys)
+
+
+def leading(keys: Sequence[ChunkKey], held: Callable[[ChunkKey], bool]) -> int:
+    """How many of ``keys``, from the first, ``held`` says a tier holds (what ``lmplug_contains`` answers)."""
+    found = 0
+    for key in keys:
+        if not held(key):
+            break
+        found += 1
+    return found
 
 
 class Tier(abc.ABC):

@@ -1,4 +1,5 @@
-"""Write-behind for slow tiers: a bounded queue of chunks that background writers drain.
+"""Write-behind for slow tiers: a bounded queue of chunks that background writers drain,
+and :class:`WriteBehindTier`, the base of tiers built on it (disk, remote stores).
 
 A tier's ``lmplug_store`` offers chunks with :meth:`WriteBehind.offer`, which never waits:
 when the queue is full the chunk is skipped and counted, so a slow store never blocks the
@@ -9,7 +10,10 @@ the tier's write function checks :meth:`WriteBehind.cancelled` after writing and
 
 from __future__ import annotations
 
+import abc
+import logging
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Self
 
 import anyio
 import torch
@@ -18,6 +22,8 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from lmplug.core.keys import ChunkKey
 from lmplug.core.memory import KVChunk
+from lmplug.core.reporting import ThrottledLog
+from lmplug.core.tier import Capability, Tier, TierContext, TierStatistics
 
 Batch = Sequence[tuple[ChunkKey, KVChunk]]
 
@@ -145,3 +151,90 @@ class WriteBehind:
                         self._cancelled.discard(key)
                     if not self.pending:
                         self._drained.set()
+
+
+class WriteBehindTier(Tier):
+    """A tier whose stores are written behind: the queue, its lifecycle, and the counters.
+
+    A subclass writes chunks in :meth:`_write_batch` (called by the queue's writers; it
+    reports its failures with :meth:`_report` and never raises), offers chunks to
+    ``self._queue`` in ``lmplug_store``, serves chunks still queued from memory
+    (:meth:`queued`, ``self._queue.copy_queued``), counts reads with :meth:`_count`, and
+    releases what it holds in :meth:`_release` (called once the queue has stopped).
+    """
+
+    capabilities = frozenset({Capability.WRITE_BEHIND})
+
+    def __init__(
+        self, context: TierContext, *, logger: logging.Logger, queue_size: int, writers: int, batch: int = 1
+    ) -> None:
+        super().__init__(context)
+        self._queue = WriteBehind(self._write_batch, size=queue_size, writers=writers, batch=batch)
+        self._log = ThrottledLog(logger)
+        self._hits = self._misses = self._stored = self._evictions = self._errors = 0
+
+    @abc.abstractmethod
+    async def _write_batch(self, batch: Batch) -> None:
+        """Write queued chunks (up to the queue's ``batch`` of them); report failures, never raise."""
+
+    async def _open(self) -> None:
+        """Acquire what the tier needs before its queue starts (a directory, a connection)."""
+
+    async def _release(self) -> None:
+        """Release what :meth:`_open` acquired; runs once the queue has stopped, even after a failure."""
+
+    async def __aenter__(self) -> Self:
+        await self._open()
+        try:
+            await self._queue.__aenter__()
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._release()
+            raise
+        return self
+
+    async def drain(self) -> None:
+        """Wait until every queued write is done (or has failed and been reported)."""
+        await self._queue.drain()
+
+    async def aclose(self) -> None:
+        """Finish queued writes, stop the writers, then release the tier's resources. Idempotent."""
+        try:
+            await self._queue.aclose()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._release()
+
+    def queued(self, key: ChunkKey) -> bool:
+        """Whether ``key`` is waiting to be written (and can be served from memory)."""
+        return self._queue.queued(key) is not None
+
+    def _count(self, served: int, wanted: int) -> None:
+        """Count a read: ``served`` leading chunks of the ``wanted``; fewer is a miss."""
+        self._hits += served
+        if served < wanted:
+            self._misses += 1
+
+    def _report(self, kind: str, message: str) -> None:
+        """Log a failure at WARNING once a minute per kind (DEBUG otherwise); the tier keeps serving."""
+        self._log.report(kind, "%s tier %r: %s", self.context.type, self.name, message)
+
+    def _statistics(
+        self, *, chunks: int, used_bytes: int, capacity_bytes: int | None, errors: int = 0, skipped: int = 0
+    ) -> TierStatistics:
+        """The tier's statistics: the counters kept here plus what the subclass knows (extra
+        ``errors`` and ``skipped`` writes are added to the base counts)."""
+        return TierStatistics(
+            name=self.name,
+            type=self.context.type,
+            chunks=chunks,
+            used_bytes=used_bytes,
+            capacity_bytes=capacity_bytes,
+            hits=self._hits,
+            misses=self._misses,
+            stored=self._stored,
+            evictions=self._evictions,
+            errors=self._errors + errors,
+            pending_writes=len(self._queue.pending),
+            skipped_writes=self._queue.skipped + skipped,
+        )

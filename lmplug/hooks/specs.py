@@ -32,7 +32,7 @@ from lmplug.hooks.markers import hookspec
 if TYPE_CHECKING:
     import torch
 
-    from lmplug.cli import CliCommand
+    from lmplug.core.commands import CliCommand
     from lmplug.core.keys import ChunkKey
     from lmplug.core.memory import KVChunk
     from lmplug.core.remote import ChunkCodec, RemoteScheme
@@ -61,7 +61,7 @@ def lmplug_register_tier_types(register: Callable[[TierType], None]) -> None:  #
 def lmplug_register_commands(register: Callable[[CliCommand], None]) -> None:
     """Add sub-commands to the ``lmplug`` command line.
 
-    :param register: records a :class:`lmplug.cli.CliCommand` (name, help, a function that
+    :param register: records a :class:`lmplug.tierkit.CliCommand` (name, help, a function that
         adds its arguments to an ``argparse`` parser, and a function that runs it and
         returns the exit status).
     :returns: nothing; results are ignored.

@@ -15,5 +15,6 @@ from __future__ import annotations
 
 from lmplug.testing.conformance import TierConformance
 from lmplug.testing.kv import make_config, reference_kv
+from lmplug.testing.net import free_port
 
-__all__ = ["TierConformance", "make_config", "reference_kv"]
+__all__ = ["TierConformance", "free_port", "make_config", "reference_kv"]

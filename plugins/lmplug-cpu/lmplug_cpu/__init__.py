@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from lmplug import TierType, hookimpl
+from lmplug.tierkit import TierType, hookimpl
 from lmplug_cpu.tier import CpuTier, CpuTierConfig
 
 __all__ = ["CpuTier", "CpuTierConfig"]

@@ -6,7 +6,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Literal, Protocol
 
-from lmplug import ChunkKey
+from lmplug.tierkit import ChunkKey
 
 PolicyName = Literal["lru", "lfu", "fifo"]
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import bisect
 
-from lmplug import AllocatorStatistics, KVChunk, KVLayout, aligned_empty, cuda_available
+import torch
+
+from lmplug.tierkit import AllocatorStatistics, KVChunk, KVLayout, aligned_empty
 
 
 class HostPool:
@@ -23,7 +25,7 @@ class HostPool:
         self.layout = layout
         self.alignment = alignment
         self.capacity = capacity - capacity % alignment
-        self.pinned = cuda_available() if pin_memory is None else pin_memory
+        self.pinned = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.buffer = aligned_empty(self.capacity, pin_memory=self.pinned, alignment=max(alignment, 64))
         # Chunks are carved from a typed view with as_strided: one tensor op instead of three.
         self._typed = self.buffer[: self.capacity - self.capacity % layout.itemsize].view(layout.dtype)

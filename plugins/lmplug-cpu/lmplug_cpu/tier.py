@@ -7,12 +7,12 @@ from typing import Literal
 
 from pydantic import Field
 
-from lmplug import (
+from lmplug import ConfigError
+from lmplug.tierkit import (
     AllocatorStatistics,
     ByteSize,
     Capability,
     ChunkKey,
-    ConfigError,
     KVChunk,
     KVLayout,
     StrictModel,
@@ -20,6 +20,7 @@ from lmplug import (
     TierContext,
     TierStatistics,
     hookimpl,
+    leading,
 )
 from lmplug_cpu.policy import PolicyName, make_policy
 from lmplug_cpu.pool import HostPool
@@ -113,13 +114,7 @@ class CpuTier(Tier):
 
     @hookimpl
     async def lmplug_contains(self, keys: Sequence[ChunkKey]) -> int:
-        index = self._index
-        found = 0
-        for key in keys:
-            if key not in index:
-                break
-            found += 1
-        return found
+        return leading(keys, self._index.__contains__)
 
     @hookimpl
     async def lmplug_retrieve(self, keys: Sequence[ChunkKey]) -> list[KVChunk]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from lmplug import TierType, hookimpl
+from lmplug.tierkit import TierType, hookimpl
 from lmplug_disk.tier import DiskTier, DiskTierConfig
 
 __all__ = ["DiskTier", "DiskTierConfig"]

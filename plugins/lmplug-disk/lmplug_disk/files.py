@@ -23,8 +23,8 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from lmplug import ChunkKey, CorruptChunk, KVLayout
-from lmplug.core.serde import HEADER, ChunkHeader, parts_checksum, slice_parts
+from lmplug import CorruptChunk
+from lmplug.tierkit import HEADER, ChunkHeader, ChunkKey, KVLayout, parts_checksum, slice_parts
 
 BLOCK = 4096
 _ZEROS = bytes(BLOCK)

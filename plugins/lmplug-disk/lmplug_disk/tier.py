@@ -18,24 +18,23 @@ import anyio
 import torch
 from pydantic import Field, PositiveInt
 
-from lmplug import (
+from lmplug import ConfigError, CorruptChunk, TierUnavailable
+from lmplug.tierkit import (
+    Batch,
     ByteSize,
     Capability,
+    ChunkHeader,
     ChunkKey,
-    ConfigError,
-    CorruptChunk,
     KVBytes,
     KVChunk,
     StrictModel,
-    Tier,
     TierContext,
     TierStatistics,
-    TierUnavailable,
+    WriteBehindTier,
     hookimpl,
+    leading,
+    payload_checksum,
 )
-from lmplug.core.reporting import ThrottledLog
-from lmplug.core.serde import ChunkHeader, payload_checksum
-from lmplug.core.writebehind import Batch, WriteBehind
 from lmplug_disk import files
 
 logger = logging.getLogger("lmplug.disk")
@@ -75,13 +74,13 @@ class _Read:
         return sum(view.nbytes for view in self.payload)
 
 
-class DiskTier(Tier):
+class DiskTier(WriteBehindTier):
     """Chunk files under ``<path>/lmplug-<fingerprint>/``, owned by one process at a time."""
 
     capabilities = frozenset({Capability.PERSISTENT, Capability.WRITE_BEHIND, Capability.RETRIEVE_INTO})
 
     def __init__(self, context: TierContext, options: DiskTierConfig) -> None:
-        super().__init__(context)
+        super().__init__(context, logger=logger, queue_size=options.write_queue, writers=options.writers)
         self.options = options
         self.root = Path(options.path) / f"lmplug-{context.fingerprint.hex()}"
         largest = files.file_size(context.layout.nbytes(context.config.chunk_size))
@@ -92,31 +91,29 @@ class DiskTier(Tier):
             )
         self.direct = False
         self._index: OrderedDict[ChunkKey, int] = OrderedDict()  # key -> tokens, least recently used first
-        self._queue = WriteBehind(self._write_batch, size=options.write_queue, writers=options.writers)
         self._used = 0
         self._read_limiter = anyio.CapacityLimiter(options.readers)
         self._write_limiter = anyio.CapacityLimiter(options.writers)
         self._reads_in_flight = 0
         self._reads_done = anyio.Event()
         self._lock_fd = -1
-        self._log = ThrottledLog(logger)
-        self._hits = self._misses = self._stored = self._evictions = self._errors = 0
         self.scan_seconds = 0.0
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def __aenter__(self) -> DiskTier:
+    async def _open(self) -> None:
         await anyio.to_thread.run_sync(self._open_directory)
         try:
             await anyio.to_thread.run_sync(files.remove_files, self._evict_to(self.options.capacity))
         except BaseException:
             self._unlock()
             raise
-        try:
-            await self._queue.__aenter__()
-        except BaseException:
-            self._unlock()
-            raise
+
+    async def _release(self) -> None:
+        self._unlock()
+
+    async def __aenter__(self) -> DiskTier:
+        await super().__aenter__()
         logger.info(
             "disk tier %r: %s, %d chunks (%d bytes) indexed in %.3f s, %s I/O",
             self.name, self.root, len(self._index), self._used, self.scan_seconds,
@@ -169,28 +166,12 @@ class DiskTier(Tier):
             os.close(self._lock_fd)  # closing the descriptor drops the flock
             self._lock_fd = -1
 
-    async def drain(self) -> None:
-        """Wait until every queued write has reached the disk (or failed and been reported)."""
-        await self._queue.drain()
-
-    async def aclose(self) -> None:
-        """Finish queued writes, stop the writers and release the directory. Idempotent."""
-        try:
-            await self._queue.aclose()  # queued writes finish first
-        finally:
-            self._unlock()
-
     # ------------------------------------------------------------------ data path
 
     @hookimpl
     async def lmplug_contains(self, keys: Sequence[ChunkKey]) -> int:
-        index, queued = self._index, self._queue.queued
-        found = 0
-        for key in keys:
-            if key not in index and queued(key) is None:
-                break
-            found += 1
-        return found
+        index, queued = self._index, self.queued
+        return leading(keys, lambda key: key in index or queued(key))
 
     @hookimpl
     async def lmplug_retrieve(self, keys: Sequence[ChunkKey]) -> list[KVChunk]:
@@ -241,11 +222,6 @@ class DiskTier(Tier):
             served += await self._read(reads)
         self._count(served, len(keys))
         return served
-
-    def _count(self, served: int, wanted: int) -> None:
-        self._hits += served
-        if served < wanted:
-            self._misses += 1
 
     async def _read(self, reads: list[_Read]) -> int:
         """Read the files (large ones in segments), up to ``readers`` at once; how many leading ones are good."""
@@ -415,22 +391,5 @@ class DiskTier(Tier):
 
     # ------------------------------------------------------------------ reporting
 
-    def _report(self, kind: str, message: str) -> None:
-        """Log a failure at WARNING once a minute per kind (DEBUG otherwise); the tier keeps serving."""
-        self._log.report(kind, "disk tier %r: %s", self.name, message)
-
     def statistics(self) -> TierStatistics:
-        return TierStatistics(
-            name=self.name,
-            type=self.context.type,
-            chunks=len(self._index),
-            used_bytes=self._used,
-            capacity_bytes=self.options.capacity,
-            hits=self._hits,
-            misses=self._misses,
-            stored=self._stored,
-            evictions=self._evictions,
-            errors=self._errors,
-            pending_writes=len(self._queue.pending),
-            skipped_writes=self._queue.skipped,
-        )
+        return self._statistics(chunks=len(self._index), used_bytes=self._used, capacity_bytes=self.options.capacity)

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from lmplug import ChunkCodec, RemoteScheme, TierType, hookimpl
-from lmplug.cli import CliCommand
+from lmplug.tierkit import CliCommand
 from lmplug_remote.tier import RemoteTier, RemoteTierConfig
 
 __all__ = ["RemoteTier", "RemoteTierConfig"]

@@ -1,0 +1,72 @@
+"""The plugin kit: everything a tier, remote connector, codec or command author needs.
+
+Plugins import from two modules only: :mod:`lmplug` (the application API and the errors)
+and this one. A test (``tests/test_exports.py``) holds every plugin in ``plugins/`` to it.
+
+- **Registering:** :data:`hookimpl`; the hook contract is :mod:`lmplug.hooks.specs`, and
+  ``docs/hooks.md`` walks through writing a plugin.
+- **Tiers:** :class:`Tier`, :class:`TierType`, :class:`TierContext`, :class:`TierStatistics`,
+  :class:`Capability`; slow tiers start from :class:`WriteBehindTier` (a bounded write-behind
+  queue, counters, ``drain`` and statistics); :func:`leading` counts the leading keys a tier holds.
+- **Data:** :class:`ChunkKey`, :class:`KVChunk`, :class:`KVLayout`, :class:`ChunkAllocator`,
+  :class:`KVBytes`, :func:`aligned_empty`, :data:`IO_ALIGNMENT`.
+- **Bytes on disk or the wire:** :class:`ChunkHeader` (:data:`HEADER`), :func:`payload_checksum`,
+  :func:`parts_checksum`, :func:`slice_parts`.
+- **Remote stores:** :class:`RemoteConnector`, :class:`RemoteScheme`, :class:`ChunkCodec`,
+  :class:`RawCodec`.
+- **Config:** :class:`StrictModel`, :class:`ByteSize`, :class:`Duration`, :func:`config_error`.
+- **Operations:** :class:`ThrottledLog` (one warning per interval), :class:`WriteBehind` (the
+  queue alone), :class:`CliCommand` (an ``lmplug`` sub-command).
+"""
+
+from __future__ import annotations
+
+from lmplug.core.commands import CliCommand
+from lmplug.core.config import StrictModel, config_error
+from lmplug.core.keys import ChunkKey
+from lmplug.core.layout import KVLayout
+from lmplug.core.memory import IO_ALIGNMENT, AllocatorStatistics, ChunkAllocator, KVChunk, aligned_empty
+from lmplug.core.remote import ChunkCodec, RawCodec, RemoteConnector, RemoteScheme
+from lmplug.core.reporting import ThrottledLog
+from lmplug.core.serde import HEADER, ChunkHeader, parts_checksum, payload_checksum, slice_parts
+from lmplug.core.tier import Capability, Tier, TierContext, TierStatistics, TierType, leading
+from lmplug.core.transfer import KVBytes
+from lmplug.core.units import ByteSize, Duration
+from lmplug.core.writebehind import Batch, WriteBehind, WriteBehindTier
+from lmplug.hooks.markers import hookimpl
+
+__all__ = [
+    "HEADER",
+    "IO_ALIGNMENT",
+    "AllocatorStatistics",
+    "Batch",
+    "ByteSize",
+    "Capability",
+    "ChunkAllocator",
+    "ChunkCodec",
+    "ChunkHeader",
+    "ChunkKey",
+    "CliCommand",
+    "Duration",
+    "KVBytes",
+    "KVChunk",
+    "KVLayout",
+    "RawCodec",
+    "RemoteConnector",
+    "RemoteScheme",
+    "StrictModel",
+    "ThrottledLog",
+    "Tier",
+    "TierContext",
+    "TierStatistics",
+    "TierType",
+    "WriteBehind",
+    "WriteBehindTier",
+    "aligned_empty",
+    "config_error",
+    "hookimpl",
+    "leading",
+    "parts_checksum",
+    "payload_checksum",
+    "slice_parts",
+]
