@@ -12,7 +12,7 @@ import torch
 
 import lmplug
 from lmplug.hooks import specs
-from lmplug.hooks.manager import make_plugin_manager
+from lmplug.hooks.specs import make_plugin_manager
 from lmplug.testing import make_config, reference_kv
 
 ROOT = Path(__file__).parents[1]

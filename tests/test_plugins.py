@@ -228,7 +228,30 @@ async def test_an_optional_hook_goes_with_its_capability(tier_class: type[lmplug
     with pytest.raises(PluginContractError, match=message):
         async with lmplug.open_cache(make_config([{"type": "into"}]), plugins=host):
             pass
-    assert [name for name in host.pm.list_name_plugin() if name[0].startswith("tier:")] == []
+    assert host.pm.get_plugins() == {host.pm.get_plugin(name) for name in host.plugins}  # no tier objects
+
+
+async def test_two_caches_share_one_plugin_host() -> None:
+    """The host's manager holds plugins only: tiers are checked on managers of their own."""
+    host = PluginHost.from_environment({"LMPLUG_PLUGINS": "cpu"})
+    config = make_config([{"type": "cpu", "capacity": "1MiB"}])
+    tokens = list(range(64))
+    async with lmplug.open_cache(config, plugins=host) as first, lmplug.open_cache(config, plugins=host) as second:
+        await first.store(tokens, reference_kv(tokens, config))
+        assert await first.lookup(tokens) == 64
+        assert await second.lookup(tokens) == 0  # each has its own host memory
+        assert host.pm.get_plugins() == {host.pm.get_plugin(name) for name in host.plugins}
+    async with lmplug.open_cache(config, plugins=host) as again:  # and the host outlives them
+        assert await again.lookup(tokens) == 0
+
+
+def test_two_sync_caches_with_one_config_open_side_by_side() -> None:
+    config = make_config([{"type": "cpu", "capacity": "1MiB"}])
+    tokens = list(range(64))
+    with lmplug.SyncCache(config) as first, lmplug.SyncCache(config) as second:
+        first.store(tokens, reference_kv(tokens, config))
+        second.store(tokens[:32], reference_kv(tokens[:32], config))
+        assert (first.lookup(tokens), second.lookup(tokens)) == (64, 32)
 
 
 async def test_a_factory_that_crashes_is_a_plugin_error() -> None:

@@ -12,19 +12,18 @@ import anyio
 import numpy as np
 import torch
 
-from lmplug.core.composer import build_tier, plan_tiers
+from lmplug.core.composer import compose
 from lmplug.core.config import ConfigSource, LmplugConfig, load_config
 from lmplug.core.keys import ChunkKey, KeyMaker, canonical_tokens
 from lmplug.core.layout import KVLayout
 from lmplug.core.leases import Lease, LeaseTable
-from lmplug.core.memory import AllocatorStatistics, ChunkAllocator, HeapAllocator, KVChunk
+from lmplug.core.memory import AllocatorStatistics, ChunkAllocator, KVChunk
 from lmplug.core.metrics import CacheMetrics
 from lmplug.core.partials import ROOT, PartialIndex
 from lmplug.core.reporting import ThrottledLog
-from lmplug.core.tier import Capability, TierStatistics
+from lmplug.core.tier import TierStatistics
 from lmplug.core.transfer import copy_from_chunks, copy_into_chunks
 from lmplug.errors import CacheClosedError, InvalidInputError, KVShapeError
-from lmplug.hooks.dispatch import Pipeline, TierSlot, bind_tier
 from lmplug.hooks.manager import PluginHost
 
 logger = logging.getLogger("lmplug.cache")
@@ -74,29 +73,19 @@ class Cache:
         self.keymaker = KeyMaker(self.config)
         self._leases = LeaseTable(self._lease_expired)
         self._partials = PartialIndex()
-        planned = plan_tiers(self.config, self.plugins)
         stack = AsyncExitStack()
         self._stack = stack
         try:
-            slots: list[TierSlot] = []
-            for plan in planned:
-                tier = build_tier(
-                    self.config, plan, self.layout, self.keymaker.fingerprint, self._report_evicted, self.plugins
-                )
-                await stack.enter_async_context(tier)
-                slots.append(bind_tier(self.plugins.pm, plan.entry.tier_name, tier))
-                stack.callback(self.plugins.pm.unregister, name=f"tier:{plan.entry.tier_name}")
-            self.allocator: ChunkAllocator = next(
-                (
-                    s.tier.allocator
-                    for s in slots
-                    if Capability.PROVIDES_ALLOCATOR in s.tier.capabilities and s.tier.allocator
-                ),
-                None,
-            ) or HeapAllocator(self.layout)
-            for slot in slots:
-                slot.tier.context.bind_allocator(self.allocator)
-            self.pipeline = Pipeline(slots, self.layout, self._tier_failed)
+            self.pipeline = await compose(
+                self.config,
+                self.plugins,
+                self.layout,
+                self.keymaker.fingerprint,
+                self._report_evicted,
+                self._tier_failed,
+                stack,
+            )
+            self.allocator: ChunkAllocator = self.pipeline.allocator
             self.metrics = CacheMetrics(self._tier_statistics)
             task_group = await stack.enter_async_context(anyio.create_task_group())
             self._task_group = task_group

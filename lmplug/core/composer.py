@@ -1,19 +1,31 @@
-"""Composing the configured tier stack from the tier types that plugins registered."""
+"""Composing the configured tier stack from the tier types that plugins registered.
+
+:func:`plan_tiers` resolves and validates (what ``lmplug config check`` runs), and
+:func:`compose` builds, opens and binds the tiers into a :class:`Pipeline`.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import BaseModel, ValidationError
 
 from lmplug.core.config import LmplugConfig, TierConfig, config_error
 from lmplug.core.keys import ChunkKey
 from lmplug.core.layout import KVLayout
-from lmplug.core.tier import Tier, TierContext, TierType
+from lmplug.core.memory import ChunkAllocator, HeapAllocator
+from lmplug.core.pipeline import ErrorSink, Pipeline, TierSlot, bind_tier
+from lmplug.core.tier import Capability, Registries, Tier, TierContext, TierType
 from lmplug.errors import LmplugError, PluginContractError, PluginError
-from lmplug.hooks.manager import PluginHost
+
+
+class Plugins(Registries, Protocol):
+    """What composition looks up among the loaded plugins (the plugin host satisfies it)."""
+
+    def resolve_tier_type(self, type_name: str) -> TierType[Any]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,17 +38,19 @@ class PlannedTier:
     options: BaseModel
 
 
-def plan_tiers(config: LmplugConfig, host: PluginHost) -> list[PlannedTier]:
+def plan_tiers(config: LmplugConfig, plugins: Plugins) -> list[PlannedTier]:
     """Resolve every configured tier's type and validate its options, building nothing.
 
+    Options are validated with ``context={"plugins": plugins}``, so a tier's config model
+    can check what depends on other plugins (a remote tier's connector options) here.
     Raises :class:`lmplug.errors.PluginUnavailable` for a type no plugin provides and
     :class:`lmplug.errors.ConfigError` (with ``tiers[i].key`` paths) for bad options.
     """
     planned = []
     for index, entry in enumerate(config.tiers):
-        tier_type = host.resolve_tier_type(entry.type)
+        tier_type = plugins.resolve_tier_type(entry.type)
         try:
-            options = tier_type.config_model.model_validate(entry.options)
+            options = tier_type.config_model.model_validate(entry.options, context={"plugins": plugins})
         except ValidationError as exc:
             raise config_error(exc, prefix=f"tiers[{index}]") from None
         planned.append(PlannedTier(index, entry, tier_type, options))
@@ -49,7 +63,7 @@ def build_tier(
     layout: KVLayout,
     fingerprint: bytes,
     report_evicted: Callable[[str, Sequence[ChunkKey]], None],
-    plugins: PluginHost | None = None,
+    plugins: Registries | None = None,
 ) -> Tier:
     """Call the tier type's factory and check that it returned a :class:`lmplug.Tier`."""
     context = TierContext(
@@ -74,3 +88,30 @@ def build_tier(
             f"the factory of tier type {plan.tier_type.name!r} returned {type(tier).__qualname__}, not an lmplug.Tier"
         )
     return tier
+
+
+async def compose(
+    config: LmplugConfig,
+    plugins: Plugins,
+    layout: KVLayout,
+    fingerprint: bytes,
+    report_evicted: Callable[[str, Sequence[ChunkKey]], None],
+    on_error: ErrorSink,
+    stack: AsyncExitStack,
+) -> Pipeline:
+    """Build and open the configured tiers (``stack`` closes them) and bind them into a pipeline.
+
+    The pipeline's chunk allocator is the first tier's that provides one (host memory that
+    other tiers read into and promote to), else a heap allocator; every tier gets it once
+    all are built.
+    """
+    slots: list[TierSlot] = []
+    for plan in plan_tiers(config, plugins):
+        tier = build_tier(config, plan, layout, fingerprint, report_evicted, plugins)
+        await stack.enter_async_context(tier)
+        slots.append(bind_tier(plan.entry.tier_name, tier))
+    provided = (slot.tier.allocator for slot in slots if Capability.PROVIDES_ALLOCATOR in slot.tier.capabilities)
+    allocator: ChunkAllocator = next((found for found in provided if found is not None), None) or HeapAllocator(layout)
+    for slot in slots:
+        slot.tier.context.bind_allocator(allocator)
+    return Pipeline(slots, layout, on_error, allocator)

@@ -29,20 +29,13 @@ from lmplug.core.remote import ChunkCodec, RawCodec, RemoteScheme
 from lmplug.core.tier import TierType
 from lmplug.errors import PluginContractError, PluginUnavailable
 from lmplug.hooks import specs
-from lmplug.hooks.markers import PROJECT
+from lmplug.hooks.specs import make_plugin_manager
 
 logger = logging.getLogger("lmplug.plugins")
 
 ENTRY_POINT_GROUP = "lmplug"
 _REGISTRIES = {"tier type": "tier_types", "remote scheme": "remote_schemes", "codec": "codecs"}
 _TRUE = {"1", "true", "yes", "on"}
-
-
-def make_plugin_manager() -> pluggy.PluginManager:
-    """A fresh plugin manager holding lmplug's hookspecs and nothing else."""
-    pm = pluggy.PluginManager(PROJECT)
-    pm.add_hookspecs(specs)
-    return pm
 
 
 def _check_composition_hooks(pm: pluggy.PluginManager, plugin: object) -> None:

@@ -10,7 +10,7 @@ plugin package implements them in its ``__init__.py``.
 plugin's tier factory builds (see :class:`lmplug.Tier`). pluggy's call loop cannot await
 coroutines, so they are never called through ``pm.hook``: the cache registers each
 configured tier object with its plugin manager (which checks the signatures against these
-specs) and the dispatcher in :mod:`lmplug.hooks.dispatch` awaits each tier's hookimpl in
+specs) and the pipeline in :mod:`lmplug.core.pipeline` awaits each tier's hookimpl in
 pipeline order, with the semantics each spec names. All data-path hooks run on the cache's
 event-loop thread, in the process that opened the cache, under asyncio or trio; blocking
 work belongs in ``anyio.to_thread.run_sync`` with the tier's own ``CapacityLimiter``.
@@ -24,10 +24,13 @@ caller releases.
 # mypy: disable-error-code="empty-body"
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from lmplug.hooks.markers import hookspec
+import pluggy
+
+from lmplug.hooks.markers import PROJECT, hookspec
 
 if TYPE_CHECKING:
     import torch
@@ -239,5 +242,13 @@ async def lmplug_transfer(keys: Sequence[ChunkKey], chunks: Sequence[KVChunk], s
 
 DATA_PATH_HOOKS = ("lmplug_contains", "lmplug_retrieve", "lmplug_store", "lmplug_evict", "lmplug_transfer")
 """The async hooks every tier object implements."""
-OPTIONAL_DATA_PATH_HOOKS = ("lmplug_retrieve_into",)
-"""The async hooks a tier object implements when it declares the matching capability."""
+OPTIONAL_DATA_PATH_HOOKS = {"lmplug_retrieve_into": "RETRIEVE_INTO"}
+"""The async hooks a tier object implements exactly when it declares the named
+:class:`lmplug.tierkit.Capability` (and must not implement otherwise)."""
+
+
+def make_plugin_manager() -> pluggy.PluginManager:
+    """A fresh plugin manager holding lmplug's hookspecs and nothing else."""
+    pm = pluggy.PluginManager(PROJECT)
+    pm.add_hookspecs(sys.modules[__name__])
+    return pm

@@ -17,8 +17,8 @@ import torch
 
 from lmplug.core.cache import Cache, open_cache
 from lmplug.core.memory import empty_kv
+from lmplug.core.pipeline import TierSlot
 from lmplug.core.tier import Capability, TierStatistics
-from lmplug.hooks.dispatch import TierSlot
 from lmplug.testing.kv import make_config, reference_kv
 
 

@@ -1,9 +1,9 @@
-"""The async dispatcher: awaits tier hookimpls in pipeline order with named semantics.
+"""The pipeline: the configured tiers in order, and how each data-path hook is dispatched.
 
 pluggy's call loop is synchronous, so an ``async`` hookimpl returns a coroutine that
 pluggy would treat as a result (never ``None``: ``firstresult`` and wrappers break). The
-dispatcher instead takes each tier's hookimpls once, at start-up, and awaits the bound
-methods directly on the hot path:
+pipeline instead checks each tier against the hook contract once, at start-up
+(:func:`bind_tier`), and awaits the bound methods directly on the hot path:
 
 - contains: tiers in order; later tiers are asked about what earlier ones lack; only
   contiguous hits from the first key count;
@@ -31,11 +31,11 @@ import torch
 
 from lmplug.core.keys import ChunkKey
 from lmplug.core.layout import KVLayout
-from lmplug.core.memory import KVChunk
+from lmplug.core.memory import ChunkAllocator, KVChunk
 from lmplug.core.tier import Capability, Tier
 from lmplug.core.transfer import copy_from_chunks
 from lmplug.errors import CorruptChunk, PluginContractError
-from lmplug.hooks.specs import DATA_PATH_HOOKS, OPTIONAL_DATA_PATH_HOOKS
+from lmplug.hooks.specs import DATA_PATH_HOOKS, OPTIONAL_DATA_PATH_HOOKS, make_plugin_manager
 
 logger = logging.getLogger("lmplug.dispatch")
 
@@ -57,52 +57,51 @@ class TierSlot:
     """Bound only for tiers that declare :attr:`Capability.RETRIEVE_INTO`."""
 
 
-_OPTIONAL_CAPABILITIES = {"lmplug_retrieve_into": Capability.RETRIEVE_INTO}
-"""The capability that obliges a tier to implement each optional data-path hook."""
+def bind_tier(name: str, tier: Tier) -> TierSlot:
+    """Check ``tier`` against the hook contract and bind its data-path hookimpls.
 
-
-def bind_tier(pm: pluggy.PluginManager, name: str, tier: Tier) -> TierSlot:
-    """Register ``tier`` with ``pm`` (pluggy checks its signatures) and bind its data-path hookimpls."""
-    plugin_name = f"tier:{name}"
+    pluggy checks the signatures on a plugin manager of the tier's own, thrown away after:
+    the plugin host's manager never holds tier objects, so any number of caches can share
+    one host, and its hooks never reach a tier's async methods.
+    """
     what = f"tier {name!r} ({type(tier).__qualname__})"
+    pm = make_plugin_manager()
     try:
-        pm.register(tier, name=plugin_name)
+        pm.register(tier, name=name)
     except pluggy.PluginValidationError as exc:
         raise PluginContractError(f"{what} breaks the hook contract: {exc}") from exc
     functions: dict[str, Any] = {}
-    try:
-        for hook_name in (*DATA_PATH_HOOKS, *OPTIONAL_DATA_PATH_HOOKS):
-            caller = getattr(pm.hook, hook_name)
-            impl = next((i for i in caller.get_hookimpls() if i.plugin_name == plugin_name), None)
-            required = _OPTIONAL_CAPABILITIES.get(hook_name)
-            if required is not None and (required in tier.capabilities) != (impl is not None):
-                raise PluginContractError(
-                    f"{what} implements {hook_name} without declaring Capability.{required.name}"
-                    if impl is not None
-                    else f"{what} declares Capability.{required.name} but does not implement {hook_name}; "
-                    "mark the method with @lmplug.hookimpl"
-                )
-            if impl is None:
-                if required is not None:
-                    continue
-                raise PluginContractError(
-                    f"{what} does not implement {hook_name}; mark the method with @lmplug.hookimpl"
-                )
-            if not inspect.iscoroutinefunction(impl.function):
-                raise PluginContractError(f"{what}: {hook_name} must be an async method (async def)")
-            functions[hook_name.removeprefix("lmplug_")] = impl.function
-    except PluginContractError:
-        pm.unregister(name=plugin_name)
-        raise
+    for hook_name in (*DATA_PATH_HOOKS, *OPTIONAL_DATA_PATH_HOOKS):
+        impls = getattr(pm.hook, hook_name).get_hookimpls()
+        impl = impls[0] if impls else None
+        capability = OPTIONAL_DATA_PATH_HOOKS.get(hook_name)
+        if capability is not None and (Capability[capability] in tier.capabilities) != (impl is not None):
+            raise PluginContractError(
+                f"{what} implements {hook_name} without declaring Capability.{capability}"
+                if impl is not None
+                else f"{what} declares Capability.{capability} but does not implement {hook_name}; "
+                "mark the method with @lmplug.hookimpl"
+            )
+        if impl is None:
+            if capability is not None:
+                continue
+            raise PluginContractError(f"{what} does not implement {hook_name}; mark the method with @lmplug.hookimpl")
+        if not inspect.iscoroutinefunction(impl.function):
+            raise PluginContractError(f"{what}: {hook_name} must be an async method (async def)")
+        functions[hook_name.removeprefix("lmplug_")] = impl.function
     return TierSlot(name=name, tier=tier, **functions)
 
 
 class Pipeline:
     """The configured tiers, in order, with the dispatch semantics of the data-path hooks."""
 
-    def __init__(self, slots: Sequence[TierSlot], layout: KVLayout, on_error: ErrorSink) -> None:
+    def __init__(
+        self, slots: Sequence[TierSlot], layout: KVLayout, on_error: ErrorSink, allocator: ChunkAllocator
+    ) -> None:
         self.slots = tuple(slots)
         self.layout = layout
+        self.allocator = allocator
+        """Where chunks are allocated: the first tier's pool when it provides one, else the heap."""
         self._on_error = on_error
 
     @property
@@ -112,25 +111,41 @@ class Pipeline:
     def _failed(self, slot: TierSlot, operation: str, exc: BaseException) -> None:
         self._on_error(slot.name, operation, exc)
 
-    async def contains(self, keys: Sequence[ChunkKey]) -> int:
-        """Leading keys held by the pipeline as a whole."""
-        total = len(keys)
+    async def _waterfall(self, total: int, serve: Callable[[int, TierSlot, int], Awaitable[int]]) -> int:
+        """Ask the tiers in order to serve keys from the first one not yet served, until all
+        ``total`` are or no tier serves more; how many were served.
+
+        ``serve(index, slot, position)`` asks the tier at ``index`` for the keys from
+        ``position`` on and says how many leading ones it served. The walk takes several
+        passes: a tier may hold later keys but miss an earlier one that a tier below holds;
+        once that one is served, the tiers above are asked again for what follows.
+        """
         position = 0
         progress = True
         while progress and position < total:
             progress = False
-            for slot in self.slots:
-                try:
-                    found = await slot.contains(keys[position:] if position else keys)
-                except Exception as exc:
-                    self._failed(slot, "contains", exc)
-                    continue
-                if found > 0:
-                    position += min(found, total - position)
+            for index, slot in enumerate(self.slots):
+                if position >= total:
+                    break
+                served = await serve(index, slot, position)
+                if served:
+                    position += served
                     progress = True
-                    if position >= total:
-                        break
         return position
+
+    async def contains(self, keys: Sequence[ChunkKey]) -> int:
+        """Leading keys held by the pipeline as a whole."""
+        total = len(keys)
+
+        async def held(index: int, slot: TierSlot, position: int) -> int:
+            try:
+                found = await slot.contains(keys[position:] if position else keys)
+            except Exception as exc:
+                self._failed(slot, "contains", exc)
+                return 0
+            return min(max(found, 0), total - position)
+
+        return await self._waterfall(total, held)
 
     async def held_by_all(self, keys: Sequence[ChunkKey]) -> int:
         """Leading keys that every tier without :attr:`Capability.WRITE_BEHIND` already holds
@@ -166,24 +181,15 @@ class Pipeline:
         are checked, before they are promoted, and the call returns ``[]``: a caller that is
         cancelled part-way keeps what arrived (a lease that grows), and nothing leaks.
         """
-        total = len(keys)
         served: list[KVChunk] = []
-        position = 0
-        progress = True
-        # Several passes: a tier may hold later keys but miss an earlier one that a tier
-        # below holds; after that one is served, the tier above is asked again.
-        while progress and position < total:
-            progress = False
-            for index, slot in enumerate(self.slots):
-                if position >= total:
-                    break
-                chunks = await self._chunks(index, slot, keys, token_counts, position, sink)
-                if not chunks:
-                    continue
-                if sink is None:
-                    served.extend(chunks)
-                position += len(chunks)
-                progress = True
+
+        async def take(index: int, slot: TierSlot, position: int) -> int:
+            chunks = await self._take_from(index, slot, keys, token_counts, position, sink)
+            if sink is None:
+                served.extend(chunks)
+            return len(chunks)
+
+        await self._waterfall(len(keys), take)
         return served
 
     async def take_resident(
@@ -193,7 +199,7 @@ class Pipeline:
         memory (it provides the allocator: no I/O); how many. Nothing is promoted, no other tier is asked."""
         if not self.slots or Capability.PROVIDES_ALLOCATOR not in self.slots[0].tier.capabilities:
             return 0
-        return len(await self._chunks(0, self.slots[0], keys, token_counts, 0, sink))
+        return len(await self._take_from(0, self.slots[0], keys, token_counts, 0, sink))
 
     async def retrieve_into(self, keys: Sequence[ChunkKey], token_counts: Sequence[int], out: torch.Tensor) -> int:
         """Write the KV of the leading keys into ``out`` (which covers their tokens); how many tokens.
@@ -202,34 +208,24 @@ class Pipeline:
         declares :attr:`Capability.RETRIEVE_INTO`, and other tiers' chunks are copied into
         ``out`` as each tier answers (then promoted, then released).
         """
-        total = len(keys)
-        position = 0  # keys served
-        filled = 0  # their tokens
+        filled = 0  # tokens written into out
         copied: list[KVChunk] = []  # released once the copies out of them are done
+
+        async def write(index: int, slot: TierSlot, position: int) -> int:
+            nonlocal filled
+            target = out.narrow(2, filled, out.shape[2] - filled) if filled else out
+            into = slot.retrieve_into if index == 0 else None  # tiers below are promoted from: chunks
+            if into is not None:
+                served = await self._retrieve_into(slot, into, keys[position:] if position else keys, target)
+                filled += sum(token_counts[position : position + served])
+                return served
+            chunks = await self._take_from(index, slot, keys, token_counts, position)
+            copied.extend(chunks)
+            filled += copy_from_chunks(chunks, target)
+            return len(chunks)
+
         try:
-            progress = True
-            while progress and position < total:
-                progress = False
-                for index, slot in enumerate(self.slots):
-                    if position >= total:
-                        break
-                    target = out.narrow(2, filled, out.shape[2] - filled) if filled else out
-                    into = slot.retrieve_into if index == 0 else None
-                    if into is not None:
-                        served = await self._retrieve_into(slot, into, keys[position:] if position else keys, target)
-                        if not served:
-                            continue
-                        tokens = sum(token_counts[position : position + served])
-                    else:
-                        chunks = await self._chunks(index, slot, keys, token_counts, position)
-                        if not chunks:
-                            continue
-                        copied += chunks
-                        tokens = copy_from_chunks(chunks, target)
-                        served = len(chunks)
-                    position += served
-                    filled += tokens
-                    progress = True
+            await self._waterfall(len(keys), write)
         finally:
             if copied:
                 if out.is_cuda:
@@ -238,7 +234,7 @@ class Pipeline:
                     chunk.release()
         return filled
 
-    async def _chunks(
+    async def _take_from(
         self,
         index: int,
         slot: TierSlot,
