@@ -106,7 +106,7 @@ while True:
 def _lm_server(capacity: int) -> Iterator[int]:
     """An lmplug-server on a free loopback port, stopped on exit; yields the port."""
     binary = Path(sys.executable).parent / "lmplug-server"
-    command = [str(binary)] if binary.exists() else [sys.executable, "-m", "lmplug_remote.server"]
+    command = [str(binary)] if binary.exists() else [sys.executable, "-m", "lmplug_server"]
     arguments = ["--port", "0", "--capacity", str(capacity), "--max-value", "64MiB", "--log-level", "WARNING"]
     process = subprocess.Popen([*command, *arguments], stdout=subprocess.PIPE, text=True)
     try:

@@ -50,7 +50,7 @@ def lmplug_register_codecs(register: Callable[[ChunkCodec], None]) -> None:
 
 @hookimpl
 def lmplug_register_commands(register: Callable[[CliCommand], None]) -> None:
-    from lmplug_remote.server import add_arguments, run_from_arguments
+    from lmplug_server.cli import add_arguments, run_from_arguments
 
     summary = "run lmplug-server, the shared KV store of lm:// tiers"
     register(CliCommand("server", summary, add_arguments, run_from_arguments))

@@ -27,13 +27,12 @@ import anyio
 from pydantic import Field, PositiveInt
 
 from lmplug import ConfigError, CorruptChunk, Duration, RemoteConnector, RemoteScheme, StrictModel, TierUnavailable
-from lmplug_remote import protocol
-from lmplug_remote.protocol import ERROR_OPCODE, ITEM, ItemStatus, Limits, Op, ProtocolError, Reply
+from lmplug_server import DEFAULT_PORT, TOKEN_ENV, protocol
+from lmplug_server.protocol import ERROR_OPCODE, ITEM, ItemStatus, Limits, Op, ProtocolError, Reply
+from lmplug_server.sockio import recv_exactly, recv_exactly_into, send_buffers
 
 __all__ = ["SCHEME", "LmConnector", "LmOptions"]
 
-DEFAULT_PORT = 9400
-TOKEN_ENV = "LMPLUG_SERVER_TOKEN"
 _MAX_TTL_MS = 0xFFFF_FFFF
 
 
@@ -143,10 +142,10 @@ class LmConnector(RemoteConnector):
         raise failure
 
     async def _authenticate(self, sock: socket.socket) -> Limits:
-        await protocol.send_buffers(sock, [protocol.encode_auth(1, self._token)])
+        await send_buffers(sock, [protocol.encode_auth(1, self._token)])
         header = await _reply_header(sock, Op.AUTH, 1, 0, protocol.LIMITS.size)
         body = bytearray(header.body_length)
-        await protocol.recv_exactly(sock, memoryview(body))
+        await recv_exactly(sock, memoryview(body))
         return protocol.parse_limits(body)
 
     @contextlib.asynccontextmanager
@@ -227,7 +226,7 @@ class LmConnector(RemoteConnector):
                     Op.PUT, request_id, batch, [ttl_ms] * len(batch), sizes[first:end]
                 )
                 values = [view for value in views[first:end] for view in value]
-                self._bytes_sent += await protocol.send_buffers(sock, [request, *values])
+                self._bytes_sent += await send_buffers(sock, [request, *values])
                 replies = await _reply_items(sock, Op.PUT, request_id, len(batch), len(batch) * ITEM.size)
                 for (name, _), reply in zip(entries[first:end], replies, strict=True):
                     if reply.status is ItemStatus.NO_SPACE:
@@ -253,11 +252,11 @@ class LmConnector(RemoteConnector):
             keys = self._encode_keys([key for key, _ in entries], connection.limits)
             request_id = connection.request_id()
             sock = connection.sock
-            await protocol.send_buffers(sock, [protocol.encode_keyed_request(Op.GET, request_id, keys, (), room)])
+            await send_buffers(sock, [protocol.encode_keyed_request(Op.GET, request_id, keys, (), room)])
             count = len(keys)
             header = await _reply_header(sock, Op.GET, request_id, count, count * ITEM.size + sum(room))
             table = bytearray(count * ITEM.size)
-            await protocol.recv_exactly(sock, memoryview(table))
+            await recv_exactly(sock, memoryview(table))
             replies = protocol.parse_reply_items(table, count)
             into: list[memoryview] = []
             for (key, _), reply, views, space in zip(entries, replies, targets, room, strict=True):
@@ -276,7 +275,7 @@ class LmConnector(RemoteConnector):
             moved = sum(length or 0 for length in lengths)
             if header.body_length != len(table) + moved:
                 raise ProtocolError(protocol.ErrorCode.MALFORMED, "GET reply length disagrees with its items")
-            await protocol.recv_exactly_into(sock, into)
+            await recv_exactly_into(sock, into)
             self._bytes_received += moved
         if too_large:
             key, length, space = too_large[0]
@@ -301,7 +300,7 @@ class LmConnector(RemoteConnector):
             for start in range(0, len(encoded), step):
                 batch = encoded[start : start + step]
                 request_id = connection.request_id()
-                await protocol.send_buffers(connection.sock, [protocol.encode_keyed_request(op, request_id, batch)])
+                await send_buffers(connection.sock, [protocol.encode_keyed_request(op, request_id, batch)])
                 replies += await _reply_items(connection.sock, op, request_id, len(batch), len(batch) * ITEM.size)
         return replies
 
@@ -322,10 +321,10 @@ class LmConnector(RemoteConnector):
     async def _body_request(self, op: Op, operation: str, max_body: int) -> bytes:
         async with self._borrow(operation) as connection:
             request_id = connection.request_id()
-            await protocol.send_buffers(connection.sock, [protocol.encode_simple(op, request_id)])
+            await send_buffers(connection.sock, [protocol.encode_simple(op, request_id)])
             header = await _reply_header(connection.sock, op, request_id, 0, max_body)
             body = bytearray(header.body_length)
-            await protocol.recv_exactly(connection.sock, memoryview(body))
+            await recv_exactly(connection.sock, memoryview(body))
         return bytes(body)
 
     def statistics(self) -> dict[str, float]:
@@ -368,11 +367,11 @@ def _prefix(views: Sequence[memoryview], length: int) -> list[memoryview]:
 async def _reply_header(sock: socket.socket, op: Op, request_id: int, count: int, max_body: int) -> protocol.Header:
     """The reply's header; an ERROR reply is read and raised as :class:`ProtocolError`."""
     data = bytearray(protocol.HEADER.size)
-    await protocol.recv_exactly(sock, memoryview(data))
+    await recv_exactly(sock, memoryview(data))
     header = protocol.parse_reply_header(data, op, request_id, count, max_body)
     if header.opcode == ERROR_OPCODE:
         body = bytearray(header.body_length)
-        await protocol.recv_exactly(sock, memoryview(body))
+        await recv_exactly(sock, memoryview(body))
         raise protocol.parse_error_body(body)
     return header
 
@@ -382,7 +381,7 @@ async def _reply_items(sock: socket.socket, op: Op, request_id: int, count: int,
     if header.body_length != count * ITEM.size:
         raise ProtocolError(protocol.ErrorCode.MALFORMED, f"{op.name} reply body of {header.body_length} bytes")
     table = bytearray(header.body_length)
-    await protocol.recv_exactly(sock, memoryview(table))
+    await recv_exactly(sock, memoryview(table))
     return protocol.parse_reply_items(table, count)
 
 

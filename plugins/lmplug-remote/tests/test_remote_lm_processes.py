@@ -17,11 +17,11 @@ import torch
 
 import lmplug
 from lmplug.testing import make_config, reference_kv
-from lmplug_remote import protocol
 from lmplug_remote.lm_connector import LmConnector, LmOptions
-from lmplug_remote.protocol import ItemStatus, Op
+from lmplug_server import protocol
+from lmplug_server.protocol import ItemStatus, Op
+from lmplug_server.testing import LmServerProcess, ServerFactory
 
-from lm_servers import LmServerProcess, ServerFactory
 from remote_testing import remote_tier
 
 CHUNK = 16

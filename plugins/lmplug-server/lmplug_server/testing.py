@@ -1,29 +1,64 @@
-"""Real ``lmplug-server`` processes on loopback for the ``lm://`` tests.
+"""Test helpers: real ``lmplug-server`` processes on loopback, and a minimal client.
 
-``lm_server`` is one server for the whole session (256 MiB, no auth, metrics on);
-``lm_auth_server`` another that needs a token, started through ``lmplug server`` (the CLI
-sub-command) with the token in ``LMPLUG_SERVER_TOKEN``; ``lm_servers`` starts throwaway
+For the server's own tests and for tests of ``lm://`` clients (lmplug-remote's); it needs
+pytest (the ``testing`` extra). ``lm_server`` is one server for the whole session (256 MiB,
+no auth, metrics on); ``lm_auth_server`` another that needs :data:`LM_TOKEN`, given in
+``LMPLUG_SERVER_TOKEN``; ``lm_servers`` starts throwaway
 servers for one test (small capacities, a disk store, kills and restarts) and stops
 whatever is left when the test ends. Each server picks a free port (``--port 0``) and
 reports it on its ready line.
+
+:class:`WireClient` speaks the protocol plainly (one connection, one request at a time), so
+the server's tests need no client library.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import pytest
 
-__all__ = ["lm_auth_server", "lm_server", "lm_servers", "lm_url"]
+from lmplug_server import TOKEN_ENV
+from lmplug_server.protocol import (
+    ANY_LENGTH,
+    ERROR_OPCODE,
+    HEADER,
+    ITEM,
+    ItemStatus,
+    Limits,
+    Op,
+    Reply,
+    encode_auth,
+    encode_keyed_request,
+    encode_simple,
+    parse_error_body,
+    parse_limits,
+    parse_reply_header,
+    parse_reply_items,
+)
+from lmplug_server.sockio import recv_exactly, send_buffers
+
+__all__ = [
+    "LM_TOKEN",
+    "LmServerProcess",
+    "ServerFactory",
+    "WireClient",
+    "lm_auth_server",
+    "lm_server",
+    "lm_servers",
+    "lm_url",
+]
 
 LM_TOKEN = "lm-test-token"
 _READY = re.compile(r"lmplug-server ready on lm://([\d.]+):(\d+)(?:.*metrics on http://[\d.]+:(\d+))?")
@@ -125,7 +160,7 @@ def lm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LmServerProc
     server = LmServerProcess(
         tmp_path_factory.mktemp("lm-server"), "--capacity", "256MiB", "--max-value", "64MiB", "--metrics-port", "0"
     )
-    server.env.pop("LMPLUG_SERVER_TOKEN", None)
+    server.env.pop(TOKEN_ENV, None)
     server.start()
     try:
         yield server
@@ -140,12 +175,9 @@ def lm_url(lm_server: LmServerProcess) -> str:
 
 @pytest.fixture(scope="session")
 def lm_auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LmServerProcess]:
-    """A server that needs :data:`LM_TOKEN`, run as ``lmplug server`` with the token from the environment."""
-    lmplug = str(Path(sys.executable).parent / "lmplug")
-    server = LmServerProcess(
-        tmp_path_factory.mktemp("lm-auth-server"), "--capacity", "32MiB", command=(lmplug, "server")
-    )
-    server.env["LMPLUG_SERVER_TOKEN"] = LM_TOKEN
+    """A server that needs :data:`LM_TOKEN`, given in the environment."""
+    server = LmServerProcess(tmp_path_factory.mktemp("lm-auth-server"), "--capacity", "32MiB")
+    server.env[TOKEN_ENV] = LM_TOKEN
     server.start()
     try:
         yield server
@@ -161,3 +193,109 @@ def lm_servers(tmp_path: Path) -> Iterator[ServerFactory]:
         yield factory
     finally:
         factory.close()
+
+
+class WireClient:
+    """A minimal ``lm://`` client for tests of the server: one connection, one request at a time.
+
+    Replies go through the protocol module's parsers; an ERROR reply raises the
+    :class:`~lmplug_server.protocol.ProtocolError` it describes.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._request_id = 0
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def connect(cls, port: int, token: bytes | None = None) -> AsyncIterator[WireClient]:
+        """A client of the server on loopback ``port`` (authenticated with ``token`` when given)."""
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setblocking(False)  # noqa: FBT003
+        client = cls(sock)
+        try:
+            if token is not None:
+                await client.auth(token)
+            yield client
+        finally:
+            sock.close()
+
+    def _next_id(self) -> int:
+        self._request_id += 1
+        return self._request_id
+
+    async def _reply(self, op: Op, request_id: int, count: int) -> bytearray:
+        head = bytearray(HEADER.size)
+        await recv_exactly(self.sock, memoryview(head))
+        header = parse_reply_header(head, op, request_id, count, 1 << 40)
+        body = bytearray(header.body_length)
+        await recv_exactly(self.sock, memoryview(body))
+        if header.opcode == ERROR_OPCODE:
+            raise parse_error_body(body)
+        return body
+
+    async def keyed(
+        self,
+        op: Op,
+        keys: Sequence[str],
+        arg32: Sequence[int] = (),
+        arg64: Sequence[int] = (),
+        values: Sequence[bytes] = (),
+    ) -> tuple[list[Reply], bytes]:
+        """One keyed request; its reply items and the values that follow them."""
+        request_id = self._next_id()
+        request = encode_keyed_request(op, request_id, [key.encode() for key in keys], arg32, arg64)
+        await send_buffers(self.sock, [request, *values])
+        body = await self._reply(op, request_id, len(keys))
+        table = len(keys) * ITEM.size
+        return parse_reply_items(body[:table], len(keys)), bytes(body[table:])
+
+    async def put_many(self, entries: Sequence[tuple[str, bytes]], ttl_ms: int = 0) -> list[ItemStatus]:
+        keys = [key for key, _ in entries]
+        values = [value for _, value in entries]
+        replies, _ = await self.keyed(Op.PUT, keys, [ttl_ms] * len(keys), [len(v) for v in values], values)
+        return [reply.status for reply in replies]
+
+    async def put(self, key: str, value: bytes, ttl_ms: int = 0) -> ItemStatus:
+        return (await self.put_many([(key, value)], ttl_ms))[0]
+
+    async def get_many(self, keys: Sequence[str], room: int = ANY_LENGTH) -> list[bytes | None]:
+        replies, data = await self.keyed(Op.GET, keys, (), [room] * len(keys))
+        found: list[bytes | None] = []
+        offset = 0
+        for reply in replies:
+            if reply.status is ItemStatus.OK:
+                found.append(data[offset : offset + reply.length])
+                offset += reply.length
+            else:
+                found.append(None)
+        return found
+
+    async def get(self, key: str) -> bytes | None:
+        return (await self.get_many([key]))[0]
+
+    async def exists(self, keys: Sequence[str]) -> list[bool]:
+        replies, _ = await self.keyed(Op.EXISTS, keys)
+        return [reply.status is ItemStatus.OK for reply in replies]
+
+    async def delete(self, keys: Sequence[str]) -> int:
+        replies, _ = await self.keyed(Op.DELETE, keys)
+        return sum(reply.status is ItemStatus.OK for reply in replies)
+
+    async def _simple(self, op: Op) -> bytearray:
+        request_id = self._next_id()
+        await send_buffers(self.sock, [encode_simple(op, request_id)])
+        return await self._reply(op, request_id, 0)
+
+    async def health(self) -> None:
+        await self._simple(Op.HEALTH)
+
+    async def stats(self) -> dict[str, Any]:
+        answer: dict[str, Any] = json.loads(await self._simple(Op.STATS))
+        return answer
+
+    async def auth(self, token: bytes) -> Limits:
+        request_id = self._next_id()
+        await send_buffers(self.sock, [encode_auth(request_id, token)])
+        return parse_limits(await self._reply(Op.AUTH, request_id, 0))

@@ -7,19 +7,15 @@ client still reads back exactly what it stored before and stores and reads new d
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import struct
 
 import anyio
 import pytest
 
-import lmplug
-from lmplug_remote import protocol
-from lmplug_remote.lm_connector import LmConnector, LmOptions
-from lmplug_remote.protocol import ErrorCode, ItemStatus, Op
-
-from lm_servers import LM_TOKEN, LmServerProcess
+from lmplug_server import protocol
+from lmplug_server.protocol import ErrorCode, ItemStatus, Op
+from lmplug_server.testing import LM_TOKEN, LmServerProcess, WireClient
 
 SENTINEL = os.urandom(100_000)
 
@@ -55,23 +51,19 @@ def sentinel(lm_server: LmServerProcess) -> str:
     name = f"sentinel-{os.getpid()}"
 
     async def store() -> None:
-        async with LmConnector(lm_server.url, LmOptions()) as client:
-            await client.put(name, [memoryview(SENTINEL)], None)
+        async with WireClient.connect(lm_server.port) as client:
+            assert await client.put(name, SENTINEL) is ItemStatus.OK
 
     anyio.run(store)
     return name
 
 
 async def check_well_behaved_client(server: LmServerProcess, sentinel: str) -> None:
-    async with LmConnector(server.url, LmOptions()) as client:
-        buffer = bytearray(len(SENTINEL))
-        assert await client.get_into(sentinel, [memoryview(buffer)]) == len(SENTINEL)
-        assert buffer == SENTINEL
+    async with WireClient.connect(server.port) as client:
+        assert await client.get(sentinel) == SENTINEL
         fresh = os.urandom(50_000)
-        await client.put(f"after-{sentinel}", [memoryview(fresh[:20_000]), memoryview(fresh[20_000:])], None)
-        back = bytearray(60_000)
-        assert await client.get_into(f"after-{sentinel}", [memoryview(back)]) == len(fresh)
-        assert back[: len(fresh)] == fresh
+        assert await client.put(f"after-{sentinel}", fresh) is ItemStatus.OK
+        assert await client.get(f"after-{sentinel}") == fresh
         await client.health()
 
 
@@ -147,16 +139,6 @@ async def test_a_value_past_max_value_is_refused_and_the_connection_stays_usable
     await check_well_behaved_client(lm_server, sentinel)
 
 
-async def test_a_get_larger_than_the_buffers_is_corrupt_chunk_and_sends_nothing(
-    lm_server: LmServerProcess, sentinel: str
-) -> None:
-    async with LmConnector(lm_server.url, LmOptions(connections=1)) as client:
-        with pytest.raises(lmplug.CorruptChunk, match="more than the 1000 expected"):
-            await client.get_into(sentinel, [memoryview(bytearray(1000))])
-        assert await client.exists([sentinel]) == [True]  # the same connection is still in step
-        assert client.statistics()["connections_opened"] == 1
-
-
 async def test_pipelined_requests_are_answered_in_order(lm_server: LmServerProcess) -> None:
     with raw(lm_server) as sock:
         frames = [protocol.encode_keyed_request(Op.PUT, 10, [b"p1"], [0], [2]) + b"v1"]
@@ -175,14 +157,13 @@ async def test_a_hundred_concurrent_clients_get_their_own_values(lm_server: LmSe
 
     async def client(index: int) -> None:
         data = struct.pack("<I", index) * (16_384 + index)
-        async with LmConnector(lm_server.url, LmOptions(connections=1)) as connector:
+        async with WireClient.connect(lm_server.port) as connector:
             for round_ in range(3):
                 key = f"crowd-{index}-{round_}"
-                await connector.put(key, [memoryview(data)], None)
-                buffer = bytearray(len(data) + 16)
-                length = await connector.get_into(key, [memoryview(buffer)])
-                if length != len(data) or buffer[:length] != data:
-                    failures.append(f"client {index} round {round_}: {length} bytes, wrong data")
+                await connector.put(key, data)
+                back = await connector.get(key)
+                if back != data:
+                    failures.append(f"client {index} round {round_}: {None if back is None else len(back)} bytes")
             if await connector.delete([f"crowd-{index}-{r}" for r in range(3)]) != 3:
                 failures.append(f"client {index}: delete")
 
@@ -201,72 +182,13 @@ async def test_requests_before_auth_are_refused(lm_auth_server: LmServerProcess)
         assert read_error(sock).code is ErrorCode.AUTH_REQUIRED
 
 
+async def test_the_right_token_opens_the_store(lm_auth_server: LmServerProcess) -> None:
+    async with WireClient.connect(lm_auth_server.port, LM_TOKEN.encode()) as client:
+        assert await client.put("authed", b"secret value") is ItemStatus.OK
+        assert await client.get("authed") == b"secret value"
+
+
 async def test_a_wrong_token_is_refused_and_disconnected(lm_auth_server: LmServerProcess) -> None:
     with raw(lm_auth_server) as sock:
         sock.sendall(protocol.encode_auth(1, b"not-the-token"))
         assert read_error(sock).code is ErrorCode.AUTH_FAILED
-
-
-@pytest.mark.parametrize("token", [None, "not-the-token"])
-async def test_the_connector_names_a_failed_auth(
-    lm_auth_server: LmServerProcess, token: str | None, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.delenv("LMPLUG_SERVER_TOKEN", raising=False)
-    async with LmConnector(lm_auth_server.url, LmOptions(auth_token=token)) as client:
-        with pytest.raises(lmplug.TierUnavailable, match="AUTH_FAILED"):
-            await client.exists(["k"])
-
-
-async def test_the_right_token_works_from_options_or_environment(
-    lm_auth_server: LmServerProcess, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    async with LmConnector(lm_auth_server.url, LmOptions(auth_token=LM_TOKEN)) as client:
-        await client.put("authed", [memoryview(b"secret value")], None)
-    monkeypatch.setenv("LMPLUG_SERVER_TOKEN", LM_TOKEN)
-    async with LmConnector(lm_auth_server.url, LmOptions()) as client:
-        buffer = bytearray(64)
-        assert await client.get_into("authed", [memoryview(buffer)]) == 12
-        assert buffer[:12] == b"secret value"
-
-
-# ---------------------------------------------------------------------------- a dead or missing server
-
-
-async def test_a_dead_server_is_tier_unavailable_at_once() -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]  # nothing listens here once the probe closes
-    async with LmConnector(f"lm://127.0.0.1:{port}", LmOptions()) as client:
-        with pytest.raises(lmplug.TierUnavailable, match=r"[Cc]onnection refused"):
-            await client.exists(["k"])
-        with pytest.raises(lmplug.TierUnavailable):
-            await client.put("k", [memoryview(b"v")], None)
-
-
-async def test_a_call_cancelled_mid_frame_drops_its_connection(lm_server: LmServerProcess) -> None:
-    async with LmConnector(lm_server.url, LmOptions(connections=1)) as client:
-        assert await client.exists(["warm-up"]) == [False]  # the one connection is open and idle
-        big = memoryview(bytes(48 << 20))
-        # The server is stopped, so the 48 MiB frame stalls once the socket buffers are full: the
-        # call is certainly cancelled mid-frame (one cancelled before its first byte keeps its
-        # connection, rightly).
-        assert lm_server.process is not None
-        lm_server.process.send_signal(signal.SIGSTOP)
-        try:
-            with anyio.move_on_after(0.2):
-                await client.put("cancelled", [big], None)
-        finally:
-            lm_server.process.send_signal(signal.SIGCONT)
-        assert client.statistics()["connections_dropped"] == 1
-        # The next call must not read the previous call's reply (or write into its frame).
-        await client.put("after-cancel", [memoryview(b"ok")], None)
-        buffer = bytearray(2)
-        assert await client.get_into("after-cancel", [memoryview(buffer)]) == 2
-        assert buffer == b"ok"
-        assert client.statistics()["connections_opened"] == 2
-
-
-@pytest.mark.parametrize("url", ["lm://", "lm://host:99999", "lm://host/path", "lm://user:pw@host", "redis://host"])
-def test_bad_urls_are_config_errors(url: str) -> None:
-    with pytest.raises(lmplug.ConfigError):
-        LmConnector(url, LmOptions())

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lmplug_remote import protocol
-from lmplug_remote.protocol import ITEM, ErrorCode, ItemStatus, Limits, Op, ProtocolError
+from lmplug_server import protocol
+from lmplug_server.protocol import ITEM, ErrorCode, ItemStatus, Limits, Op, ProtocolError
 
 LIMITS = Limits(max_key=64, max_keys=16, max_value=1 << 16, max_frame=1 << 20)
 

@@ -1,7 +1,7 @@
 """lmplug-server's store: capacity and LRU eviction, TTLs, reservations, disk spill and read-back.
 
 The store is tested directly, then through a server running in the test's own event loop
-(asyncio and trio) and the ``lm://`` connector.
+(asyncio and trio) and a plain protocol client.
 """
 
 from __future__ import annotations
@@ -12,13 +12,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
-import pytest
 
-import lmplug
-from lmplug_remote.lm_connector import LmConnector, LmOptions
-from lmplug_remote.protocol import Limits
-from lmplug_remote.server import LmServer, ServerConfig
-from lmplug_remote.server_store import DiskStore, KVStore
+from lmplug_server.protocol import ItemStatus, Op
+from lmplug_server.server import LmServer, ServerConfig
+from lmplug_server.store import DiskStore, KVStore
+from lmplug_server.testing import WireClient
 
 
 async def put(store: KVStore, key: bytes, value: bytes, ttl: float | None = None) -> bool:
@@ -214,82 +212,65 @@ async def running(config: ServerConfig) -> AsyncIterator[LmServer]:
             server.shutdown()
 
 
-def connector(server: LmServer, **options: object) -> LmConnector:
+def client(server: LmServer) -> contextlib.AbstractAsyncContextManager[WireClient]:
     assert server.address is not None
-    return LmConnector(f"lm://127.0.0.1:{server.address[1]}", LmOptions.model_validate(options))
+    return WireClient.connect(server.address[1])
 
 
 async def test_lru_eviction_and_capacity_over_the_wire() -> None:
-    async with running(ServerConfig(port=0, capacity=1 << 20)) as server, connector(server) as client:
+    async with running(ServerConfig(port=0, capacity=1 << 20)) as server, client(server) as wire:
         chunk = 256 << 10
         for index in range(6):
-            await client.put(f"k{index}", [memoryview(value(index, chunk))], None)
+            assert await wire.put(f"k{index}", value(index, chunk)) is ItemStatus.OK
             if index == 2:
-                buffer = bytearray(chunk)
-                assert await client.get_into("k0", [memoryview(buffer)]) == chunk  # keep k0 recently used
-        assert await client.exists([f"k{index}" for index in range(6)]) == [True, False, False, True, True, True]
-        stats = await client.server_statistics()
+                assert await wire.get("k0") == value(0, chunk)  # keep k0 recently used
+        assert await wire.exists([f"k{index}" for index in range(6)]) == [True, False, False, True, True, True]
+        stats = await wire.stats()
         assert stats["memory"]["used"] <= stats["memory"]["capacity"] == 1 << 20
         assert stats["evictions"] == 2
         assert stats["reused_buffers"] == 2  # the evicted values' buffers received the next values
-        with pytest.raises(lmplug.TierUnavailable, match="larger than the server's whole capacity"):
-            await client.put("huge", [memoryview(bytes((1 << 20) + 1))], None)
-        assert await client.exists(["k5"]) == [True]  # the refusal left the connection and the data alone
+        assert await wire.put("huge", bytes((1 << 20) + 1)) is ItemStatus.NO_SPACE
+        assert await wire.exists(["k5"]) == [True]  # the refusal left the connection and the data alone
 
 
 async def test_disk_spill_is_read_back_over_the_wire(tmp_path: Path) -> None:
     config = ServerConfig(port=0, capacity=1 << 20, disk_path=tmp_path, disk_capacity=16 << 20)
-    async with running(config) as server, connector(server) as client:
+    async with running(config) as server, client(server) as wire:
         chunk = 300_000
         for index in range(10):
-            await client.put(f"k{index}", [memoryview(value(index, chunk))], None)
-        buffer = bytearray(chunk)
+            assert await wire.put(f"k{index}", value(index, chunk)) is ItemStatus.OK
         for index in range(10):
-            assert await client.get_into(f"k{index}", [memoryview(buffer)]) == chunk
-            assert buffer == value(index, chunk)
-        stats = await client.server_statistics()
+            assert await wire.get(f"k{index}") == value(index, chunk)
+        stats = await wire.stats()
         assert stats["disk_hits"] >= 7
         assert stats["disk"]["items"] >= 7
 
 
 async def test_ttl_and_batched_requests_over_the_wire() -> None:
-    async with running(ServerConfig(port=0, capacity=1 << 20)) as server, connector(server) as client:
-        entries = [(f"b{index}", [memoryview(value(index, 1000 + index))]) for index in range(20)]
-        await client.put_many(entries, None)
-        await client.put("short-lived", [memoryview(b"x")], ttl=0.05)
-        buffers = [bytearray(2000) for _ in range(21)]
-        lengths = await client.get_many_into(
-            [(f"b{index}", [memoryview(buffers[index])]) for index in range(20)]
-            + [("absent", [memoryview(buffers[20])])]
-        )
-        assert lengths == [1000 + index for index in range(20)] + [None]
-        assert all(buffers[i][: 1000 + i] == value(i, 1000 + i) for i in range(20))
-        await anyio.sleep(0.1)
-        assert await client.exists(["short-lived", "b0"]) == [False, True]
-        assert await client.delete([f"b{index}" for index in range(20)] + ["absent"]) == 20
+    async with running(ServerConfig(port=0, capacity=1 << 20)) as server, client(server) as wire:
+        entries = [(f"b{index}", value(index, 1000 + index)) for index in range(20)]
+        assert await wire.put_many(entries) == [ItemStatus.OK] * 20
+        assert await wire.put("short-lived", b"x", ttl_ms=50) is ItemStatus.OK
+        found = await wire.get_many([f"b{index}" for index in range(20)] + ["absent"])
+        assert found == [value(index, 1000 + index) for index in range(20)] + [None]
+        await anyio.sleep(0.1)  # the TTL's own clock: nothing to wait for but time
+        assert await wire.exists(["short-lived", "b0"]) == [False, True]
+        assert await wire.delete([f"b{index}" for index in range(20)] + ["absent"]) == 20
 
 
-async def test_a_batch_larger_than_one_frame_is_sent_in_several() -> None:
-    """put_many (the tier's writers) splits a batch by the server's max_frame and max_keys."""
-    limits = Limits(max_keys=3, max_value=3000, max_frame=7000)
-    async with running(ServerConfig(port=0, capacity=1 << 20, limits=limits)) as server, connector(server) as client:
-        entries = [(f"f{index}", [memoryview(value(index, 2000 + index))]) for index in range(10)]
-        await client.put_many(entries, None)
-        for index in range(10):
-            buffer = bytearray(3000)
-            assert await client.get_into(f"f{index}", [memoryview(buffer)]) == 2000 + index
-            assert buffer[: 2000 + index] == value(index, 2000 + index)
-        stats = await client.server_statistics()
-        assert stats["requests"]["PUT"] == 4  # 3 values (about 6 KiB) per frame at most: 3 + 3 + 3 + 1
-        with pytest.raises(lmplug.TierUnavailable, match="exceeds max_value"):
-            await client.put_many([("big", [memoryview(bytes(3001))])], None)
+async def test_a_get_longer_than_the_client_accepts_is_too_large_with_its_length() -> None:
+    async with running(ServerConfig(port=0, capacity=1 << 20)) as server, client(server) as wire:
+        await wire.put("long", bytes(5000))
+        replies, data = await wire.keyed(Op.GET, ["long"], (), [1000])
+        assert [(reply.status, reply.length) for reply in replies] == [(ItemStatus.TOO_LARGE, 5000)]
+        assert data == b""
 
 
 async def test_metrics_endpoint_counts_operations() -> None:
-    async with running(ServerConfig(port=0, capacity=1 << 20, metrics_port=0)) as server, connector(server) as client:
-        await client.put("m", [memoryview(b"abc")], None)
-        assert await client.get_into("m", [memoryview(bytearray(3))]) == 3
-        assert await client.get_into("nothing", [memoryview(bytearray(3))]) is None
+    async with running(ServerConfig(port=0, capacity=1 << 20, metrics_port=0)) as server, client(server) as wire:
+        await wire.put("m", b"abc")
+        assert await wire.get("m") == b"abc"
+        assert await wire.get("nothing") is None
         assert server.metrics_address is not None
         url = f"http://127.0.0.1:{server.metrics_address[1]}/metrics"
         text = await anyio.to_thread.run_sync(lambda: urllib.request.urlopen(url, timeout=10).read().decode())
