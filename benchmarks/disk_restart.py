@@ -40,6 +40,7 @@ import torch
 
 import lmplug
 from benchmarks.harness import Backend, Result, Settings, Stats, Target, run_per_backend, sample_async
+from lmplug import tierkit
 from lmplug.core.serde import ChunkHeader, payload_checksum
 from lmplug_disk import files
 from lmplug_disk.tier import DiskTier
@@ -71,7 +72,7 @@ def _disk_tier(cache: lmplug.Cache) -> DiskTier:
     return tier
 
 
-def _populate(root: Path, layout: lmplug.KVLayout, fingerprint: bytes, count: int) -> None:
+def _populate(root: Path, layout: tierkit.KVLayout, fingerprint: bytes, count: int) -> None:
     """``count`` valid 8 KiB chunk files under ``root`` (the tier's directory), with random keys.
 
     Written by one thread per CPU, each with its own shard directories (creating files is
@@ -84,11 +85,11 @@ def _populate(root: Path, layout: lmplug.KVLayout, fingerprint: bytes, count: in
     checksum = payload_checksum(payload)
     padded = bytes(payload).ljust(files.round_up(payload.nbytes), b"\0")
     randbytes = random.Random(20240601).randbytes
-    keys = [lmplug.ChunkKey(fingerprint + randbytes(16)) for _ in range(count)]
+    keys = [tierkit.ChunkKey(fingerprint + randbytes(16)) for _ in range(count)]
     for shard in range(256):
         (root / f"{shard:02x}").mkdir(parents=True, exist_ok=True)
 
-    def contents(key: lmplug.ChunkKey) -> tuple[Path, ChunkHeader, bytes]:
+    def contents(key: tierkit.ChunkKey) -> tuple[Path, ChunkHeader, bytes]:
         header = ChunkHeader.describe(key, layout, CHUNK_TOKENS, checksum)
         return files.chunk_path(root, key, CHUNK_TOKENS), header, header.pack().ljust(files.BLOCK, b"\0") + padded
 

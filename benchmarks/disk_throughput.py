@@ -69,6 +69,7 @@ from benchmarks.tier_cases import (
     store_case,
     thread_case,
 )
+from lmplug import tierkit
 from lmplug.core.serde import ChunkHeader, payload_checksum
 from lmplug_disk import files
 from lmplug_disk.tier import DiskTier
@@ -154,23 +155,23 @@ def _aligned(nbytes: int) -> torch.Tensor:
 class _FileFloor:
     """Chunk files written and read with :mod:`lmplug_disk.files` alone, from and into aligned memory."""
 
-    def __init__(self, root: Path, layout: lmplug.KVLayout, chunks: int) -> None:
+    def __init__(self, root: Path, layout: tierkit.KVLayout, chunks: int) -> None:
         self.layout = layout
         nbytes = layout.nbytes(CHUNK_TOKENS)
         self.buffers = [_aligned(nbytes) for _ in range(chunks)]
         # Disjoint keys: `written` are written by every write sample (and deleted after it, untimed);
         # `held` are written once and read by every read sample.
-        self.written = [self._path(root, lmplug.ChunkKey(os.urandom(24))) for _ in range(chunks)]
-        self.held = [self._path(root, lmplug.ChunkKey(os.urandom(24))) for _ in range(chunks)]
+        self.written = [self._path(root, tierkit.ChunkKey(os.urandom(24))) for _ in range(chunks)]
+        self.held = [self._path(root, tierkit.ChunkKey(os.urandom(24))) for _ in range(chunks)]
         self._write(self.held)
 
     @staticmethod
-    def _path(root: Path, key: lmplug.ChunkKey) -> tuple[Path, lmplug.ChunkKey]:
+    def _path(root: Path, key: tierkit.ChunkKey) -> tuple[Path, tierkit.ChunkKey]:
         path = files.chunk_path(root, key, CHUNK_TOKENS)
         path.parent.mkdir(parents=True, exist_ok=True)
         return path, key
 
-    def _write(self, targets: list[tuple[Path, lmplug.ChunkKey]]) -> None:
+    def _write(self, targets: list[tuple[Path, tierkit.ChunkKey]]) -> None:
         for (path, key), buffer in zip(targets, self.buffers, strict=True):
             payload = buffer.numpy().data.cast("B")
             header = ChunkHeader.describe(key, self.layout, CHUNK_TOKENS, payload_checksum(payload))
@@ -209,8 +210,8 @@ async def _measure_size(
     kv = torch.ones(shape, dtype=torch.bfloat16)
     # torch's own alignment is 64 bytes, but a plain buffer may still land on a 4 KiB boundary:
     # start this one 64 bytes past one, so the unaligned rows never measure O_DIRECT by chance.
-    out = lmplug.aligned_empty(kv.nbytes + 64, pin_memory=False)[64:].view(torch.bfloat16).view(shape).zero_()
-    if out.data_ptr() % lmplug.IO_ALIGNMENT == 0:
+    out = tierkit.aligned_empty(kv.nbytes + 64, pin_memory=False)[64:].view(torch.bfloat16).view(shape).zero_()
+    if out.data_ptr() % tierkit.IO_ALIGNMENT == 0:
         raise RuntimeError("the unaligned retrieve buffer is 4 KiB-aligned")
     if kv.nbytes != sample_bytes:
         raise RuntimeError(f"geometry error: a prompt is {kv.nbytes} bytes, expected {sample_bytes}")

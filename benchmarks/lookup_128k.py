@@ -21,6 +21,7 @@ import torch
 
 import lmplug
 from benchmarks.harness import AsyncSample, Backend, Result, Settings, Target, per_call, per_call_async, sample_async
+from lmplug.core.keys import KeyMaker
 
 NAME = "lookup_128k"
 SUMMARY = "lookup of a 128k-token prompt, array/tensor/list (target <= 5 ms)"
@@ -54,7 +55,7 @@ async def _main(settings: Settings, backend: Backend) -> list[Result]:
         if await cache.store(array, kv) != NUM_TOKENS:
             raise RuntimeError("the prompt did not fit in the pool")
         keys = cache.keys(array)
-        xxh3_keymaker = lmplug.KeyMaker(lmplug.load_config({**CONFIG, "hash_algorithm": "xxh3_128"}))
+        xxh3_keymaker = KeyMaker(lmplug.load_config({**CONFIG, "hash_algorithm": "xxh3_128"}))
 
         def lookup_case(tokens: object) -> AsyncSample:
             async def once() -> None:

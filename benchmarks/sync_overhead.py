@@ -27,6 +27,7 @@ from benchmarks.harness import (
     sample_async,
     sample_sync,
 )
+from lmplug import tierkit
 
 NAME = "sync_overhead"
 SUMMARY = "SyncCache vs async per-call cost of a small lookup (info)"
@@ -44,7 +45,7 @@ async def _noop() -> None:
     return None
 
 
-def _kv(layout: lmplug.KVLayout) -> torch.Tensor:
+def _kv(layout: tierkit.KVLayout) -> torch.Tensor:
     return torch.ones(layout.shape(CHUNK_TOKENS), dtype=layout.dtype)
 
 

@@ -12,12 +12,13 @@ import torch
 
 import lmplug
 from benchmarks.harness import MiB, Stopwatch
+from lmplug import tierkit
 
 CHUNK_TOKENS = 256
 KV_HEADS = 8
 HEAD_SIZE = 128
 Case = Callable[[], Awaitable[float]]
-TierT = TypeVar("TierT", bound=lmplug.Tier)
+TierT = TypeVar("TierT", bound=tierkit.Tier)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +68,7 @@ def only_tier(cache: lmplug.Cache, kind: type[TierT]) -> TierT:
     return tier
 
 
-def store_case(cache: lmplug.Cache, tier: lmplug.Tier, tokens: np.ndarray, kv: torch.Tensor) -> Case:
+def store_case(cache: lmplug.Cache, tier: tierkit.Tier, tokens: np.ndarray, kv: torch.Tensor) -> Case:
     """Store ``kv`` and wait until the tier has written it; evicted again (untimed) for the next sample."""
     num_tokens = int(kv.shape[2])
 

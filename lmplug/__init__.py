@@ -1,6 +1,6 @@
 """lmplug: a KV-cache layer for LLM inference engines, built from plugins.
 
-Public API::
+Application API::
 
     async with lmplug.open_cache(config) as cache:
         n = await cache.lookup(tokens)
@@ -9,8 +9,8 @@ Public API::
 
     with lmplug.SyncCache(config) as cache: ...
 
-Plugin authors need :data:`hookimpl`, :class:`Tier`, :class:`TierType`, :class:`TierContext`
-and the hook contract in :mod:`lmplug.hooks.specs`.
+Plugin authors import from :mod:`lmplug.tierkit` (tiers, connectors, codecs, commands) and
+read the hook contract in :mod:`lmplug.hooks.specs`; every error is here.
 """
 
 from __future__ import annotations
@@ -18,37 +18,27 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 from lmplug.core.cache import Cache, CacheStatistics, open_cache
-from lmplug.core.config import LmplugConfig, ModelConfig, StrictModel, TierConfig, load_config
-from lmplug.core.keys import ChunkKey, KeyMaker, canonical_tokens
-from lmplug.core.layout import KVLayout
+from lmplug.core.config import LmplugConfig, ModelConfig, TierConfig, load_config
 from lmplug.core.leases import Lease
-from lmplug.core.memory import (
-    IO_ALIGNMENT,
-    AllocatorStatistics,
-    ChunkAllocator,
-    HeapAllocator,
-    KVChunk,
-    aligned_empty,
-    cuda_available,
-    empty_kv,
-)
-from lmplug.core.remote import ChunkCodec, RawCodec, RemoteConnector, RemoteScheme
+from lmplug.core.memory import empty_kv
 from lmplug.core.sync import SyncCache
-from lmplug.core.tier import Capability, Tier, TierContext, TierStatistics, TierType
-from lmplug.core.transfer import KVBytes
-from lmplug.core.units import ByteSize, Duration, parse_duration, parse_size
 from lmplug.errors import (
-    CapacityExceeded,
+    CacheClosedError,
     ConfigError,
     CorruptChunk,
     InvalidInputError,
+    InvalidTokensError,
+    KVDtypeError,
+    KVShapeError,
     LmplugError,
+    PluginContractError,
+    PluginError,
     PluginUnavailable,
     TierError,
     TierUnavailable,
+    TokenCountMismatch,
 )
 from lmplug.hooks.manager import PluginHost
-from lmplug.hooks.markers import hookimpl, hookspec
 
 try:
     __version__ = version("lmplug")
@@ -56,52 +46,30 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree wi
     __version__ = "0.0.0"
 
 __all__ = [
-    "IO_ALIGNMENT",
-    "AllocatorStatistics",
-    "ByteSize",
     "Cache",
+    "CacheClosedError",
     "CacheStatistics",
-    "Capability",
-    "CapacityExceeded",
-    "ChunkAllocator",
-    "ChunkCodec",
-    "ChunkKey",
     "ConfigError",
     "CorruptChunk",
-    "Duration",
-    "HeapAllocator",
     "InvalidInputError",
-    "KVBytes",
-    "KVChunk",
-    "KVLayout",
-    "KeyMaker",
+    "InvalidTokensError",
+    "KVDtypeError",
+    "KVShapeError",
     "Lease",
     "LmplugConfig",
     "LmplugError",
     "ModelConfig",
+    "PluginContractError",
+    "PluginError",
     "PluginHost",
     "PluginUnavailable",
-    "RawCodec",
-    "RemoteConnector",
-    "RemoteScheme",
-    "StrictModel",
     "SyncCache",
-    "Tier",
     "TierConfig",
-    "TierContext",
     "TierError",
-    "TierStatistics",
-    "TierType",
     "TierUnavailable",
+    "TokenCountMismatch",
     "__version__",
-    "aligned_empty",
-    "canonical_tokens",
-    "cuda_available",
     "empty_kv",
-    "hookimpl",
-    "hookspec",
     "load_config",
     "open_cache",
-    "parse_duration",
-    "parse_size",
 ]

@@ -56,20 +56,8 @@ class TierUnavailable(TierError):
     """A tier's backing store cannot be reached (dead server, vanished directory)."""
 
 
-class CapacityExceeded(TierError):
-    """A configured capacity cannot hold what was asked of it."""
-
-
 class CorruptChunk(TierError):
     """Stored KV failed validation (header, checksum, shape); it is dropped, never served."""
-
-
-class TransferFailed(TierError):
-    """Moving chunks between tiers or nodes failed part-way."""
-
-
-class LeaseError(LmplugError):
-    """A lease was used after it was released or expired."""
 
 
 class CacheClosedError(LmplugError):

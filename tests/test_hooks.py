@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import lmplug
+from lmplug import tierkit
+from lmplug.core.memory import HeapAllocator
 from lmplug.hooks import specs
 from lmplug.hooks.specs import make_plugin_manager
 from lmplug.testing import make_config, reference_kv
@@ -79,7 +81,7 @@ async def test_hook_lmplug_register_remote_schemes(third_party_plugins: Path) ->
 async def test_hook_lmplug_register_codecs(third_party_plugins: Path) -> None:
     pytest.importorskip("lmplug_remote", reason="the remote tier comes with lmplug-remote")
     host = lmplug.PluginHost.from_environment({})
-    assert isinstance(host.codecs["raw"], lmplug.RawCodec)
+    assert isinstance(host.codecs["raw"], tierkit.RawCodec)
     config = make_config(
         [{"type": "cpu", "capacity": "1MiB"}, {"type": "remote", "url": "memo://hooks", "codec": "reversed"}]
     )
@@ -101,7 +103,7 @@ async def test_hook_lmplug_chunks_evicted(stack: dict[str, Any]) -> None:
     seen: list[tuple[str, int]] = []
 
     class Listener:
-        @lmplug.hookimpl
+        @tierkit.hookimpl
         def lmplug_chunks_evicted(self, tier: str, keys: Any) -> None:
             seen.append((tier, len(keys)))
 
@@ -310,4 +312,4 @@ async def test_a_slow_tier_serves_correct_kv(third_party_plugins: Path) -> None:
         out, count = await cache.retrieve(prompt)
         assert torch.equal(out, reference_kv(prompt, config))
         assert count == 2 * CHUNK
-        assert isinstance(cache.allocator, lmplug.HeapAllocator)  # no tier provides a pool
+        assert isinstance(cache.allocator, HeapAllocator)  # no tier provides a pool

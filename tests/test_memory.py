@@ -3,7 +3,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmplug import HeapAllocator, KVChunk, KVLayout, LmplugError
+from lmplug import LmplugError
+from lmplug.core.memory import HeapAllocator
+from lmplug.tierkit import KVChunk, KVLayout
 
 
 def test_reference_counting_frees_on_the_last_release() -> None:

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import lmplug
+from lmplug import tierkit
 from lmplug.errors import ConfigError, PluginContractError, PluginError, PluginUnavailable
 from lmplug.hooks.manager import PluginHost
 from lmplug.testing import TierConformance, make_config, reference_kv
@@ -84,15 +85,15 @@ async def test_a_tier_type_nobody_provides_names_the_package_to_install() -> Non
 class _TierTypes:
     """A plugin object offering a given tier type (for contract tests)."""
 
-    def __init__(self, tier_type: lmplug.TierType[Any]) -> None:
+    def __init__(self, tier_type: tierkit.TierType[Any]) -> None:
         self.tier_type = tier_type
 
-    @lmplug.hookimpl
+    @tierkit.hookimpl
     def lmplug_register_tier_types(self, register: Any) -> None:
         register(self.tier_type)
 
 
-def _host_with(tier_type: lmplug.TierType[Any]) -> PluginHost:
+def _host_with(tier_type: tierkit.TierType[Any]) -> PluginHost:
     host = PluginHost.from_environment({"LMPLUG_PLUGINS": "cpu"})
     host.register(_TierTypes(tier_type), "contract-test")
     return host
@@ -102,65 +103,65 @@ def test_two_plugins_offering_one_tier_type_is_an_error() -> None:
     from lmplug_cpu import CpuTier, CpuTierConfig
 
     with pytest.raises(PluginContractError, match="both register tier type 'cpu'"):
-        _host_with(lmplug.TierType("cpu", CpuTierConfig, CpuTier))
+        _host_with(tierkit.TierType("cpu", CpuTierConfig, CpuTier))
 
 
 async def test_a_factory_must_return_a_tier() -> None:
-    host = _host_with(lmplug.TierType("odd", lmplug.StrictModel, lambda context, options: object()))  # type: ignore[arg-type, return-value]
-    with pytest.raises(PluginContractError, match=r"returned object, not an lmplug\.Tier"):
+    host = _host_with(tierkit.TierType("odd", tierkit.StrictModel, lambda context, options: object()))  # type: ignore[arg-type, return-value]
+    with pytest.raises(PluginContractError, match=r"returned object, not an lmplug\.tierkit\.Tier"):
         async with lmplug.open_cache(make_config([{"type": "odd"}]), plugins=host):
             pass
 
 
-class _Unmarked(lmplug.Tier):
-    """Implements every hook but forgot @lmplug.hookimpl on evict."""
+class _Unmarked(tierkit.Tier):
+    """Implements every hook but forgot @tierkit.hookimpl on evict."""
 
-    @lmplug.hookimpl
+    @tierkit.hookimpl
     async def lmplug_contains(self, keys: Any) -> int:
         return 0
 
-    @lmplug.hookimpl
-    async def lmplug_retrieve(self, keys: Any) -> list[lmplug.KVChunk]:
+    @tierkit.hookimpl
+    async def lmplug_retrieve(self, keys: Any) -> list[tierkit.KVChunk]:
         return []
 
-    @lmplug.hookimpl
+    @tierkit.hookimpl
     async def lmplug_store(self, keys: Any, chunks: Any) -> None:
         return None
 
     async def lmplug_evict(self, keys: Any) -> int:
         return 0
 
-    def statistics(self) -> lmplug.TierStatistics:
-        return lmplug.TierStatistics(self.name, "unmarked", 0, 0, None)
+    def statistics(self) -> tierkit.TierStatistics:
+        return tierkit.TierStatistics(self.name, "unmarked", 0, 0, None)
 
 
 class _WrongSignature(_Unmarked):
-    @lmplug.hookimpl
+    @tierkit.hookimpl
     async def lmplug_evict(self, keys: Any, everything: bool) -> int:  # type: ignore[override]
         return 0
 
 
 class _SyncEvict(_Unmarked):
-    @lmplug.hookimpl
+    @tierkit.hookimpl
     def lmplug_evict(self, keys: Any) -> int:  # type: ignore[override]
         return 0
 
 
 async def test_a_data_path_hook_that_is_not_async_is_a_contract_error() -> None:
-    host = _host_with(lmplug.TierType("sync", lmplug.StrictModel, lambda c, o: _SyncEvict(c)))
+    host = _host_with(tierkit.TierType("sync", tierkit.StrictModel, lambda c, o: _SyncEvict(c)))
     with pytest.raises(PluginContractError, match="lmplug_evict must be an async method"):
         async with lmplug.open_cache(make_config([{"type": "sync"}]), plugins=host):
             pass
 
 
 class _AsyncComposition:
-    @lmplug.hookimpl
+    @tierkit.hookimpl
     async def lmplug_register_tier_types(self, register: Any) -> None:
         return None
 
 
 class _ModuleLevelDataPath:
-    @lmplug.hookimpl
+    @tierkit.hookimpl
     async def lmplug_store(self, keys: Any, chunks: Any) -> None:
         return None
 
@@ -182,14 +183,14 @@ def test_hooks_of_the_wrong_colour_fail_the_plugin(plugin: object, message: str)
 
 
 async def test_a_tier_hook_without_the_marker_is_a_contract_error() -> None:
-    host = _host_with(lmplug.TierType("unmarked", lmplug.StrictModel, lambda c, o: _Unmarked(c)))
+    host = _host_with(tierkit.TierType("unmarked", tierkit.StrictModel, lambda c, o: _Unmarked(c)))
     with pytest.raises(PluginContractError, match="does not implement lmplug_evict"):
         async with lmplug.open_cache(make_config([{"type": "unmarked"}]), plugins=host):
             pass
 
 
 async def test_a_tier_hook_with_the_wrong_signature_is_a_contract_error() -> None:
-    host = _host_with(lmplug.TierType("wrong", lmplug.StrictModel, lambda c, o: _WrongSignature(c)))
+    host = _host_with(tierkit.TierType("wrong", tierkit.StrictModel, lambda c, o: _WrongSignature(c)))
     with pytest.raises(PluginContractError, match="breaks the hook contract"):
         async with lmplug.open_cache(make_config([{"type": "wrong"}]), plugins=host):
             pass
@@ -198,11 +199,11 @@ async def test_a_tier_hook_with_the_wrong_signature_is_a_contract_error() -> Non
 class _IntoUndeclared(_Unmarked):
     """Implements lmplug_retrieve_into but does not declare the capability."""
 
-    @lmplug.hookimpl
+    @tierkit.hookimpl
     async def lmplug_evict(self, keys: Any) -> int:
         return 0
 
-    @lmplug.hookimpl
+    @tierkit.hookimpl
     async def lmplug_retrieve_into(self, keys: Any, out: Any) -> int:
         return 0
 
@@ -210,7 +211,7 @@ class _IntoUndeclared(_Unmarked):
 class _IntoMissing(_IntoUndeclared):
     """Declares the capability; its lmplug_retrieve_into lacks the marker."""
 
-    capabilities = frozenset({lmplug.Capability.RETRIEVE_INTO})
+    capabilities = frozenset({tierkit.Capability.RETRIEVE_INTO})
 
     async def lmplug_retrieve_into(self, keys: Any, out: Any) -> int:
         return 0
@@ -223,8 +224,8 @@ class _IntoMissing(_IntoUndeclared):
         (_IntoMissing, "declares Capability.RETRIEVE_INTO but does not implement lmplug_retrieve_into"),
     ],
 )
-async def test_an_optional_hook_goes_with_its_capability(tier_class: type[lmplug.Tier], message: str) -> None:
-    host = _host_with(lmplug.TierType("into", lmplug.StrictModel, lambda c, o: tier_class(c)))
+async def test_an_optional_hook_goes_with_its_capability(tier_class: type[tierkit.Tier], message: str) -> None:
+    host = _host_with(tierkit.TierType("into", tierkit.StrictModel, lambda c, o: tier_class(c)))
     with pytest.raises(PluginContractError, match=message):
         async with lmplug.open_cache(make_config([{"type": "into"}]), plugins=host):
             pass
@@ -255,10 +256,10 @@ def test_two_sync_caches_with_one_config_open_side_by_side() -> None:
 
 
 async def test_a_factory_that_crashes_is_a_plugin_error() -> None:
-    def crash(context: lmplug.TierContext, options: lmplug.StrictModel) -> lmplug.Tier:
+    def crash(context: tierkit.TierContext, options: tierkit.StrictModel) -> tierkit.Tier:
         raise OSError("no such device")
 
-    host = _host_with(lmplug.TierType("crashy", lmplug.StrictModel, crash))
+    host = _host_with(tierkit.TierType("crashy", tierkit.StrictModel, crash))
     with pytest.raises(PluginError, match=r"could not build tier 'crashy'.*OSError: no such device"):
         async with lmplug.open_cache(make_config([{"type": "crashy"}]), plugins=host):
             pass

@@ -2,8 +2,9 @@ from __future__ import annotations
 
 import torch
 
-from lmplug import HeapAllocator, KVLayout
+from lmplug.core.memory import HeapAllocator
 from lmplug.core.transfer import _runs, copy_from_chunks, copy_into_chunks
+from lmplug.tierkit import KVLayout
 from lmplug_cpu.pool import HostPool
 
 LAYOUT = KVLayout(num_layers=3, num_kv_heads=2, head_size=8, dtype=torch.bfloat16)  # 192 bytes per token

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import lmplug
 from lmplug.errors import KVShapeError
 from lmplug.integrations.vllm.paged import Slots, layout_for
 
@@ -97,7 +96,7 @@ def test_check_names_the_expected_shape() -> None:
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not lmplug.cuda_available(), reason="needs a CUDA device")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", ["flash", "flashinfer"])
 def test_cuda_round_trip(name: str) -> None:
     layout = layout_for(name, HEADS, DIM, BLOCK)

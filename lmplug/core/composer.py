@@ -65,7 +65,7 @@ def build_tier(
     report_evicted: Callable[[str, Sequence[ChunkKey]], None],
     plugins: Registries | None = None,
 ) -> Tier:
-    """Call the tier type's factory and check that it returned a :class:`lmplug.Tier`."""
+    """Call the tier type's factory and check that it returned a :class:`lmplug.tierkit.Tier`."""
     context = TierContext(
         name=plan.entry.tier_name,
         type=plan.entry.type,
@@ -85,7 +85,8 @@ def build_tier(
         ) from exc
     if not isinstance(tier, Tier):
         raise PluginContractError(
-            f"the factory of tier type {plan.tier_type.name!r} returned {type(tier).__qualname__}, not an lmplug.Tier"
+            f"the factory of tier type {plan.tier_type.name!r} returned {type(tier).__qualname__}, "
+            "not an lmplug.tierkit.Tier"
         )
     return tier
 

@@ -80,12 +80,14 @@ def bind_tier(name: str, tier: Tier) -> TierSlot:
                 f"{what} implements {hook_name} without declaring Capability.{capability}"
                 if impl is not None
                 else f"{what} declares Capability.{capability} but does not implement {hook_name}; "
-                "mark the method with @lmplug.hookimpl"
+                "mark the method with @lmplug.tierkit.hookimpl"
             )
         if impl is None:
             if capability is not None:
                 continue
-            raise PluginContractError(f"{what} does not implement {hook_name}; mark the method with @lmplug.hookimpl")
+            raise PluginContractError(
+                f"{what} does not implement {hook_name}; mark the method with @lmplug.tierkit.hookimpl"
+            )
         if not inspect.iscoroutinefunction(impl.function):
             raise PluginContractError(f"{what}: {hook_name} must be an async method (async def)")
         functions[hook_name.removeprefix("lmplug_")] = impl.function

@@ -58,22 +58,19 @@ class RemoteConnector(abc.ABC):
         """Close every connection and stop any helper thread. Idempotent."""
 
     @abc.abstractmethod
-    async def put(self, key: str, parts: Sequence[memoryview], ttl: float | None) -> None:
-        """Store the concatenation of ``parts`` under ``key`` (overwriting), expiring after ``ttl`` s.
-
-        A reader must never see half an entry: the store replaces the value atomically.
-        ``parts`` are views of chunk memory; send them without joining where the client allows.
-        """
-
     async def put_many(self, entries: Sequence[tuple[str, Sequence[memoryview]]], ttl: float | None) -> None:
-        """Store several values, each as :meth:`put` would; the remote tier's writers call this.
+        """Store each ``(key, parts)``: the concatenation of ``parts`` under ``key`` (overwriting),
+        expiring after ``ttl`` s; the remote tier's writers call this with a batch.
 
-        A connector that can pipeline (several values per round trip, one hand-off to a
-        worker thread) overrides it; the default puts one value after another. When it
-        raises, any prefix of ``entries`` may have been stored.
+        A reader must never see half an entry: the store replaces each value atomically.
+        ``parts`` are views of chunk memory; send them without joining where the client allows,
+        and several values per round trip where the store can. When it raises, any prefix of
+        ``entries`` may have been stored.
         """
-        for key, parts in entries:
-            await self.put(key, parts, ttl)
+
+    async def put(self, key: str, parts: Sequence[memoryview], ttl: float | None) -> None:
+        """Store one value, as :meth:`put_many` does."""
+        await self.put_many([(key, parts)], ttl)
 
     @abc.abstractmethod
     async def get_into(self, key: str, parts: Sequence[memoryview]) -> int | None:
@@ -126,6 +123,12 @@ class ChunkCodec(abc.ABC):
     configured with another codec misses instead of decoding foreign bytes."""
     lossy: bool = False
     """True when ``decode(encode(kv))`` only approximates ``kv``."""
+
+    def prepare(self) -> None:
+        """Load what encoding needs (an optional library); the remote tier calls it when it is built
+        with this codec. Raise :class:`lmplug.errors.PluginUnavailable`, naming what to install,
+        when something is missing. The default has nothing to load."""
+        return None
 
     @abc.abstractmethod
     def max_encoded_size(self, kv: torch.Size, dtype: torch.dtype) -> int:

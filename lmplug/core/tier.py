@@ -2,7 +2,7 @@
 
 A tier holds chunks of KV somewhere (host memory, disk, a remote store). It implements
 the async data-path hooks of :mod:`lmplug.hooks.specs` as methods marked with
-``@lmplug.hookimpl``; the cache registers each configured tier object with its plugin
+``@lmplug.tierkit.hookimpl``; the cache registers each configured tier object with its plugin
 manager and awaits those methods in pipeline order. A tier that cannot do something says
 so in :attr:`Tier.capabilities` rather than raising ``NotImplementedError``.
 """
@@ -116,7 +116,7 @@ def leading(keys: Sequence[ChunkKey], held: Callable[[ChunkKey], bool]) -> int:
 
 
 class Tier(abc.ABC):
-    """Base class of tier objects. Subclasses mark their hook methods with ``@lmplug.hookimpl``."""
+    """Base class of tier objects. Subclasses mark their hook methods with ``@lmplug.tierkit.hookimpl``."""
 
     capabilities: ClassVar[frozenset[Capability]] = frozenset()
 

@@ -7,7 +7,7 @@ There are two colours of hook.
 plugin package implements them in its ``__init__.py``.
 
 *Data-path hooks* are ``async`` and implemented as methods of the tier objects that a
-plugin's tier factory builds (see :class:`lmplug.Tier`). pluggy's call loop cannot await
+plugin's tier factory builds (see :class:`lmplug.tierkit.Tier`). pluggy's call loop cannot await
 coroutines, so they are never called through ``pm.hook``: the cache registers each
 configured tier object with its plugin manager (which checks the signatures against these
 specs) and the pipeline in :mod:`lmplug.core.pipeline` awaits each tier's hookimpl in
@@ -15,7 +15,7 @@ pipeline order, with the semantics each spec names. All data-path hooks run on t
 event-loop thread, in the process that opened the cache, under asyncio or trio; blocking
 work belongs in ``anyio.to_thread.run_sync`` with the tier's own ``CapacityLimiter``.
 
-Chunk ownership: a :class:`lmplug.KVChunk` carries a reference count. A hook that keeps a
+Chunk ownership: a :class:`lmplug.tierkit.KVChunk` carries a reference count. A hook that keeps a
 chunk beyond its call takes a reference (``chunk.acquire()``) and releases it when done;
 a hook that hands chunks out (``lmplug_retrieve``) hands each with one reference that the
 caller releases.
@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 def lmplug_register_tier_types(register: Callable[[TierType], None]) -> None:  # type: ignore[type-arg]
     """Offer tier types, by calling ``register(TierType(...))`` once for each.
 
-    :param register: records a :class:`lmplug.TierType`: its ``name`` (what a config's
+    :param register: records a :class:`lmplug.tierkit.TierType`: its ``name`` (what a config's
         ``tiers[].type`` says), its ``config_model`` (a pydantic model of the tier's own
         options, unknown keys rejected) and its ``factory(context, options) -> Tier``.
     :returns: nothing; results are ignored.
@@ -79,7 +79,7 @@ def lmplug_register_commands(register: Callable[[CliCommand], None]) -> None:
 def lmplug_register_remote_schemes(register: Callable[[RemoteScheme], None]) -> None:  # type: ignore[type-arg]
     """Offer connectors to shared stores, by calling ``register(RemoteScheme(...))`` once for each.
 
-    :param register: records a :class:`lmplug.RemoteScheme`: the URL ``schemes`` it serves
+    :param register: records a :class:`lmplug.tierkit.RemoteScheme`: the URL ``schemes`` it serves
         (``("redis", "rediss")``), the ``config_model`` of a remote tier's ``connector:``
         options for them, and ``factory(url, options) -> RemoteConnector``.
     :returns: nothing; results are ignored.
@@ -95,7 +95,7 @@ def lmplug_register_remote_schemes(register: Callable[[RemoteScheme], None]) -> 
 def lmplug_register_codecs(register: Callable[[ChunkCodec], None]) -> None:
     """Offer chunk codecs (compression, quantization), by calling ``register(codec)`` once for each.
 
-    :param register: records a :class:`lmplug.ChunkCodec` instance under its ``name``
+    :param register: records a :class:`lmplug.tierkit.ChunkCodec` instance under its ``name``
         (what a shared tier's ``codec:`` option says). ``raw`` is built in.
     :returns: nothing; results are ignored.
 
@@ -162,7 +162,7 @@ async def lmplug_retrieve(keys: Sequence[ChunkKey]) -> list[KVChunk]:
 async def lmplug_retrieve_into(keys: Sequence[ChunkKey], out: torch.Tensor) -> int:
     """Write the KV of the leading ``keys`` this tier holds straight into the caller's ``out``.
 
-    Optional: implemented by tiers that declare :attr:`lmplug.Capability.RETRIEVE_INTO`, which
+    Optional: implemented by tiers that declare :attr:`lmplug.tierkit.Capability.RETRIEVE_INTO`, which
     can read from their store into any memory (a file or socket read into ``out`` itself, or
     into the tier's own staging with the copy into ``out`` overlapping its other reads) rather
     than into chunks that the caller then copies.
@@ -234,7 +234,7 @@ async def lmplug_transfer(keys: Sequence[ChunkKey], chunks: Sequence[KVChunk], s
 
     **Call pattern:** awaited on each tier above the one that served a retrieve hit, in
     pipeline order (promotion); by transfer plugins for moves between nodes.
-    **Colour:** async data path, implemented by tier objects (:class:`lmplug.Tier`
+    **Colour:** async data path, implemented by tier objects (:class:`lmplug.tierkit.Tier`
     provides a default that admits them as ``lmplug_store`` would).
     **Process:** the process that opened the cache.
     """

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from lmplug import ChunkKey
+from lmplug.tierkit import ChunkKey
 from lmplug_cpu.policy import make_policy
 
 A, B, C = (ChunkKey(bytes([i]) * 24) for i in range(3))

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lmplug import KVChunk, KVLayout
+from lmplug.tierkit import KVChunk, KVLayout
 from lmplug_cpu.pool import HostPool
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=1, head_size=8, dtype=torch.float16)  # 64 bytes per token

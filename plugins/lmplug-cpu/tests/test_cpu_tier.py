@@ -3,6 +3,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import torch
 
 import lmplug
 from lmplug.testing import make_config, reference_kv
@@ -78,7 +79,7 @@ async def test_pin_memory_can_be_forced_off() -> None:
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not lmplug.cuda_available(), reason="needs a CUDA device")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 async def test_pool_is_pinned_and_serves_cuda_tensors() -> None:
     import torch
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import lmplug
+from lmplug import tierkit
 from lmplug.testing import make_config, reference_kv
 from lmplug_disk import files
 
@@ -28,11 +29,11 @@ def new_out(kind: str, cache: lmplug.Cache, tokens: int) -> torch.Tensor:
     layout = cache.layout
     if kind == "aligned":
         out = lmplug.empty_kv(layout, tokens)
-        assert out.data_ptr() % lmplug.IO_ALIGNMENT == 0
+        assert out.data_ptr() % tierkit.IO_ALIGNMENT == 0
     else:
-        memory = lmplug.aligned_empty(layout.nbytes(tokens) + 64, pin_memory=False)[64:]
+        memory = tierkit.aligned_empty(layout.nbytes(tokens) + 64, pin_memory=False)[64:]
         out = memory.view(layout.dtype).view(layout.shape(tokens))
-        assert out.data_ptr() % lmplug.IO_ALIGNMENT == 64
+        assert out.data_ptr() % tierkit.IO_ALIGNMENT == 64
     return out.fill_(float("nan"))
 
 
@@ -143,7 +144,7 @@ async def test_a_partial_last_chunk_is_read_into_out(tmp_path: Path) -> None:
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not lmplug.cuda_available(), reason="needs a CUDA device")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 async def test_a_cuda_out_is_served_through_chunks(tmp_path: Path) -> None:
     config = wide_config(tmp_path)
     async with lmplug.open_cache(config) as cache:

@@ -14,13 +14,14 @@ import pytest
 import torch
 
 import lmplug
+from lmplug import tierkit
 from lmplug.testing import reference_kv
 from lmplug_disk import files
 
 from disk_testing import CHUNK, CHUNK_FILE, chunk_files, disk_config, prompt, store_on_disk_only
 
 
-def disk_tier(cache: lmplug.Cache) -> lmplug.Tier:
+def disk_tier(cache: lmplug.Cache) -> tierkit.Tier:
     return cache.pipeline.slots[-1].tier
 
 
