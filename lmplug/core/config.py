@@ -28,18 +28,12 @@ logger = logging.getLogger("lmplug.config")
 
 CONFIG_ENV = "LMPLUG_CONFIG"
 ENV_PREFIX = "LMPLUG_"
-# Variables with the prefix that steer lmplug itself rather than override config keys.
+# Variables with the prefix that steer the core itself rather than override config keys.
+# Variables of plugins and integrations are not listed: they are simply not config keys.
 CONTROL_ENV = frozenset(
-    {
-        CONFIG_ENV,
-        "LMPLUG_PLUGINS",
-        "LMPLUG_DISABLE_PLUGIN_AUTOLOAD",
-        "LMPLUG_TRACE_PLUGINS",
-        "LMPLUG_LOG_LEVEL",
-        "LMPLUG_RUNTIME_DIR",  # where the vLLM connector's lookup socket lives
-        "LMPLUG_SERVER_TOKEN",  # lmplug-server's auth token (server and lm:// clients)
-    }
+    {CONFIG_ENV, "LMPLUG_PLUGINS", "LMPLUG_DISABLE_PLUGIN_AUTOLOAD", "LMPLUG_TRACE_PLUGINS", "LMPLUG_LOG_LEVEL"}
 )
+_noted: set[str] = set()  # variables already reported as not config keys (once per process)
 
 KVDtypeName = Literal["float16", "bfloat16", "float32", "float8_e4m3fn", "float8_e5m2", "int8", "uint8"]
 HashAlgorithm = Literal["blake3", "xxh3_128"]
@@ -143,15 +137,23 @@ def _env_value(raw: str) -> object:
 def apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
     """Return ``data`` with ``LMPLUG_A__B__0__C=value`` set at ``a.b[0].c`` (values parsed as YAML).
 
-    Only variables whose ``A`` is a field of :class:`LmplugConfig` are overrides; any other
-    ``LMPLUG_*`` variable is logged at WARNING and left alone (:data:`CONTROL_ENV` silently).
+    Only variables whose ``A`` is a field of :class:`LmplugConfig` are overrides. Any other
+    ``LMPLUG_*`` variable (a plugin's, lmplug-server's, a user's own) is left alone, and
+    logged once per process at WARNING in case it was meant as an override
+    (:data:`CONTROL_ENV` silently).
     """
     for variable in sorted(environ):
         if not variable.startswith(ENV_PREFIX) or variable in CONTROL_ENV:
             continue
         parts = [part.lower() for part in variable[len(ENV_PREFIX) :].split("__")]
         if parts[0] not in LmplugConfig.model_fields:
-            logger.warning("ignoring environment variable %s: %r is not an lmplug config key", variable, parts[0])
+            if variable not in _noted:
+                _noted.add(variable)
+                logger.warning(
+                    "environment variable %s overrides no lmplug config key (%r is not one); the config ignores it",
+                    variable,
+                    parts[0],
+                )
             continue
         if not all(parts):
             raise ConfigError(f"environment variable {variable} does not name a config key")
