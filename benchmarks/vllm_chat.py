@@ -116,7 +116,7 @@ def run(settings: Settings) -> list[Result]:
         import vllm  # noqa: F401
     except ImportError:
         return []
-    from lmplug.integrations.vllm.model import build_model
+    from lmplug.testing.vllm_model import build_model
 
     model = build_model(ROOT / ".bench-models" / "bench", "bench")
     with tempfile.TemporaryDirectory(prefix=".bench-chat-", dir=ROOT) as scratch:

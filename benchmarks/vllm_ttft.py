@@ -68,7 +68,7 @@ def run(settings: Settings) -> list[Result]:
         import vllm  # noqa: F401
     except ImportError:
         return []
-    from lmplug.integrations.vllm.model import build_model
+    from lmplug.testing.vllm_model import build_model
 
     contexts = [1024] if settings.quick else [2048, 8192, 16384]
     samples = 1 if settings.quick else 2

@@ -13,7 +13,7 @@ the user's next turn. To show that on a small machine, vLLM's KV cache is capped
 (``--vllm-cache-tokens``, default 3,200 tokens) while lmplug's L1 holds 1 GiB (512k tokens
 of this model). Both runs have the same cap.
 
-The model is the locally built random-weight Llama (``lmplug.integrations.vllm.model``),
+The model is the locally built random-weight Llama (``lmplug.testing.vllm_model``),
 so its words are noise: each assistant turn is scripted (fixed random tokens) so both runs
 see exactly the same prompts; every request still generates ``--reply-tokens`` tokens.
 
@@ -247,7 +247,7 @@ def plot(rows: list[dict[str, float]], path: Path) -> None:
 def drive(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
-    from lmplug.integrations.vllm.model import build_model
+    from lmplug.testing.vllm_model import build_model
 
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"building the local {args.model_size} model (random weights, nothing downloaded) ...", flush=True)

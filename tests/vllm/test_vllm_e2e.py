@@ -19,7 +19,7 @@ from agreement import compare
 from engine_stress import BLOCK, CONTROL_TOKENS, SHARED_BLOCKS
 
 from lmplug.core.serde import ChunkHeader, payload_checksum
-from lmplug.integrations.vllm.model import build_model
+from lmplug.testing.vllm_model import build_model
 
 HERE = Path(__file__).parent
 CHUNK = 256

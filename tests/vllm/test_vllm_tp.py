@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed")
 
-from lmplug.integrations.vllm.model import SIZES, build_model
+from lmplug.testing.vllm_model import SIZES, build_model
 
 HERE = Path(__file__).parent
 CHUNK = 256

@@ -3,7 +3,9 @@
 - :mod:`.connector`: the connector (both roles), imported by vLLM by name;
 - :mod:`.scheduler`, :mod:`.worker`: the two roles' work; :mod:`.lookup`: the channel between them;
 - :mod:`.paged`: vectorised gather/scatter between vLLM's paged KV and lmplug chunks;
-- :mod:`.settings`: the lmplug config of an engine; :mod:`.model`: the local test model.
+- :mod:`.settings`: the lmplug config of an engine.
+
+The random-weight test model lives in :mod:`lmplug.testing.vllm_model`.
 
 Importing this package does not import vLLM; :func:`register` (vLLM's plugin hook) does.
 """

@@ -1,7 +1,7 @@
 """The connector's scheduler side: what each step loads, saves and releases (no vLLM needed).
 
 vLLM's request and scheduler-output objects are stood in for by plain namespaces with the
-fields the planner reads; the end-to-end tests in tests/vllm/ run the real thing.
+fields the scheduler side reads; test_vllm_e2e.py runs the real thing.
 """
 
 from __future__ import annotations
