@@ -30,6 +30,7 @@ from collections.abc import Callable
 import torch
 
 import lmplug
+import lmplug.tierkit
 from benchmarks.harness import MiB, Result, Settings, Stats, sample_sync
 from lmplug_remote.codecs import Fp8Codec, Int8Codec, Lz4Codec, ZstdCodec
 
@@ -40,7 +41,7 @@ CHUNK_TOKENS = 256
 KV_HEADS = 8
 HEAD_SIZE = 128
 QUERIES = 8
-CODECS: tuple[lmplug.ChunkCodec, ...] = (
+CODECS: tuple[lmplug.tierkit.ChunkCodec, ...] = (
     Lz4Codec(),
     ZstdCodec(),
     Int8Codec(),

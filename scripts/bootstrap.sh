@@ -49,7 +49,12 @@ if ! command -v redis-server >/dev/null 2>&1; then
 fi
 editables=(-e ".[dev]")
 for plugin in plugins/*/; do
-  editables+=(-e "$plugin")
+  # a plugin's optional connectors and codecs too, where it declares an [all] extra
+  if grep -q '^all *=' "$plugin/pyproject.toml"; then
+    editables+=(-e "${plugin%/}[all]")
+  else
+    editables+=(-e "$plugin")
+  fi
 done
 echo "bootstrap: installing lmplug and its plugins (editable)" >&2
 pip install --quiet "${editables[@]}"

@@ -1,25 +1,23 @@
 """lmplug-remote: the L4 shared tier (``type: remote``). The URL's scheme picks a connector:
-``redis://``, ``rediss://``, ``redis+cluster://``, ``s3://`` or ``lm://`` (lmplug's own server);
-other plugins add schemes through ``lmplug_register_remote_schemes``."""
+``redis://``, ``rediss://``, ``redis+cluster://``, ``s3://`` or ``lm://`` (lmplug-server);
+other plugins add schemes through ``lmplug_register_remote_schemes``.
+
+Registering imports no connector library: each scheme's connector is imported when a tier
+with its URL is built, and each extra (``redis``, ``s3``, ``lm``, ``codecs``) brings what one needs.
+"""
 
 from __future__ import annotations
 
-import importlib
+import argparse
+import sys
 from collections.abc import Callable
 from typing import Any
 
-from lmplug import ChunkCodec, RemoteScheme, TierType, hookimpl
-from lmplug.tierkit import CliCommand
+from lmplug.tierkit import ChunkCodec, CliCommand, RemoteScheme, TierType, hookimpl
+from lmplug_remote import lm, redis, s3
+from lmplug_remote.codecs import default_codecs
+from lmplug_remote.extras import library_missing
 from lmplug_remote.tier import RemoteTier, RemoteTierConfig
-
-__all__ = ["RemoteTier", "RemoteTierConfig"]
-
-# Each connector module exposes SCHEME; imported when the plugin host registers this plugin.
-CONNECTOR_MODULES: tuple[str, ...] = (
-    "lmplug_remote.s3_connector",
-    "lmplug_remote.redis_connector",
-    "lmplug_remote.lm_connector",
-)
 
 
 @hookimpl
@@ -36,21 +34,28 @@ def lmplug_register_tier_types(register: Callable[[TierType[Any]], None]) -> Non
 
 @hookimpl
 def lmplug_register_remote_schemes(register: Callable[[RemoteScheme[Any]], None]) -> None:
-    for module in CONNECTOR_MODULES:
-        register(importlib.import_module(module).SCHEME)
+    for scheme in (s3.SCHEME, redis.SCHEME, lm.SCHEME):
+        register(scheme)
 
 
 @hookimpl
 def lmplug_register_codecs(register: Callable[[ChunkCodec], None]) -> None:
-    from lmplug_remote.codecs import default_codecs
-
     for codec in default_codecs():
         register(codec)
 
 
 @hookimpl
 def lmplug_register_commands(register: Callable[[CliCommand], None]) -> None:
-    from lmplug_server.cli import add_arguments, run_from_arguments
-
     summary = "run lmplug-server, the shared KV store of lm:// tiers"
-    register(CliCommand("server", summary, add_arguments, run_from_arguments))
+    try:
+        from lmplug_server import cli
+    except ModuleNotFoundError as exc:
+        missing = library_missing(exc, "the 'lmplug server' command and lm:// URLs", "lm")
+
+        def unavailable(args: argparse.Namespace) -> int:
+            print(f"lmplug server: {missing}", file=sys.stderr)
+            return 2
+
+        register(CliCommand("server", f"{summary} (not installed)", lambda parser: None, unavailable))
+        return
+    register(CliCommand("server", summary, cli.add_arguments, cli.run_from_arguments))

@@ -33,13 +33,17 @@ import struct
 import threading
 import zlib
 from dataclasses import dataclass
-from typing import ClassVar
+from types import ModuleType
+from typing import TYPE_CHECKING, ClassVar
 
-import lz4.block  # type: ignore[import-untyped]
 import torch
-import zstandard
 
-from lmplug import ChunkCodec, ConfigError, CorruptChunk
+from lmplug import ConfigError, CorruptChunk
+from lmplug.tierkit import ChunkCodec
+from lmplug_remote.extras import library_missing
+
+if TYPE_CHECKING:
+    import zstandard
 
 __all__ = [
     "GROUP",
@@ -241,6 +245,23 @@ class _Compressed(ChunkCodec):
             target.numpy().data.cast("B")[:] = plain
 
 
+def _lz4_block() -> ModuleType:
+    try:
+        import lz4.block  # type: ignore[import-untyped]
+    except ModuleNotFoundError as exc:
+        raise library_missing(exc, "the lz4 codec", "codecs") from exc
+    block: ModuleType = lz4.block
+    return block
+
+
+def _zstandard() -> ModuleType:
+    try:
+        import zstandard
+    except ModuleNotFoundError as exc:
+        raise library_missing(exc, "the zstd codec", "codecs") from exc
+    return zstandard
+
+
 class Lz4Codec(_Compressed):
     """``lz4``: LZ4 block compression (fast), of the byte-shuffled KV by default."""
 
@@ -250,15 +271,19 @@ class Lz4Codec(_Compressed):
         self.name = name
         self.shuffle = shuffle
 
+    def prepare(self) -> None:
+        _lz4_block()
+
     def _compress(self, data: memoryview) -> bytes:
-        compressed: bytes = lz4.block.compress(data, store_size=False)
+        compressed: bytes = _lz4_block().compress(data, store_size=False)
         return compressed
 
     def _decompress(self, data: memoryview, size: int) -> bytes:
+        block = _lz4_block()
         try:
-            plain: bytes = lz4.block.decompress(data, uncompressed_size=size)
+            plain: bytes = block.decompress(data, uncompressed_size=size)
             return plain
-        except lz4.block.LZ4BlockError as exc:
+        except block.LZ4BlockError as exc:
             raise CorruptChunk(f"{self.name} chunk does not decompress: {exc}") from None
 
 
@@ -273,12 +298,16 @@ class ZstdCodec(_Compressed):
         self.shuffle = shuffle
         self._local = threading.local()  # zstandard contexts are not safe to share between threads
 
+    def prepare(self) -> None:
+        _zstandard()
+
     def _contexts(self) -> tuple[zstandard.ZstdCompressor, zstandard.ZstdDecompressor]:
         contexts: tuple[zstandard.ZstdCompressor, zstandard.ZstdDecompressor] | None = getattr(
             self._local, "contexts", None
         )
         if contexts is None:
-            contexts = (zstandard.ZstdCompressor(level=self.level), zstandard.ZstdDecompressor())
+            library = _zstandard()
+            contexts = (library.ZstdCompressor(level=self.level), library.ZstdDecompressor())
             self._local.contexts = contexts
         return contexts
 
@@ -286,12 +315,13 @@ class ZstdCodec(_Compressed):
         return self._contexts()[0].compress(data)
 
     def _decompress(self, data: memoryview, size: int) -> bytes:
+        library = _zstandard()
         try:
-            declared = zstandard.frame_content_size(data)
+            declared = library.frame_content_size(data)
             if declared != size:  # also refuses to allocate what a damaged frame claims
                 raise CorruptChunk(f"{self.name} chunk's frame holds {declared} bytes, {size} expected")
             return self._contexts()[1].decompress(data, max_output_size=size)
-        except zstandard.ZstdError as exc:
+        except library.ZstdError as exc:
             raise CorruptChunk(f"{self.name} chunk does not decompress: {exc}") from None
 
 

@@ -18,29 +18,29 @@ import anyio
 import torch
 from pydantic import Field, PositiveInt, ValidationError
 
-from lmplug import (
+from lmplug import ConfigError, CorruptChunk, PluginUnavailable, TierUnavailable
+from lmplug.tierkit import (
+    HEADER,
+    Batch,
     Capability,
     ChunkCodec,
+    ChunkHeader,
     ChunkKey,
-    ConfigError,
-    CorruptChunk,
     Duration,
     KVBytes,
     KVChunk,
-    PluginUnavailable,
     RawCodec,
     RemoteConnector,
     StrictModel,
-    Tier,
     TierContext,
     TierStatistics,
-    TierUnavailable,
+    WriteBehindTier,
+    config_error,
     hookimpl,
+    parts_checksum,
+    payload_checksum,
+    slice_parts,
 )
-from lmplug.core.config import config_error
-from lmplug.core.reporting import ThrottledLog
-from lmplug.core.serde import HEADER, ChunkHeader, parts_checksum, payload_checksum, slice_parts
-from lmplug.core.writebehind import Batch, WriteBehind
 from lmplug_remote.breaker import BreakerState, CircuitBreaker
 
 logger = logging.getLogger("lmplug.remote")
@@ -74,7 +74,7 @@ class RemoteTierConfig(StrictModel):
     breaker: BreakerConfig = Field(default_factory=BreakerConfig, description="Circuit breaker settings.")
 
 
-class RemoteTier(Tier):
+class RemoteTier(WriteBehindTier):
     """A remote store reached through a connector plugin; see the module docstring."""
 
     capabilities = frozenset(
@@ -82,7 +82,9 @@ class RemoteTier(Tier):
     )
 
     def __init__(self, context: TierContext, options: RemoteTierConfig) -> None:
-        super().__init__(context)
+        super().__init__(
+            context, logger=logger, queue_size=options.write_queue, writers=options.writers, batch=_WRITE_BATCH
+        )
         self.options = options
         plugins = context.plugins
         if plugins is None:
@@ -96,6 +98,7 @@ class RemoteTier(Tier):
         except ValidationError as exc:
             raise config_error(exc, prefix=f"tier {context.name!r}: connector") from None
         self.codec: ChunkCodec = plugins.resolve_codec(options.codec)
+        self.codec.prepare()
         self.connector: RemoteConnector = scheme.factory(options.url, connector_options)
         self.breaker = CircuitBreaker(options.breaker.failures, options.breaker.cooldown, options.breaker.max_cooldown)
         self._raw = isinstance(self.codec, RawCodec)
@@ -103,15 +106,9 @@ class RemoteTier(Tier):
         self._chunk_size = context.config.chunk_size
         full_shape = context.layout.shape(self._chunk_size)
         self._max_stored = self.codec.max_encoded_size(torch.Size(full_shape), context.layout.dtype)
-        self._queue = WriteBehind(
-            self._put_batch, size=options.write_queue, writers=options.writers, batch=_WRITE_BATCH
-        )
         self._read_limiter = anyio.CapacityLimiter(options.readers)
         self._cpu_limiter = anyio.CapacityLimiter(max(options.readers, options.writers))
-        self._log = ThrottledLog(logger)
-        self._hits = self._misses = self._stored = self._errors = self._skipped = 0
-        self._refused = self._corrupt = self._evictions = 0
-        self._bytes_written = 0
+        self._skipped = self._refused = self._corrupt = self._bytes_written = 0
 
     def key_name(self, key: ChunkKey) -> str:
         """The store key of a chunk: the codec's name (a reader with another codec misses), then the key."""
@@ -119,33 +116,27 @@ class RemoteTier(Tier):
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def __aenter__(self) -> RemoteTier:
+    async def _open(self) -> None:
         try:
             await self.connector.connect()
         except TierUnavailable as exc:
             # Serving without the store is better than not serving: the breaker retries it.
             self.breaker.failed()
             self._report("connect", f"cannot reach {self.options.url} ({exc}); serving misses until it answers")
-        await self._queue.__aenter__()
+
+    async def _release(self) -> None:
+        await self.connector.aclose()
+
+    async def __aenter__(self) -> RemoteTier:
+        await super().__aenter__()
         logger.info("remote tier %r: %s, codec %s", self.name, self.options.url, self.codec.name)
         return self
 
-    async def drain(self) -> None:
-        """Wait until every queued write has been sent (or failed and been reported)."""
-        await self._queue.drain()
-
-    async def aclose(self) -> None:
-        """Send what is queued (the breaker cuts this short for a dead store), then close. Idempotent."""
-        try:
-            await self._queue.aclose()
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self.connector.aclose()
-
     # ------------------------------------------------------------------ calls to the store
 
-    async def _call(self, operation: str, limit: float, function: Callable[..., Awaitable[T]], *args: Any) -> T:
-        """One call to the store, bounded by ``limit`` seconds and guarded by the breaker."""
+    async def _ask_store(self, operation: str, limit: float, function: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """One call to the store, bounded by ``limit`` seconds and guarded by the breaker; a failure
+        is counted, reported and raised as :class:`TierUnavailable`."""
         if not self.breaker.allow():
             self._refused += 1
             raise TierUnavailable(
@@ -168,45 +159,41 @@ class RemoteTier(Tier):
             else:
                 self._report(operation, f"{operation} failed: {reason}")
             raise TierUnavailable(f"tier {self.name!r}: {operation} on {self.options.url}: {reason}") from exc
+        except BaseException:
+            self.breaker.abandoned()  # cancelled before the call settled
+            raise
         if self.breaker.succeeded():
             logger.warning("remote tier %r: %s answers again", self.name, self.options.url)
         return result
 
-    async def _guarded(self, operation: str, limit: float, function: Callable[..., Awaitable[T]], *args: Any) -> T:
-        """:meth:`_call`, telling the breaker when the call was cancelled before it settled."""
-        finished = False
+    async def _read_entry(self, key: ChunkKey, read: Callable[[], Awaitable[T | None]]) -> T | None:
+        """``read()``, where bad data is dropped from the store and an unavailable store is a miss: ``None``."""
         try:
-            result = await self._call(operation, limit, function, *args)
-            finished = True
-            return result
-        except Exception:
-            finished = True
-            raise
-        finally:
-            if not finished:
-                self.breaker.abandoned()
+            return await read()
+        except CorruptChunk as exc:
+            await self._drop(key, exc)
+        except TierUnavailable:
+            pass
+        return None
 
     # ------------------------------------------------------------------ data path
 
     @hookimpl
     async def lmplug_contains(self, keys: Sequence[ChunkKey]) -> int:
-        ask = [key for key in keys if not self._is_pending(key)]
+        ask = [key for key in keys if not self.queued(key)]
         present: set[ChunkKey] = set()
         if ask:
             try:
-                answers = await self._guarded("exists", self.options.timeout, self.connector.exists, self._names(ask))
+                answers = await self._ask_store("exists", self.options.timeout, self.connector.exists, self._names(ask))
             except TierUnavailable:
                 answers = [False] * len(ask)
             present = {key for key, there in zip(ask, answers, strict=True) if there}
         found = 0
         for key in keys:
-            if key not in present and not self._is_pending(key):
+            if key not in present and not self.queued(key):
                 break
             found += 1
         return found
-
-    def _is_pending(self, key: ChunkKey) -> bool:
-        return self._queue.queued(key) is not None
 
     def _names(self, keys: Sequence[ChunkKey]) -> list[str]:
         prefix = self._prefix
@@ -216,7 +203,7 @@ class RemoteTier(Tier):
     async def lmplug_retrieve(self, keys: Sequence[ChunkKey]) -> list[KVChunk]:
         chunks: list[KVChunk] = []
         start = 0
-        while start < len(keys) and self._is_pending(keys[start]):
+        while start < len(keys) and self.queued(keys[start]):
             chunks.append(self._queue.pending[keys[start]].acquire())  # still queued for writing: from memory
             start += 1
         if start < len(keys):
@@ -276,59 +263,42 @@ class RemoteTier(Tier):
         self._count(served, len(keys))
         return served
 
-    def _count(self, served: int, wanted: int) -> None:
-        self._hits += served
-        if served < wanted:
-            self._misses += 1
-
     async def _get_into(self, key: ChunkKey, payload: list[memoryview], tokens: int) -> bool | None:
         """One raw entry received into ``payload`` and verified there; ``None`` on a miss, a failure or bad data."""
         header = bytearray(HEADER.size)
-        try:
-            length = await self._guarded(
-                "get", self.options.timeout, self.connector.get_into, self.key_name(key), [memoryview(header), *payload]
-            )
+
+        async def read() -> bool | None:
+            name = self.key_name(key)
+            get = self.connector.get_into
+            length = await self._ask_store("get", self.options.timeout, get, name, [memoryview(header), *payload])
             if length is None:
                 return None
-            await self._off_loop(length, self._verify, key, header, payload, length, tokens)
-        except CorruptChunk as exc:
-            await self._drop(key, exc)
-            return None
-        except TierUnavailable:
-            return None
-        return True
+            await self._cpu_work(length, self._verify, key, header, payload, length, tokens)
+            return True
+
+        return await self._read_entry(key, read)
 
     async def _get(self, key: ChunkKey) -> KVChunk | None:
-        """One chunk from the store, verified; ``None`` on a miss, a failure or bad data."""
-        name = self.key_name(key)
-        header = bytearray(HEADER.size)
+        """One chunk from the store, verified (and decoded); ``None`` on a miss, a failure or bad data."""
         allocator = self.context.allocator
         full: KVChunk | None = None
-        if self._raw:
+        if self._raw:  # received into a whole chunk, handed over as it is when it is one
             full = allocator.allocate(self._chunk_size)
             if full is None:
                 return None
             body = full.raw()
         else:
             body = torch.empty(self._max_stored, dtype=torch.uint8).numpy().data.cast("B")  # no zero-fill
-        try:
-            try:
-                length = await self._guarded(
-                    "get", self.options.timeout, self.connector.get_into, name, [memoryview(header), body]
-                )
-            except CorruptChunk as exc:
-                await self._drop(key, exc)
-                return None
-            except TierUnavailable:
-                return None
+        header = bytearray(HEADER.size)
+
+        async def read() -> KVChunk | None:
+            nonlocal full
+            name = self.key_name(key)
+            parts = [memoryview(header), body]
+            length = await self._ask_store("get", self.options.timeout, self.connector.get_into, name, parts)
             if length is None:
                 return None
-            try:
-                described = await self._off_loop(length, self._verify, key, header, [body], length)
-            except CorruptChunk as exc:
-                await self._drop(key, exc)
-                return None
-            stored = body[: length - HEADER.size]
+            described = await self._cpu_work(length, self._verify, key, header, [body], length)
             if full is not None and described.tokens == self._chunk_size:
                 whole, full = full, None
                 return whole
@@ -336,17 +306,20 @@ class RemoteTier(Tier):
             if chunk is None:
                 return None
             try:
+                stored = body[: length - HEADER.size]
                 await anyio.to_thread.run_sync(self._decode, stored, chunk, limiter=self._cpu_limiter)
-            except CorruptChunk as exc:
+            except BaseException:
                 chunk.release()
-                await self._drop(key, exc)
-                return None
+                raise
             return chunk
+
+        try:
+            return await self._read_entry(key, read)
         finally:
             if full is not None:
                 full.release()
 
-    async def _off_loop(self, nbytes: int, function: Callable[..., T], *args: Any) -> T:
+    async def _cpu_work(self, nbytes: int, function: Callable[..., T], *args: Any) -> T:
         """Run CPU work in a worker thread, unless it is a raw chunk's checksum small enough
         (about 0.1 ms per 2 MiB) that two thread hand-offs would cost more than it does."""
         if self._raw and nbytes <= _INLINE_BYTES:
@@ -384,7 +357,7 @@ class RemoteTier(Tier):
         self._corrupt += 1
         self._report("corrupt", f"dropped {self.key_name(key)}: {failure}")
         with contextlib.suppress(TierUnavailable):
-            await self._guarded("delete", self.options.timeout, self.connector.delete, [self.key_name(key)])
+            await self._ask_store("delete", self.options.timeout, self.connector.delete, [self.key_name(key)])
 
     @hookimpl
     async def lmplug_store(self, keys: Sequence[ChunkKey], chunks: Sequence[KVChunk]) -> None:
@@ -394,23 +367,23 @@ class RemoteTier(Tier):
             else:
                 self._queue.offer(key, chunk)  # a full queue skips it: the store is behind, the engine is not
 
-    async def _put_batch(self, batch: Batch) -> None:
+    async def _write_batch(self, batch: Batch) -> None:
         """Write the chunks the store does not hold yet: one EXISTS round trip for the batch, then
         one ``put_many``; failures are counted and reported, never raised."""
         batch = [(key, chunk) for key, chunk in batch if not self._queue.cancelled(key)]
         if not batch:
             return
         try:
-            held = await self._guarded(
+            held = await self._ask_store(
                 "exists", self.options.timeout, self.connector.exists, self._names([key for key, _ in batch])
             )
         except TierUnavailable:
-            return  # counted and reported by _call
+            return  # counted and reported by _ask_store
         # Another engine (or an earlier run) may have stored some already.
         todo = [(key, chunk) for (key, chunk), there in zip(batch, held, strict=True) if not there]
         if not todo:
             return
-        encoded, failures = await self._off_loop(sum(chunk.nbytes for _, chunk in todo), self._encode_all, todo)
+        encoded, failures = await self._cpu_work(sum(chunk.nbytes for _, chunk in todo), self._encode_all, todo)
         for exc in failures:  # a codec bug must not take the cache down: those chunks are skipped
             self._errors += 1
             self._report("encode", f"cannot encode a chunk with codec {self.codec.name!r}: {exc!r}")
@@ -419,13 +392,13 @@ class RemoteTier(Tier):
         entries = [(self.key_name(key), parts) for key, parts in encoded]
         limit = self.options.write_timeout * len(entries)
         try:
-            await self._guarded("put", limit, self.connector.put_many, entries, self.options.ttl)
+            await self._ask_store("put", limit, self.connector.put_many, entries, self.options.ttl)
         except TierUnavailable:
-            return  # counted and reported by _call
+            return  # counted and reported by _ask_store
         undo = [name for (key, _), (name, _) in zip(encoded, entries, strict=True) if self._queue.cancelled(key)]
         if undo:  # evicted on command while they were being written
             with contextlib.suppress(TierUnavailable):
-                await self._guarded("delete", self.options.timeout, self.connector.delete, undo)
+                await self._ask_store("delete", self.options.timeout, self.connector.delete, undo)
         self._stored += len(entries) - len(undo)
         self._bytes_written += sum(part.nbytes for _, parts in entries for part in parts)
 
@@ -445,40 +418,30 @@ class RemoteTier(Tier):
 
     @hookimpl
     async def lmplug_evict(self, keys: Sequence[ChunkKey]) -> int:
-        dropped = 0
-        remote: list[ChunkKey] = []
-        for key in keys:
-            if self._queue.cancel(key):
-                dropped += 1
-            else:
-                remote.append(key)
+        """Cancel queued writes and delete stored entries; only the keys that were held are reported."""
+        dropped = [key for key in keys if self._queue.cancel(key)]
+        cancelled = set(dropped)
+        remote = [key for key in keys if key not in cancelled]
         if remote:
             with contextlib.suppress(TierUnavailable):
-                names = self._names(remote)
-                dropped += await self._guarded("delete", self.options.timeout, self.connector.delete, names)
+                timeout = self.options.timeout
+                held = await self._ask_store("exists", timeout, self.connector.exists, self._names(remote))
+                present = [key for key, there in zip(remote, held, strict=True) if there]
+                if present:
+                    await self._ask_store("delete", timeout, self.connector.delete, self._names(present))
+                    dropped += present
         if dropped:
-            self._evictions += dropped
-            self.context.evicted(keys)
-        return dropped
+            self._evictions += len(dropped)
+            self.context.evicted(dropped)
+        return len(dropped)
 
     # ------------------------------------------------------------------ reporting
 
-    def _report(self, kind: str, message: str) -> None:
-        """Log a failure at WARNING once a minute per kind (DEBUG otherwise); the tier keeps serving."""
-        self._log.report(kind, "remote tier %r: %s", self.name, message)
-
     def statistics(self) -> TierStatistics:
-        return TierStatistics(
-            name=self.name,
-            type=self.context.type,
+        return self._statistics(
             chunks=self._stored,
             used_bytes=self._bytes_written,
             capacity_bytes=None,
-            hits=self._hits,
-            misses=self._misses,
-            stored=self._stored,
-            evictions=self._evictions,
-            errors=self._errors + self._corrupt,
-            pending_writes=len(self._queue.pending),
-            skipped_writes=self._skipped + self._queue.skipped,
+            errors=self._corrupt,
+            skipped=self._skipped,
         )

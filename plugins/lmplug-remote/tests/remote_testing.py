@@ -16,16 +16,17 @@ import anyio
 from pydantic import Field
 
 import lmplug
+import lmplug.tierkit
 from lmplug.testing import make_config
 
 STORES: dict[str, dict[str, bytes]] = {}
 
 
-class DictOptions(lmplug.StrictModel):
-    latency: lmplug.Duration = Field(default=0.0, description="Seconds each call waits.")
+class DictOptions(lmplug.tierkit.StrictModel):
+    latency: lmplug.tierkit.Duration = Field(default=0.0, description="Seconds each call waits.")
 
 
-class DictConnector(lmplug.RemoteConnector):
+class DictConnector(lmplug.tierkit.RemoteConnector):
     def __init__(self, url: str, options: DictOptions) -> None:
         self.url = url
         self.options = options
@@ -49,9 +50,10 @@ class DictConnector(lmplug.RemoteConnector):
     async def aclose(self) -> None:
         pass
 
-    async def put(self, key: str, parts: Sequence[memoryview], ttl: float | None) -> None:
+    async def put_many(self, entries: Sequence[tuple[str, Sequence[memoryview]]], ttl: float | None) -> None:
         await self._enter("put")
-        self.store[key] = b"".join(bytes(part) for part in parts)
+        for key, parts in entries:
+            self.store[key] = b"".join(bytes(part) for part in parts)
 
     async def get_into(self, key: str, parts: Sequence[memoryview]) -> int | None:
         await self._enter("get")
@@ -79,9 +81,9 @@ class DictConnector(lmplug.RemoteConnector):
 class DictPlugin:
     """The plugin object: one hook registers the scheme."""
 
-    @lmplug.hookimpl
-    def lmplug_register_remote_schemes(self, register: Callable[[lmplug.RemoteScheme[Any]], None]) -> None:
-        register(lmplug.RemoteScheme(("dict",), DictOptions, DictConnector, "test store: blobs in a dict"))
+    @lmplug.tierkit.hookimpl
+    def lmplug_register_remote_schemes(self, register: Callable[[lmplug.tierkit.RemoteScheme[Any]], None]) -> None:
+        register(lmplug.tierkit.RemoteScheme(("dict",), DictOptions, DictConnector, "test store: blobs in a dict"))
 
 
 def dict_host() -> lmplug.PluginHost:

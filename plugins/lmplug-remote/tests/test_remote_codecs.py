@@ -23,7 +23,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import lmplug
+import lmplug.tierkit
 from lmplug.testing import reference_kv
+from lmplug.tierkit import ChunkCodec
 from lmplug_remote.codecs import GROUP, CodecHeader, Fp8Codec, Int8Codec, Lz4Codec, ZstdCodec, default_codecs
 
 from remote_testing import STORES, dict_host, remote_tier, two_tier_config
@@ -34,12 +36,12 @@ LOSSY = (Int8Codec(), Fp8Codec())
 CODECS = (*LOSSLESS, *LOSSY)
 
 
-def codec_id(codec: lmplug.ChunkCodec) -> str:
+def codec_id(codec: ChunkCodec) -> str:
     plain = getattr(codec, "shuffle", True) is False
     return codec.name + ("-plain" if plain else "")
 
 
-def error_bound(codec: lmplug.ChunkCodec, kv: torch.Tensor) -> torch.Tensor:
+def error_bound(codec: ChunkCodec, kv: torch.Tensor) -> torch.Tensor:
     """The largest error the codec may make at each value of the (finite) ``kv``, from the bounds above."""
     x = kv.double()
     group = GROUP if kv.shape[-1] % GROUP == 0 else kv.shape[-1]
@@ -53,7 +55,7 @@ def error_bound(codec: lmplug.ChunkCodec, kv: torch.Tensor) -> torch.Tensor:
     return quantized * (1 + 1e-4) + rounding  # 1e-4: float32 rounding of x / s
 
 
-def round_trip(codec: lmplug.ChunkCodec, kv: torch.Tensor) -> tuple[memoryview, torch.Tensor]:
+def round_trip(codec: ChunkCodec, kv: torch.Tensor) -> tuple[memoryview, torch.Tensor]:
     encoded = codec.encode(kv)
     assert len(encoded) <= codec.max_encoded_size(kv.shape, kv.dtype)
     out = torch.full_like(kv, 12345.0)
@@ -76,7 +78,7 @@ def test_plugin_registers_the_codecs() -> None:
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("codec", LOSSLESS, ids=codec_id)
 @pytest.mark.parametrize("tokens", [16, 5])
-def test_lossless_codecs_return_the_same_bytes(codec: lmplug.ChunkCodec, dtype: torch.dtype, tokens: int) -> None:
+def test_lossless_codecs_return_the_same_bytes(codec: ChunkCodec, dtype: torch.dtype, tokens: int) -> None:
     kv = kv_like_model(dtype, tokens)
     encoded, out = round_trip(codec, kv)
     assert torch.equal(out.view(torch.uint8), kv.view(torch.uint8))
@@ -85,7 +87,7 @@ def test_lossless_codecs_return_the_same_bytes(codec: lmplug.ChunkCodec, dtype: 
 
 
 @pytest.mark.parametrize("codec", LOSSLESS, ids=codec_id)
-def test_incompressible_bytes_are_stored_within_the_bound(codec: lmplug.ChunkCodec) -> None:
+def test_incompressible_bytes_are_stored_within_the_bound(codec: ChunkCodec) -> None:
     kv = torch.randint(0, 256, (2, 2, 8, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     kv = kv.view(torch.bfloat16)
     encoded, out = round_trip(codec, kv)
@@ -96,7 +98,7 @@ def test_incompressible_bytes_are_stored_within_the_bound(codec: lmplug.ChunkCod
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("codec", LOSSY, ids=codec_id)
 @pytest.mark.parametrize("tokens", [16, 5])
-def test_lossy_codecs_stay_within_their_error_bound(codec: lmplug.ChunkCodec, dtype: torch.dtype, tokens: int) -> None:
+def test_lossy_codecs_stay_within_their_error_bound(codec: ChunkCodec, dtype: torch.dtype, tokens: int) -> None:
     kv = kv_like_model(dtype, tokens)
     encoded, out = round_trip(codec, kv)
     assert len(encoded) == codec.max_encoded_size(kv.shape, dtype)
@@ -107,7 +109,7 @@ def test_lossy_codecs_stay_within_their_error_bound(codec: lmplug.ChunkCodec, dt
 
 
 @pytest.mark.parametrize("codec", LOSSY, ids=codec_id)
-def test_zero_groups_are_exact_and_constant_groups_within_bound(codec: lmplug.ChunkCodec) -> None:
+def test_zero_groups_are_exact_and_constant_groups_within_bound(codec: ChunkCodec) -> None:
     kv = torch.zeros(2, 2, 3, 128, dtype=torch.bfloat16)
     kv[1, 0, 1, :64] = 3.5  # constant groups: their values land next to the largest code
     kv[1, 1, 2, 64:] = -0.25
@@ -119,7 +121,7 @@ def test_zero_groups_are_exact_and_constant_groups_within_bound(codec: lmplug.Ch
 
 @pytest.mark.parametrize("codec", LOSSY, ids=codec_id)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_values_at_the_dtype_limit_do_not_overflow(codec: lmplug.ChunkCodec, dtype: torch.dtype) -> None:
+def test_values_at_the_dtype_limit_do_not_overflow(codec: ChunkCodec, dtype: torch.dtype) -> None:
     limit = torch.finfo(dtype).max
     kv = torch.full((2, 1, 1, 64), limit, dtype=dtype)
     kv[0, 0, 0, 1::2] = -limit
@@ -130,7 +132,7 @@ def test_values_at_the_dtype_limit_do_not_overflow(codec: lmplug.ChunkCodec, dty
 
 
 @pytest.mark.parametrize("codec", LOSSY, ids=codec_id)
-def test_lossy_codecs_decode_non_finite_values_as_nan(codec: lmplug.ChunkCodec) -> None:
+def test_lossy_codecs_decode_non_finite_values_as_nan(codec: ChunkCodec) -> None:
     kv = kv_like_model(torch.float32, 4)
     kv[0, 0, 0, 3] = torch.inf
     kv[0, 1, 2, 70] = -torch.inf
@@ -153,7 +155,7 @@ def test_fp8_decoding_matches_torchs_float8_cast_for_every_code() -> None:
 
 
 @pytest.mark.parametrize("codec", LOSSLESS, ids=codec_id)
-def test_lossless_codecs_keep_non_finite_values(codec: lmplug.ChunkCodec) -> None:
+def test_lossless_codecs_keep_non_finite_values(codec: ChunkCodec) -> None:
     kv = kv_like_model(torch.bfloat16, 4)
     kv[0, 0, 0, :3] = torch.tensor([torch.inf, -torch.inf, torch.nan])
     _, out = round_trip(codec, kv)
@@ -164,7 +166,7 @@ def test_lossless_codecs_keep_non_finite_values(codec: lmplug.ChunkCodec) -> Non
 
 
 @pytest.mark.parametrize("codec", CODECS, ids=codec_id)
-def test_truncated_input_is_corrupt(codec: lmplug.ChunkCodec) -> None:
+def test_truncated_input_is_corrupt(codec: ChunkCodec) -> None:
     kv = kv_like_model(torch.bfloat16, 8)
     encoded = bytes(codec.encode(kv))
     for keep in (0, 10, CodecHeader.SIZE - 1, CodecHeader.SIZE, len(encoded) // 2, len(encoded) - 1):
@@ -175,7 +177,7 @@ def test_truncated_input_is_corrupt(codec: lmplug.ChunkCodec) -> None:
 
 
 @pytest.mark.parametrize("codec", CODECS, ids=codec_id)
-def test_any_damaged_header_byte_is_corrupt(codec: lmplug.ChunkCodec) -> None:
+def test_any_damaged_header_byte_is_corrupt(codec: ChunkCodec) -> None:
     kv = kv_like_model(torch.float16, 4)
     encoded = bytearray(codec.encode(kv))
     for index in range(CodecHeader.SIZE):
@@ -186,7 +188,7 @@ def test_any_damaged_header_byte_is_corrupt(codec: lmplug.ChunkCodec) -> None:
 
 
 @pytest.mark.parametrize("codec", CODECS, ids=codec_id)
-def test_another_shape_or_dtype_is_corrupt(codec: lmplug.ChunkCodec) -> None:
+def test_another_shape_or_dtype_is_corrupt(codec: ChunkCodec) -> None:
     kv = kv_like_model(torch.bfloat16, 8)
     encoded = codec.encode(kv)
     for out in (
@@ -199,9 +201,9 @@ def test_another_shape_or_dtype_is_corrupt(codec: lmplug.ChunkCodec) -> None:
 
 
 @pytest.mark.parametrize("reader", CODECS, ids=codec_id)
-def test_another_codecs_bytes_are_corrupt(reader: lmplug.ChunkCodec) -> None:
+def test_another_codecs_bytes_are_corrupt(reader: lmplug.tierkit.ChunkCodec) -> None:
     kv = kv_like_model(torch.bfloat16, 8)
-    for writer in [*default_codecs(), lmplug.RawCodec()]:
+    for writer in [*default_codecs(), lmplug.tierkit.RawCodec()]:
         if writer.name == reader.name:
             continue
         with pytest.raises(lmplug.CorruptChunk):
@@ -218,7 +220,7 @@ def reheader(encoded: bytes, payload: bytes) -> memoryview:
 
 
 @pytest.mark.parametrize("codec", LOSSLESS, ids=codec_id)
-def test_compressed_payload_that_does_not_decompress_is_corrupt(codec: lmplug.ChunkCodec) -> None:
+def test_compressed_payload_that_does_not_decompress_is_corrupt(codec: ChunkCodec) -> None:
     kv = kv_like_model(torch.bfloat16, 8)
     encoded = bytes(codec.encode(kv))
     payload = encoded[CodecHeader.SIZE :]
@@ -229,7 +231,7 @@ def test_compressed_payload_that_does_not_decompress_is_corrupt(codec: lmplug.Ch
 
 @pytest.mark.parametrize("codec", LOSSY, ids=codec_id)
 @pytest.mark.parametrize("scale", [0.0, float("inf"), float("nan"), -1.0])
-def test_invalid_scales_are_corrupt(codec: lmplug.ChunkCodec, scale: float) -> None:
+def test_invalid_scales_are_corrupt(codec: ChunkCodec, scale: float) -> None:
     kv = kv_like_model(torch.bfloat16, 2)
     encoded = bytearray(codec.encode(kv))
     encoded[CodecHeader.SIZE + 10 : CodecHeader.SIZE + 12] = (
@@ -240,7 +242,7 @@ def test_invalid_scales_are_corrupt(codec: lmplug.ChunkCodec, scale: float) -> N
 
 
 @pytest.mark.parametrize("codec", LOSSY, ids=codec_id)
-def test_lossy_codecs_refuse_non_float_kv_at_configuration(codec: lmplug.ChunkCodec) -> None:
+def test_lossy_codecs_refuse_non_float_kv_at_configuration(codec: ChunkCodec) -> None:
     with pytest.raises(lmplug.ConfigError, match="quantizes"):
         codec.max_encoded_size(torch.Size([2, 1, 16, 64]), torch.float8_e4m3fn)
 
@@ -268,7 +270,7 @@ PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[Healt
 
 @PROPERTY
 @given(array=kv_arrays(any_floats), dtype=st.sampled_from(DTYPES), codec=st.sampled_from(LOSSLESS))
-def test_lossless_round_trip_property(array: Any, dtype: torch.dtype, codec: lmplug.ChunkCodec) -> None:
+def test_lossless_round_trip_property(array: Any, dtype: torch.dtype, codec: ChunkCodec) -> None:
     kv = torch.from_numpy(array).to(dtype)
     _, out = round_trip(codec, kv)
     assert torch.equal(out.view(torch.uint8), kv.view(torch.uint8))
@@ -276,7 +278,7 @@ def test_lossless_round_trip_property(array: Any, dtype: torch.dtype, codec: lmp
 
 @PROPERTY
 @given(array=kv_arrays(any_floats), dtype=st.sampled_from(DTYPES), codec=st.sampled_from(LOSSY))
-def test_lossy_round_trip_property(array: Any, dtype: torch.dtype, codec: lmplug.ChunkCodec) -> None:
+def test_lossy_round_trip_property(array: Any, dtype: torch.dtype, codec: ChunkCodec) -> None:
     kv = torch.from_numpy(array).to(dtype)  # float16 overflows to inf: the non-finite policy applies
     _, out = round_trip(codec, kv)
     finite = torch.isfinite(kv)
@@ -292,7 +294,7 @@ def test_lossy_round_trip_property(array: Any, dtype: torch.dtype, codec: lmplug
     cut=st.integers(0, 1 << 20),
     flip=st.integers(0, CodecHeader.SIZE - 1),
 )
-def test_damaged_input_never_decodes_property(array: Any, codec: lmplug.ChunkCodec, cut: int, flip: int) -> None:
+def test_damaged_input_never_decodes_property(array: Any, codec: ChunkCodec, cut: int, flip: int) -> None:
     kv = torch.from_numpy(array).to(torch.bfloat16)
     encoded = bytes(codec.encode(kv))
     with pytest.raises(lmplug.CorruptChunk):

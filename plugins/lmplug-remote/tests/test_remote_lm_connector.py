@@ -16,7 +16,8 @@ import pytest
 
 import lmplug
 from lmplug.testing import free_port
-from lmplug_remote.lm_connector import LmConnector, LmOptions
+from lmplug_remote.lm import LmOptions
+from lmplug_remote.lm.connector import LmConnector
 from lmplug_server.protocol import Limits
 from lmplug_server.server import LmServer, ServerConfig
 from lmplug_server.testing import LM_TOKEN, LmServerProcess

@@ -17,7 +17,8 @@ import torch
 
 import lmplug
 from lmplug.testing import make_config, reference_kv
-from lmplug_remote.lm_connector import LmConnector, LmOptions
+from lmplug_remote.lm import LmOptions
+from lmplug_remote.lm.connector import LmConnector
 from lmplug_server import protocol
 from lmplug_server.protocol import ItemStatus, Op
 from lmplug_server.testing import LmServerProcess, ServerFactory

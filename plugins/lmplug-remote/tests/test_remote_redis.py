@@ -13,7 +13,8 @@ import torch
 
 import lmplug
 from lmplug.testing import TierConformance, reference_kv
-from lmplug_remote.redis_connector import RedisConnector, RedisOptions
+from lmplug_remote.redis import RedisOptions
+from lmplug_remote.redis.connector import RedisConnector
 
 from redis_servers import RedisClusterServers, RedisServer
 from remote_testing import remote_tier, two_tier_config

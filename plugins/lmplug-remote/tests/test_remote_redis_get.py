@@ -9,7 +9,8 @@ import pytest
 import redis
 
 import lmplug
-from lmplug_remote.redis_connector import RedisConnector, RedisOptions
+from lmplug_remote.redis import RedisOptions
+from lmplug_remote.redis.connector import RedisConnector
 
 from redis_servers import RedisClusterServers, RedisServer, StallingProxy
 

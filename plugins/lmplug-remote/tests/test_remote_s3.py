@@ -13,7 +13,8 @@ import torch
 
 import lmplug
 from lmplug.testing import make_config, reference_kv
-from lmplug_remote.s3_connector import MiB, S3Connector, S3Options
+from lmplug_remote.s3.connector import S3Connector
+from lmplug_remote.s3.options import MiB, S3Options
 
 from remote_testing import remote_tier
 from s3_servers import S3_BUCKET, SeaweedS3

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import lmplug
+import lmplug.tierkit
 from lmplug.testing import make_config, reference_kv
 
 from remote_testing import STORES, dict_host, remote_tier, two_tier_config
@@ -126,7 +127,7 @@ async def test_another_codec_misses(url: str) -> None:
         await cache.store(tokens, reference_kv(tokens, cache.config.model_dump()))
         await remote_tier(cache).drain()
     host = dict_host()
-    host.codecs["other"] = type("Other", (lmplug.RawCodec,), {"name": "other"})()
+    host.codecs["other"] = type("Other", (lmplug.tierkit.RawCodec,), {"name": "other"})()
     async with lmplug.open_cache(two_tier_config(url, codec="other"), plugins=host) as cache:
         assert await cache.lookup(tokens) == 0
 

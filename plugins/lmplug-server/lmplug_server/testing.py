@@ -88,13 +88,17 @@ class LmServerProcess:
         if self.process is not None:
             raise RuntimeError("already running")
         self._log = self.log_path.open("a")
-        process = subprocess.Popen(
-            [*self.command, "--host", "127.0.0.1", "--port", str(self.port), *self.arguments],
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            text=True,
-            env=self.env,
-        )
+        try:
+            process = subprocess.Popen(
+                [*self.command, "--host", "127.0.0.1", "--port", str(self.port), *self.arguments],
+                stdout=subprocess.PIPE,
+                stderr=self._log,
+                text=True,
+                env=self.env,
+            )
+        except BaseException:
+            self._close()
+            raise
         self.process = process
         assert process.stdout is not None
         line: list[str] = []

@@ -24,26 +24,17 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import anyio
-from pydantic import Field, PositiveInt
 
-from lmplug import ConfigError, CorruptChunk, Duration, RemoteConnector, RemoteScheme, StrictModel, TierUnavailable
+from lmplug import ConfigError, CorruptChunk, TierUnavailable
+from lmplug.tierkit import RemoteConnector
+from lmplug_remote.lm.options import LmOptions
 from lmplug_server import DEFAULT_PORT, TOKEN_ENV, protocol
 from lmplug_server.protocol import ERROR_OPCODE, ITEM, ItemStatus, Limits, Op, ProtocolError, Reply
 from lmplug_server.sockio import recv_exactly, recv_exactly_into, send_buffers
 
-__all__ = ["SCHEME", "LmConnector", "LmOptions"]
+__all__ = ["LmConnector"]
 
 _MAX_TTL_MS = 0xFFFF_FFFF
-
-
-class LmOptions(StrictModel):
-    """Options of an ``lm://`` remote tier's ``connector:`` section."""
-
-    auth_token: str | None = Field(
-        default=None, description=f"Token the server requires (default: ${TOKEN_ENV}; none if unset)."
-    )
-    connections: PositiveInt = Field(default=8, description="Connections kept open; more calls at once wait for one.")
-    connect_timeout: Duration = Field(default=2.0, gt=0, description="Limit of opening one connection (and AUTH).")
 
 
 class _Connection:
@@ -383,6 +374,3 @@ async def _reply_items(sock: socket.socket, op: Op, request_id: int, count: int,
     table = bytearray(header.body_length)
     await recv_exactly(sock, memoryview(table))
     return protocol.parse_reply_items(table, count)
-
-
-SCHEME = RemoteScheme(("lm",), LmOptions, LmConnector, "lmplug-server (lmplug's own store), pooled TCP, zero-copy")
