@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lmplug.errors import KVShapeError
-from lmplug.integrations.vllm.paged import Slots, layout_for
+from lmplug.integrations.vllm.paged import PagedLayout, Placement, Slots, layout_for
 
 HEADS, DIM, BLOCK, BLOCKS, LAYERS = 2, 4, 8, 6, 3
 
@@ -38,13 +38,25 @@ def make_layers(name: str, device: str = "cpu") -> list[torch.Tensor]:
     return layers
 
 
+def gather(layout: PagedLayout, layers: list[torch.Tensor], slots: Slots, out: torch.Tensor) -> None:
+    """Every layer's KV of ``slots`` into ``out`` ``[2, layers, n, hidden]``."""
+    for index, layer in enumerate(layers):
+        layout.gather_layer(layer, slots, out[:, index])
+
+
+def scatter(layout: PagedLayout, layers: list[torch.Tensor], slots: Slots, kv: torch.Tensor) -> None:
+    """``kv`` ``[2, layers, n, hidden]`` into the slots of every layer."""
+    for index, layer in enumerate(layers):
+        layout.scatter_layer(layer, slots, kv[:, index])
+
+
 @pytest.mark.parametrize("name", ["cpu", "flash", "flashinfer"])
 def test_gather_matches_the_layout_definition(name: str) -> None:
     layout = layout_for(name, HEADS, DIM, BLOCK)
     layers = make_layers(name)
     slot_list = [13, 8, 47, 9, 30, 31, 0]  # out of order, across blocks
     out = torch.empty(2, LAYERS, len(slot_list), HEADS * DIM, dtype=torch.bfloat16)
-    layout.gather(layers, Slots.of(torch.tensor(slot_list), BLOCK, torch.device("cpu")), out)
+    gather(layout, layers, Slots.of(torch.tensor(slot_list), BLOCK, torch.device("cpu")), out)
     for index, layer in enumerate(layers):
         for token, slot in enumerate(slot_list):
             k, v = naive_get(name, layer, slot)
@@ -60,7 +72,7 @@ def test_scatter_writes_only_the_given_slots(name: str) -> None:
     slot_list = [17, 3, 40, 41]
     kv = torch.randn(2, LAYERS, len(slot_list), HEADS * DIM).to(torch.bfloat16)
     slots = Slots.of(torch.tensor(slot_list), BLOCK, torch.device("cpu"))
-    layout.scatter(layers, slots, kv)
+    scatter(layout, layers, slots, kv)
     for index, layer in enumerate(layers):
         for token, slot in enumerate(slot_list):
             k, v = naive_get(name, layer, slot)
@@ -73,17 +85,46 @@ def test_scatter_writes_only_the_given_slots(name: str) -> None:
                 for a, b in zip(naive_get(name, layer, slot), naive_get(name, before[index], slot), strict=True)
             )
     out = torch.empty_like(kv)
-    layout.gather(layers, slots, out)
+    gather(layout, layers, slots, out)
+    assert torch.equal(out, kv)
+
+
+@pytest.mark.parametrize("name", ["cpu", "flash", "flashinfer"])
+@pytest.mark.parametrize(
+    ("block_ids", "start", "end"),
+    [
+        ([2, 3, 4, 5], 0, 4 * BLOCK),  # consecutive whole blocks: one slice
+        ([5, 1, 3, 0], 0, 4 * BLOCK),  # scattered whole blocks: an index tensor
+        ([4, 0, 5, 2], 3, 3 * BLOCK + 5),  # odd tokens before and after the whole blocks
+        ([1, 3], BLOCK + 2, BLOCK + 7),  # inside one block: no whole block at all
+    ],
+)
+def test_placed_copies_match_slot_by_slot_copies(name: str, block_ids: list[int], start: int, end: int) -> None:
+    """The block-wise copies the worker uses put each token where its slot says, and read it back."""
+    layout = layout_for(name, HEADS, DIM, BLOCK)
+    layers = make_layers(name)
+    expected = [layer.clone() for layer in layers]
+    cpu = torch.device("cpu")
+    placement = Placement.of(block_ids, start, end, BLOCK, cpu)
+    positions = torch.arange(start, end)
+    slots = Slots.of(torch.tensor(block_ids)[positions // BLOCK] * BLOCK + positions % BLOCK, BLOCK, cpu)
+    kv = torch.randn(2, LAYERS, end - start, HEADS * DIM).to(torch.bfloat16)
+    for index, layer in enumerate(layers):
+        layout.scatter_placed(layer, placement, kv[:, index])
+    scatter(layout, expected, slots, kv)
+    assert all(torch.equal(a, b) for a, b in zip(layers, expected, strict=True))
+    out = torch.empty_like(kv)
+    for index, layer in enumerate(layers):
+        layout.gather_placed(layer, placement, out[:, index])
     assert torch.equal(out, kv)
 
 
 def test_cpu_layout_refuses_a_layer_it_would_have_to_copy() -> None:
     layout = layout_for("cpu", HEADS, DIM, BLOCK)
     layer = torch.randn(BLOCKS, HEADS, 2 * DIM, BLOCK).transpose(2, 3)  # right shape, non-viewable strides
+    slot = Slots.of(torch.tensor([1]), BLOCK, torch.device("cpu"))
     with pytest.raises(RuntimeError):
-        layout.scatter(
-            [layer], Slots.of(torch.tensor([1]), BLOCK, torch.device("cpu")), torch.zeros(2, 1, 1, HEADS * DIM)
-        )
+        layout.scatter_layer(layer, slot, torch.zeros(2, 1, HEADS * DIM))
 
 
 def test_check_names_the_expected_shape() -> None:
@@ -103,8 +144,8 @@ def test_cuda_round_trip(name: str) -> None:
     layers = make_layers(name, device="cuda")
     slots = Slots.of(torch.tensor([5, 22, 23, 40]), BLOCK, torch.device("cuda"))
     kv = torch.randn(2, LAYERS, 4, HEADS * DIM, device="cuda").to(torch.bfloat16)
-    layout.scatter(layers, slots, kv)
+    scatter(layout, layers, slots, kv)
     out = torch.empty_like(kv)
-    layout.gather(layers, slots, out)
+    gather(layout, layers, slots, out)
     torch.cuda.synchronize()
     assert torch.equal(out, kv)

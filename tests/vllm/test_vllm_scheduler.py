@@ -70,7 +70,7 @@ def test_load_then_save_only_what_was_computed() -> None:
     new = SimpleNamespace(
         req_id="a", prompt_token_ids=req.prompt_token_ids, block_ids=([7, 8, 9],), num_computed_tokens=2 * CHUNK
     )
-    plan = side.build(step([new], scheduled={"a": 3 * CHUNK + 3}))
+    plan = side.build_step_plan(step([new], scheduled={"a": 3 * CHUNK + 3}))
     (load,) = plan.loads
     assert (load.request_id, load.start, load.end, load.block_ids) == ("a", 0, 2 * CHUNK, [7, 8, 9])
     (save,) = plan.saves
@@ -82,7 +82,7 @@ def test_vllms_own_prefix_hit_makes_the_lease_unneeded() -> None:
     side, _ = planner(hit=2 * CHUNK)
     req = request("a", 4 * CHUNK)
     assert side.num_new_matched_tokens(req, 2 * CHUNK) == 0  # vLLM already has those tokens
-    assert side.build(step()).releases == ["a"]
+    assert side.build_step_plan(step()).releases == ["a"]
 
 
 def test_chunked_prefill_saves_step_by_step_and_block_lists_grow() -> None:
@@ -91,12 +91,12 @@ def test_chunked_prefill_saves_step_by_step_and_block_lists_grow() -> None:
     assert side.num_new_matched_tokens(req, 0) == 0
     side.after_alloc(req, [1], 0)
     new = SimpleNamespace(req_id="a", prompt_token_ids=req.prompt_token_ids, block_ids=([1],), num_computed_tokens=0)
-    first = side.build(step([new], scheduled={"a": CHUNK + 5}))
+    first = side.build_step_plan(step([new], scheduled={"a": CHUNK + 5}))
     assert [(s.start, s.end) for s in first.saves] == [(0, CHUNK)]
     cached = SimpleNamespace(
         req_ids=["a"], resumed_req_ids=set(), new_block_ids=[([2],)], num_computed_tokens=[CHUNK + 5]
     )
-    second = side.build(step(cached=cached, scheduled={"a": 3 * CHUNK - 5}))
+    second = side.build_step_plan(step(cached=cached, scheduled={"a": 3 * CHUNK - 5}))
     (save,) = second.saves
     assert (save.start, save.end, save.block_ids) == (CHUNK, 4 * CHUNK, [1, 2])
 
@@ -107,7 +107,7 @@ def test_a_resumed_request_gets_its_new_blocks() -> None:
     side.num_new_matched_tokens(req, 0)
     side.after_alloc(req, [4], 0)
     cached = SimpleNamespace(req_ids=["a"], resumed_req_ids={"a"}, new_block_ids=[([9],)], num_computed_tokens=[0])
-    (save,) = side.build(step(cached=cached, scheduled={"a": 2 * CHUNK})).saves
+    (save,) = side.build_step_plan(step(cached=cached, scheduled={"a": 2 * CHUNK})).saves
     assert save.block_ids == [9]
 
 
@@ -118,7 +118,7 @@ def test_finished_and_aborted_requests_release_their_lease() -> None:
     assert side.finished(req, []) is False  # aborted before allocation: nothing to save
     # Released at once over the lookup channel: no later step may come to carry it.
     assert lookup.released == ["a"]
-    assert side.build(step()).releases == []
+    assert side.build_step_plan(step()).releases == []
 
 
 def test_a_pending_lookup_asks_vllm_to_ask_again() -> None:
@@ -146,13 +146,14 @@ def test_a_finished_request_saves_the_rest_of_its_prompt_and_its_answer() -> Non
     assert side.num_new_matched_tokens(req, 0) == 0
     side.after_alloc(req, [1, 2], 0)
     new = SimpleNamespace(req_id="a", prompt_token_ids=req.prompt_token_ids, block_ids=([1, 2],), num_computed_tokens=0)
-    assert [(s.start, s.end) for s in side.build(step([new], scheduled={"a": 2 * CHUNK + 5})).saves] == [(0, 2 * CHUNK)]
+    plan = side.build_step_plan(step([new], scheduled={"a": 2 * CHUNK + 5}))
+    assert [(s.start, s.end) for s in plan.saves] == [(0, 2 * CHUNK)]
     req.num_computed_tokens = 2 * CHUNK + 5 + 19  # the last answer token was sampled, never fed
     assert side.finished(req, [1, 2, 3, 4]) is True  # vLLM keeps the blocks for one more step
     # A new turn of the same conversation waits one step for that save.
     follow_up = request("b", 4 * CHUNK)
     assert side.num_new_matched_tokens(follow_up, 0) is None
-    plan = side.build(step())
+    plan = side.build_step_plan(step())
     (save,) = plan.saves
     assert (save.start, save.end, save.block_ids) == (2 * CHUNK, 2 * CHUNK + 24, [1, 2, 3, 4])
     assert save.tokens == req.all_token_ids[:-1]
@@ -176,5 +177,5 @@ def test_a_load_starts_where_vllms_own_prefix_hit_ends() -> None:
     req = request("a", 5 * CHUNK, computed=0)  # as vLLM leaves it at allocation time
     assert side.num_new_matched_tokens(req, 2 * CHUNK) == 2 * CHUNK  # vLLM has the first two chunks
     side.after_alloc(req, [1, 2, 3, 4, 5], 2 * CHUNK)
-    (load,) = side.build(step()).loads
+    (load,) = side.build_step_plan(step()).loads
     assert (load.start, load.end) == (2 * CHUNK, 4 * CHUNK)

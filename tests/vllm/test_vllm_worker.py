@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from lmplug.core.config import load_config
-from lmplug.integrations.vllm.paged import CpuLayout, FlashLayout
-from lmplug.integrations.vllm.scheduler import LoadSpec, SaveSpec, StepPlan
+from lmplug.integrations.vllm.paged import CpuLayout, FlashLayout, Placement
+from lmplug.integrations.vllm.scheduler import Span, StepPlan
 from lmplug.integrations.vllm.worker import WorkerSide
 
 BLOCK = 16
@@ -57,10 +57,22 @@ def names(worker: WorkerSide) -> list[str]:
     return sorted(worker.index, key=worker.index.__getitem__)
 
 
-def read_back(worker: WorkerSide, block_ids: list[int], count: int) -> torch.Tensor:
+def write_kv(worker: WorkerSide, block_ids: list[int], kv: torch.Tensor) -> None:
+    """Put ``kv`` ``[2, layers, n, hidden]`` into vLLM's blocks, as its forward would have computed it."""
     assert worker.layout is not None
-    out = torch.empty(2, LAYERS, count, HEADS * DIM)
-    worker.layout.gather(worker.layers, worker._slots(block_ids, 0, count), out)
+    placement = Placement.of(block_ids, 0, kv.shape[2], BLOCK, worker.layers[0].device)
+    for index, layer in enumerate(worker.layers):
+        worker.layout.scatter_placed(layer, placement, kv[:, index])
+
+
+def read_back(worker: WorkerSide, block_ids: list[int], count: int) -> torch.Tensor:
+    """The KV of the first ``count`` tokens in ``block_ids``, ``[2, layers, count, hidden]``."""
+    assert worker.layout is not None
+    device = worker.layers[0].device
+    out = torch.empty(2, LAYERS, count, HEADS * DIM, device=device)
+    placement = Placement.of(block_ids, 0, count, BLOCK, device)
+    for index, layer in enumerate(worker.layers):
+        worker.layout.gather_placed(layer, placement, out[:, index])
     return out
 
 
@@ -68,22 +80,23 @@ def test_saves_gather_layer_by_layer_and_loads_land_layer_by_layer(worker: Worke
     tokens = list(range(100, 100 + 3 * CHUNK))
     blocks = [7, 3, 11, 20, 1, 5]
     kv = torch.randn(2, LAYERS, len(tokens), HEADS * DIM)
-    assert worker.layout is not None
-    worker.layout.scatter(worker.layers, worker._slots(blocks, 0, len(tokens)), kv)
+    write_kv(worker, blocks, kv)
     with torch.inference_mode():
-        plan = StepPlan(saves=[SaveSpec("a", tokens, blocks, 0, len(tokens))])
+        plan = StepPlan(saves=[Span("a", tokens, blocks, 0, len(tokens))])
         for name in names(worker):  # attention finishes with each layer in turn
             worker.save_layer(name, plan)
         worker.save(plan)
     assert worker.cache.lookup(tokens) == len(tokens)
     assert worker.transfers.saved_bytes == kv.numel() * 4
+    statistics = worker.cache.run_sync(worker.server.statistics)  # what the lookup socket serves
+    assert statistics["transfers"]["saved_bytes"] == kv.numel() * 4  # type: ignore[index]
 
     for layer in worker.layers:
         layer.zero_()
     other = [30, 31, 32, 33, 34]
     assert lease(worker, "b", tokens[: 2 * CHUNK]) == 2 * CHUNK
     with torch.inference_mode():
-        plan = StepPlan(loads=[LoadSpec("b", tokens[: 2 * CHUNK], other, 0, 2 * CHUNK)])
+        plan = StepPlan(loads=[Span("b", tokens[: 2 * CHUNK], other, 0, 2 * CHUNK)])
         worker.start_load(plan)
         first = names(worker)[0]
         worker.wait_for_layer(first)
@@ -103,7 +116,7 @@ def test_layers_vllm_never_asked_for_are_recomputed(worker: WorkerSide) -> None:
     worker.cache.store(tokens, torch.randn(2, LAYERS, CHUNK, HEADS * DIM))
     assert lease(worker, "c", tokens) == CHUNK
     with torch.inference_mode():
-        worker.start_load(StepPlan(loads=[LoadSpec("c", tokens, [4, 9], 0, CHUNK)]))
+        worker.start_load(StepPlan(loads=[Span("c", tokens, [4, 9], 0, CHUNK)]))
         worker.wait_for_layer(names(worker)[0])  # the other layers never ask
         worker.save(StepPlan())
     assert worker.take_failed_blocks() == {4, 9}
@@ -114,7 +127,7 @@ def test_undelivered_promises_are_reported(worker: WorkerSide) -> None:
     worker.cache.store(tokens[:CHUNK], torch.randn(2, LAYERS, CHUNK, HEADS * DIM))
     assert lease(worker, "d", tokens) == CHUNK
     with torch.inference_mode():
-        worker.start_load(StepPlan(loads=[LoadSpec("d", tokens, [1, 2, 3, 4], 0, 2 * CHUNK)]))
+        worker.start_load(StepPlan(loads=[Span("d", tokens, [1, 2, 3, 4], 0, 2 * CHUNK)]))
         for name in names(worker):
             worker.wait_for_layer(name)
         worker.save(StepPlan())
@@ -129,7 +142,7 @@ def test_a_miss_leaves_vllms_kv_untouched(worker: WorkerSide) -> None:
     tokens = list(range(3000, 3000 + 2 * CHUNK))
     assert lease(worker, "e", tokens) == 0
     with torch.inference_mode():
-        worker.start_load(StepPlan(loads=[LoadSpec("e", tokens, [1, 2, 3, 4], 0, 2 * CHUNK)]))
+        worker.start_load(StepPlan(loads=[Span("e", tokens, [1, 2, 3, 4], 0, 2 * CHUNK)]))
         for name in names(worker):
             worker.wait_for_layer(name)
         worker.save(StepPlan())
@@ -143,18 +156,17 @@ def test_a_partial_tail_saved_at_finish_is_loaded_into_scattered_blocks(worker: 
     tokens = list(range(4000, 4000 + CHUNK + 21))  # one chunk and 21 tokens: 3 whole blocks and 5 tokens
     kv = torch.randn(2, LAYERS, len(tokens), HEADS * DIM)
     blocks = [5, 6, 7, 8]
-    assert worker.layout is not None
-    worker.layout.scatter(worker.layers, worker._slots(blocks, 0, len(tokens)), kv)
+    write_kv(worker, blocks, kv)
     with torch.inference_mode():
         worker.start_load(StepPlan())
-        plan = StepPlan(saves=[SaveSpec("f", tokens, blocks, 0, len(tokens))], finished=["f"])
+        plan = StepPlan(saves=[Span("f", tokens, blocks, 0, len(tokens))], finished=["f"])
         worker.save(plan)
     assert worker.take_finished_saves() == {"f"}
     longer = [*tokens, 1, 2, 3]
     assert lease(worker, "g", longer) == len(tokens)
     other = [30, 12, 31, 2]
     with torch.inference_mode():
-        worker.start_load(StepPlan(loads=[LoadSpec("g", longer[: len(tokens)], other, 0, len(tokens))]))
+        worker.start_load(StepPlan(loads=[Span("g", longer[: len(tokens)], other, 0, len(tokens))]))
         for name in names(worker):
             worker.wait_for_layer(name)
         worker.save(StepPlan())
@@ -185,7 +197,7 @@ def test_a_disk_only_stack_loads_through_the_lease(tmp_path: object, monkeypatch
         assert lease(side, "a", tokens) == len(tokens)
         blocks = list(range(10, 15))
         with torch.inference_mode():
-            side.start_load(StepPlan(loads=[LoadSpec("a", tokens, blocks, 0, len(tokens))]))
+            side.start_load(StepPlan(loads=[Span("a", tokens, blocks, 0, len(tokens))]))
             for name in names(side):
                 side.wait_for_layer(name)
             side.save(StepPlan())
@@ -223,10 +235,10 @@ def test_cuda_blocks_save_and_load_through_the_side_stream(tmp_path: object, mon
         with torch.inference_mode():
             for name, tokens, blocks in (("a", first, [1, 2, 3]), ("b", second, [5, 6, 7, 8])):
                 kv = torch.randn(2, LAYERS, len(tokens), HEADS * DIM, device="cuda")
-                layout.scatter(side.layers, side._slots(blocks, 0, len(tokens)), kv)
+                write_kv(side, blocks, kv)
                 kvs[name] = kv
                 side.start_load(StepPlan())
-                side.save(StepPlan(saves=[SaveSpec(name, tokens, blocks, 0, len(tokens))], finished=[name]))
+                side.save(StepPlan(saves=[Span(name, tokens, blocks, 0, len(tokens))], finished=[name]))
             side.wait_saves()
         for layer in side.layers:
             layer.zero_()
@@ -234,8 +246,8 @@ def test_cuda_blocks_save_and_load_through_the_side_stream(tmp_path: object, mon
         assert lease(side, "d", [*second, 1]) == len(second)
         with torch.inference_mode():
             loads = [
-                LoadSpec("c", first, [20, 22, 21], 0, len(first)),
-                LoadSpec("d", second, [30, 9, 31, 33], 0, len(second)),
+                Span("c", first, [20, 22, 21], 0, len(first)),
+                Span("d", second, [30, 9, 31, 33], 0, len(second)),
             ]
             side.start_load(StepPlan(loads=loads))
             for name in names(side):
@@ -243,9 +255,7 @@ def test_cuda_blocks_save_and_load_through_the_side_stream(tmp_path: object, mon
             torch.cuda.synchronize()
             side.save(StepPlan())
         for blocks, tokens, kv in (([20, 22, 21], first, kvs["a"]), ([30, 9, 31, 33], second, kvs["b"])):
-            out = torch.empty(2, LAYERS, len(tokens), HEADS * DIM, device="cuda")
-            layout.gather(side.layers, side._slots(blocks, 0, len(tokens)), out)
-            assert torch.equal(out, kv)
+            assert torch.equal(read_back(side, blocks, len(tokens)), kv)
         assert side.take_failed_blocks() == set()
     finally:
         side.close()

@@ -85,7 +85,7 @@ class LMPlugConnector(KVConnectorBase_V1):
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         assert self._scheduler is not None
-        return LMPlugMetadata(self._scheduler.build(scheduler_output))
+        return LMPlugMetadata(self._scheduler.build_step_plan(scheduler_output))
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         assert self._scheduler is not None

@@ -276,7 +276,7 @@ class LookupClient:
         self.path = path
         self.timeout = timeout
         self._socket: socket.socket | None = None
-        self._warned_at = -1e9
+        self._warnings = ThrottledLog(logger)
         self._last_micros = 0
 
     def lookup(self, request_id: str, tokens: list[int]) -> int | None:
@@ -304,10 +304,7 @@ class LookupClient:
             return int(hit)
         except OSError as exc:
             self.close()
-            now = time.monotonic()
-            if now - self._warned_at > 60:
-                self._warned_at = now
-                logger.warning("lmplug lookup channel failed (%s); treating it as a miss", exc)
+            self._warnings.report(type(exc).__name__, "lmplug lookup channel failed (%s); treating it as a miss", exc)
             return 0
 
     def statistics(self) -> dict[str, object]:

@@ -113,22 +113,12 @@ class PagedLayout(abc.ABC):
     def _num_blocks(self, layer: torch.Tensor) -> int:
         return int(layer.shape[0])
 
-    def gather(self, layers: Sequence[torch.Tensor], slots: Slots, out: torch.Tensor) -> None:
-        """Copy the KV of ``slots`` from every layer into ``out`` ``[2, layers, n, kv_heads*head_size]``."""
-        for index, layer in enumerate(layers):
-            self.gather_layer(layer, slots, out[:, index])
-
     def gather_layer(self, layer: torch.Tensor, slots: Slots, out: torch.Tensor) -> None:
         """Copy the KV of ``slots`` from one layer into ``out`` ``[2, n, kv_heads*head_size]``."""
         hidden = self.num_kv_heads * self.head_size
         k, v = self._k_v(layer, slots)
         out[0].copy_(k.reshape(len(slots), hidden), non_blocking=True)
         out[1].copy_(v.reshape(len(slots), hidden), non_blocking=True)
-
-    def scatter(self, layers: Sequence[torch.Tensor], slots: Slots, kv: torch.Tensor) -> None:
-        """Write ``kv`` ``[2, layers, n, kv_heads*head_size]`` into the slots of every layer."""
-        for index, layer in enumerate(layers):
-            self.scatter_layer(layer, slots, kv[:, index])
 
     def scatter_layer(self, layer: torch.Tensor, slots: Slots, kv: torch.Tensor) -> None:
         """Write ``kv`` ``[2, n, kv_heads*head_size]`` (on the layer's device) into the slots of one layer."""

@@ -18,19 +18,12 @@ class Lookups(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
-class LoadSpec:
-    """Load KV for tokens ``[start, end)`` of ``tokens`` into the request's blocks."""
+class Span:
+    """The KV of tokens ``[start, end)`` of ``tokens``, in the request's blocks ``block_ids``.
 
-    request_id: str
-    tokens: list[int]
-    block_ids: list[int]
-    start: int
-    end: int
-
-
-@dataclass(frozen=True, slots=True)
-class SaveSpec:
-    """Store the KV of tokens ``[start, end)`` (chunk-aligned ``start``) from the request's blocks."""
+    A load writes it into those blocks; a save reads it out of them (a save's ``start`` is
+    chunk-aligned).
+    """
 
     request_id: str
     tokens: list[int]
@@ -43,8 +36,8 @@ class SaveSpec:
 class StepPlan:
     """What the worker does in one step (the connector metadata's payload)."""
 
-    loads: list[LoadSpec] = field(default_factory=list)
-    saves: list[SaveSpec] = field(default_factory=list)
+    loads: list[Span] = field(default_factory=list)
+    saves: list[Span] = field(default_factory=list)
     releases: list[str] = field(default_factory=list)
     finished: list[str] = field(default_factory=list)
     """Requests whose last save is in ``saves``: vLLM keeps their blocks until the worker reports
@@ -107,7 +100,7 @@ class SchedulerSide:
         start, hit = self._hits.pop(request_id, (0, 0))
         if num_external_tokens > 0 and hit:
             end = start + num_external_tokens
-            self._plan.loads.append(LoadSpec(request_id, tokens[:end], list(block_ids), start, end))
+            self._plan.loads.append(Span(request_id, tokens[:end], list(block_ids), start, end))
             saved = end - end % self.chunk_size
         else:
             if hit:
@@ -115,7 +108,8 @@ class SchedulerSide:
             saved = 0
         self._requests[request_id] = _Request(tokens, list(block_ids), saved)
 
-    def build(self, scheduler_output: Any) -> StepPlan:
+    def build_step_plan(self, scheduler_output: Any) -> StepPlan:
+        """This step's plan: what was planned since the last step, and saves of the prompt chunks it computes."""
         for new in scheduler_output.scheduled_new_reqs:
             state = self._requests.get(new.req_id)
             if state is None:
@@ -142,7 +136,7 @@ class SchedulerSide:
         end = done - done % self.chunk_size
         if end > state.saved:
             start = state.saved - state.saved % self.chunk_size
-            self._plan.saves.append(SaveSpec(request_id, state.tokens[:end], list(state.block_ids), start, end))
+            self._plan.saves.append(Span(request_id, state.tokens[:end], list(state.block_ids), start, end))
             state.saved = end
 
     def finished(self, request: Any, block_ids: Sequence[int]) -> bool:
@@ -165,6 +159,6 @@ class SchedulerSide:
         if computed <= state.saved:
             return False
         start = state.saved - state.saved % self.chunk_size
-        self._plan.saves.append(SaveSpec(request_id, all_tokens[:computed], list(block_ids), start, computed))
+        self._plan.saves.append(Span(request_id, all_tokens[:computed], list(block_ids), start, computed))
         self._plan.finished.append(request_id)
         return True

@@ -19,8 +19,8 @@ from lmplug.core.memory import KVChunk, empty_kv
 from lmplug.core.sync import SyncCache
 from lmplug.integrations.vllm.copier import Copier
 from lmplug.integrations.vllm.lookup import LookupServer, socket_path
-from lmplug.integrations.vllm.paged import PagedLayout, Placement, Slots, layout_for
-from lmplug.integrations.vllm.scheduler import LoadSpec, SaveSpec, StepPlan
+from lmplug.integrations.vllm.paged import PagedLayout, Placement, layout_for
+from lmplug.integrations.vllm.scheduler import Span, StepPlan
 
 logger = logging.getLogger("lmplug.vllm")
 _LAYER_NUMBER = re.compile(r"\.(\d+)\.")
@@ -47,7 +47,8 @@ class TransferCounters:
     """Time the step waited for its saves after the forward."""
 
     def statistics(self) -> dict[str, object]:
-        return {"transfers": dataclasses.asdict(self)}
+        """The counters, by name."""
+        return dataclasses.asdict(self)
 
 
 @dataclass(slots=True)
@@ -88,7 +89,9 @@ class WorkerSide:
         self.cache = SyncCache(config)
         self.cache.open()
         self.transfers = TransferCounters()
-        self.server = LookupServer(self.cache.cache, socket_path(engine_id, rank), self.transfers.statistics)
+        self.server = LookupServer(
+            self.cache.cache, socket_path(engine_id, rank), lambda: {"transfers": self.transfers.statistics()}
+        )
         self.cache.start_background(self.server.serve)
         self.layers: list[torch.Tensor] = []
         self.index: dict[str, int] = {}
@@ -101,7 +104,7 @@ class WorkerSide:
         self._taken: _Taken | None = None
         self._stream: torch.cuda.Stream | None = None
         self._events: list[torch.cuda.Event] = []
-        self._saves: list[tuple[SaveSpec, Placement, torch.Tensor]] | None = None
+        self._saves: list[tuple[Span, Placement, torch.Tensor]] | None = None
         self._saved: list[bool] = []
         self._warned_unloaded = False
         self._buffers: dict[str, torch.Tensor] = {}
@@ -127,12 +130,6 @@ class WorkerSide:
         elif first.device.type == "cpu":
             self._copier = Copier()
         logger.info("lmplug: %d KV layers in vLLM's %r layout", len(self.layers), name)
-
-    def _slots(self, block_ids: list[int], start: int, end: int) -> Slots:
-        device = self.layers[0].device
-        positions = torch.arange(start, end, dtype=torch.int64)
-        blocks = torch.tensor(block_ids, dtype=torch.int64)[positions // self.block_size]
-        return Slots.of(blocks * self.block_size + positions % self.block_size, self.block_size, device)
 
     def _placement(self, block_ids: Sequence[int], start: int, end: int) -> Placement:
         return Placement.of(block_ids, start, end, self.block_size, self.layers[0].device)
@@ -188,7 +185,7 @@ class WorkerSide:
             taken.tokens[spec.request_id] = sum(chunk.num_tokens for chunk in chunks)
         return taken
 
-    def _plan_load(self, spec: LoadSpec, staging: torch.Tensor | None) -> None:
+    def _plan_load(self, spec: Span, staging: torch.Tensor | None) -> None:
         """Place the leased chunks covering ``[spec.start, spec.end)`` (through ``staging``, this
         request's part of a device buffer, on CUDA); report what the lease lacks."""
         assert self._taken is not None
@@ -301,7 +298,7 @@ class WorkerSide:
 
     # ------------------------------------------------------------------ saves
 
-    def _save_buffers(self, plan: StepPlan) -> list[tuple[SaveSpec, Placement, torch.Tensor]]:
+    def _save_buffers(self, plan: StepPlan) -> list[tuple[Span, Placement, torch.Tensor]]:
         if self._saves is None:
             self.wait_saves()  # the staging buffer is free once the last step's store read it
             staging = self._staging("save", sum(spec.end - spec.start for spec in plan.saves))
@@ -326,7 +323,7 @@ class WorkerSide:
         else:
             self._gather(position, saves)
 
-    def _gather(self, position: int, saves: list[tuple[SaveSpec, Placement, torch.Tensor]]) -> None:
+    def _gather(self, position: int, saves: list[tuple[Span, Placement, torch.Tensor]]) -> None:
         """Copy layer ``position``'s new KV out of vLLM's blocks (on the copy thread on the CPU)."""
         assert self.layout is not None
         started = time.perf_counter()
@@ -373,7 +370,7 @@ class WorkerSide:
         self.transfers.saved_bytes += sum(kv.numel() * kv.element_size() for _, kv in stored)
         self.transfers.save_wait_seconds += time.perf_counter() - started
 
-    async def _store_all(self, saves: list[tuple[SaveSpec, torch.Tensor]], taken: _Taken | None) -> None:
+    async def _store_all(self, saves: list[tuple[Span, torch.Tensor]], taken: _Taken | None) -> None:
         if taken is not None:
             self._let_go(taken)
         started = time.perf_counter()
