@@ -16,5 +16,14 @@ from __future__ import annotations
 from lmplug.testing.conformance import TierConformance
 from lmplug.testing.kv import make_config, reference_kv
 from lmplug.testing.net import free_port
+from lmplug.testing.readme import PLUGIN_README_HEADINGS, assert_readme_documents, readme_headings
 
-__all__ = ["TierConformance", "free_port", "make_config", "reference_kv"]
+__all__ = [
+    "PLUGIN_README_HEADINGS",
+    "TierConformance",
+    "assert_readme_documents",
+    "free_port",
+    "make_config",
+    "readme_headings",
+    "reference_kv",
+]

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
+from lmplug.testing import assert_readme_documents
 from lmplug_cpu import CpuTierConfig
+
+README = Path(__file__).parents[1] / "README.md"
 
 
 def test_readme_documents_every_option() -> None:
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    documented = set(re.findall(r"^\| `(\w+)` \|", readme, re.MULTILINE))
-    assert documented == set(CpuTierConfig.model_fields)
+    assert_readme_documents(README, CpuTierConfig, section="Configuration")

@@ -1,0 +1,15 @@
+"""The README's configuration table mirrors the config model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lmplug_example import ExampleTierConfig
+
+from lmplug.testing import assert_readme_documents
+
+README = Path(__file__).parents[1] / "README.md"
+
+
+def test_readme_documents_every_option() -> None:
+    assert_readme_documents(README, ExampleTierConfig, section="Configuration")
