@@ -36,7 +36,6 @@ Target: store and retrieve each at >= 0.7x the raw client. ``--quick``: 2 MiB ch
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -62,6 +61,7 @@ from benchmarks.tier_cases import (
     store_case,
     thread_case,
 )
+from lmplug.testing import free_port
 from lmplug_remote.tier import RemoteTier
 
 NAME = "remote_redis"
@@ -75,12 +75,6 @@ SAMPLE_BYTES_QUICK = 8 * MiB
 # ---------------------------------------------------------------------------- the server
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @contextmanager
 def _redis_server() -> Iterator[int]:
     """A redis-server on a free loopback port, in memory only, stopped on exit; yields the port."""
@@ -88,7 +82,7 @@ def _redis_server() -> Iterator[int]:
     if binary is None:
         raise RuntimeError("redis-server is needed (apt-get install redis-server)")
     directory = Path(tempfile.mkdtemp(prefix="lmplug-bench-redis-"))
-    port = _free_port()
+    port = free_port()
     arguments = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
     process = subprocess.Popen([*arguments, "--dir", str(directory)], stdout=subprocess.DEVNULL)
     try:

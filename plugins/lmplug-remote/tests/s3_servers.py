@@ -13,7 +13,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from lmplug.testing import free_port
 
 __all__ = ["s3_server", "s3_url"]
 
@@ -53,12 +54,6 @@ def find_weed() -> str | None:
     return shutil.which("weed")
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 class SeaweedS3:
     """One ``weed mini`` process; :meth:`start` again after :meth:`kill` reuses its ports and data."""
 
@@ -68,7 +63,7 @@ class SeaweedS3:
         self.data = directory / "data"
         self.data.mkdir(parents=True, exist_ok=True)
         self.log_path = directory / "weed.log"
-        self.ports = {name: _free_port() for name in _PORTS}
+        self.ports = {name: free_port() for name in _PORTS}
         self.endpoint_url = f"http://127.0.0.1:{self.ports['s3.port']}"
         self.process: subprocess.Popen[bytes] | None = None
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import lmplug
-from lmplug.testing import TierConformance, reference_kv
+from lmplug.testing import reference_kv
 from lmplug_remote.redis import RedisOptions
 from lmplug_remote.redis.connector import RedisConnector
 
@@ -24,20 +24,6 @@ CHUNK = 16
 
 def prompt(seed: int, tokens: int) -> list[int]:
     return [(seed * 7919 + i * 31) % 30_000 for i in range(tokens)]
-
-
-class TestRedisTierConformance(TierConformance):
-    @pytest.fixture
-    def tier_entry(self, redis_server: RedisServer) -> dict[str, Any]:
-        redis_server.flush()  # the asyncio and trio runs of a test store the same chunks
-        return {"type": "remote", "url": redis_server.url}
-
-
-class TestRedisClusterTierConformance(TierConformance):
-    @pytest.fixture
-    def tier_entry(self, redis_cluster: RedisClusterServers) -> dict[str, Any]:
-        redis_cluster.flush()
-        return {"type": "remote", "url": redis_cluster.url}
 
 
 @pytest.fixture(params=["single", "cluster"])

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import lmplug
-from lmplug.testing import make_config, reference_kv
+from lmplug.testing import free_port, make_config, reference_kv
 
 REDIS = shutil.which("redis-server")
 OPENSSL = shutil.which("openssl")
@@ -38,9 +38,7 @@ def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, P
     (folder / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
     _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
              "-days", "1", "-extfile", "san.ext", "-out", "server.crt", cwd=folder)  # fmt: skip
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     process = subprocess.Popen(
         [str(REDIS), "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--save", "",
          "--appendonly", "no", "--dir", str(folder), "--tls-cert-file", "server.crt", "--tls-key-file",

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import lmplug
-from lmplug.testing import make_config, reference_kv
+from lmplug.testing import free_port, make_config, reference_kv
 from lmplug_remote.s3.connector import S3Connector
 from lmplug_remote.s3.options import MiB, S3Options
 
@@ -158,11 +158,7 @@ async def test_an_unreachable_endpoint_names_the_cause() -> None:
     with anyio.fail_after(30):
         async with anyio.create_task_group():
             pass
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # nothing listens here
     options = S3Options(
         endpoint_url=f"http://127.0.0.1:{port}", access_key_id="a", secret_access_key="b", max_attempts=1
     )

@@ -206,6 +206,21 @@ async def test_evict_deletes_from_the_store(url: str) -> None:
         assert STORES[url.removeprefix("dict://")] == {}
 
 
+async def test_evict_counts_only_the_entries_it_dropped(url: str) -> None:
+    config = two_tier_config(url)
+    tokens = prompt(11, 2 * CHUNK)
+    async with lmplug.open_cache(config, plugins=dict_host()) as cache:
+        await cache.store(tokens, reference_kv(tokens, config))
+        tier = remote_tier(cache)
+        await tier.drain()
+        store = STORES[url.removeprefix("dict://")]
+        assert len(store) == 2
+        del store[min(store)]  # another engine evicted one of the two already
+        await cache.evict(tokens)
+        assert store == {}
+        assert tier.statistics().evictions == 1
+
+
 async def test_write_skips_what_the_store_holds(url: str) -> None:
     config = two_tier_config(url)
     tokens = prompt(10, 2 * CHUNK)
