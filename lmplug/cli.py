@@ -33,12 +33,20 @@ def _plugins(host: PluginHost, args: argparse.Namespace) -> int:
             continue
         if info.tier_types:
             print(f"    tier types: {', '.join(info.tier_types)}")
+            _summaries({name: host.tier_types[name].summary for name in info.tier_types})
         if info.remote_schemes:
             print(f"    remote schemes: {', '.join(info.remote_schemes)}")
+            _summaries({scheme: host.remote_schemes[scheme].summary for scheme in info.remote_schemes})
         if info.codecs:
             print(f"    codecs: {', '.join(info.codecs)}")
         print(f"    hooks: {', '.join(info.hooks)}")
     return 0
+
+
+def _summaries(summaries: dict[str, str]) -> None:
+    for name, summary in summaries.items():
+        if summary:
+            print(f"      {name}: {summary}")
 
 
 def _config_check(host: PluginHost, args: argparse.Namespace) -> int:

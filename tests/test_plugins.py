@@ -33,7 +33,7 @@ def test_entry_point_plugins_are_found_with_their_distribution(third_party_plugi
 async def test_a_third_party_tier_composes_into_a_stack(third_party_plugins: Path) -> None:
     config = make_config([{"type": "cpu", "capacity": "1MiB"}, {"type": "memo", "name": "shared", "latency": "1ms"}])
     async with lmplug.open_cache(config) as cache:
-        assert cache.pipeline.names == ("cpu", "shared")
+        assert [slot.name for slot in cache.pipeline.slots] == ["cpu", "shared"]
         tokens = list(range(40))
         await cache.store(tokens, reference_kv(tokens, config))
         memo = cache.pipeline.slots[1].tier
@@ -303,6 +303,7 @@ def test_cli_lists_plugins_versions_and_hooks(plugin_site: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "cpu  (lmplug-cpu 0.1.0)" in result.stdout
     assert "tier types: memo" in result.stdout
+    assert "      cpu: " in result.stdout  # each tier type's summary
     assert "lmplug_register_commands" in result.stdout
     assert "FAILED TO LOAD: ImportError: libbroken.so.1" in result.stdout
 

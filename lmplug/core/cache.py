@@ -82,7 +82,7 @@ class Cache:
                 self.layout,
                 self.keymaker.fingerprint,
                 self._report_evicted,
-                self._tier_failed,
+                self._report_tier_failure,
                 stack,
             )
             self.allocator: ChunkAllocator = self.pipeline.allocator
@@ -133,7 +133,7 @@ class Cache:
     def _candidates(self, array: np.ndarray) -> tuple[list[ChunkKey], list[int]]:
         """The keys a read of ``array`` tries first, and their token counts: every full chunk,
         plus the trailing partial chunk as it stands (when partial chunks are kept)."""
-        keys = self.keymaker.chunk_keys(array)
+        keys = self.keymaker.keys_of_canonical(array)
         return keys, self._token_counts(array.size, len(keys))
 
     def _partials_at(self, array: np.ndarray, keys: Sequence[ChunkKey], position: int) -> list[tuple[ChunkKey, int]]:
@@ -229,7 +229,7 @@ class Cache:
         if start < 0 or start % size or start > array.size:
             raise InvalidInputError(f"start={start} must be a multiple of chunk_size {size} within the tokens")
         kv = self.layout.check(kv, array.size - start)
-        keys = self.keymaker.chunk_keys(array)
+        keys = self.keymaker.keys_of_canonical(array)
         first = start // size
         if len(keys) <= first:
             return min(len(keys) * size, array.size)
@@ -364,7 +364,7 @@ class Cache:
         """
         self._check_open()
         array = canonical_tokens(tokens)
-        keys = self.keymaker.chunk_keys(array)
+        keys = self.keymaker.keys_of_canonical(array)
         full = array.size // self.config.chunk_size
         for position in range(full + 1):
             keys += [key for key, _ in self._partials_at(array, keys[:full], position) if key not in keys]
@@ -396,7 +396,7 @@ class Cache:
         self.metrics.counts.expired_leases += 1
         logger.info("lease %d over %d tokens expired and was released", lease.lease_id, lease.num_tokens)
 
-    def _tier_failed(self, tier: str, operation: str, exc: BaseException) -> None:
+    def _report_tier_failure(self, tier: str, operation: str, exc: BaseException) -> None:
         self.metrics.tier_errors[tier, operation] += 1
         self._warnings.report(
             (tier, operation, type(exc)),

@@ -17,7 +17,7 @@ from lmplug.core.config import LmplugConfig, TierConfig, config_error
 from lmplug.core.keys import ChunkKey
 from lmplug.core.layout import KVLayout
 from lmplug.core.memory import ChunkAllocator, HeapAllocator
-from lmplug.core.pipeline import ErrorSink, Pipeline, TierSlot, bind_tier
+from lmplug.core.pipeline import FailureReport, Pipeline, TierSlot, bind_tier
 from lmplug.core.tier import Capability, Registries, Tier, TierContext, TierType
 from lmplug.errors import LmplugError, PluginContractError, PluginError
 
@@ -97,7 +97,7 @@ async def compose(
     layout: KVLayout,
     fingerprint: bytes,
     report_evicted: Callable[[str, Sequence[ChunkKey]], None],
-    on_error: ErrorSink,
+    report_failure: FailureReport,
     stack: AsyncExitStack,
 ) -> Pipeline:
     """Build and open the configured tiers (``stack`` closes them) and bind them into a pipeline.
@@ -115,4 +115,4 @@ async def compose(
     allocator: ChunkAllocator = next((found for found in provided if found is not None), None) or HeapAllocator(layout)
     for slot in slots:
         slot.tier.context.bind_allocator(allocator)
-    return Pipeline(slots, layout, on_error, allocator)
+    return Pipeline(slots, layout, report_failure, allocator)

@@ -13,7 +13,6 @@ import array as _array
 import json
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import blake3
@@ -31,21 +30,13 @@ _INT32_MAX = 2**31 - 1
 
 
 class ChunkKey(bytes):
-    """A 24-byte key: 8 bytes of compatibility fingerprint, then a 16-byte chained digest.
+    """A 24-byte key: 8 bytes of compatibility fingerprint (model, layout, rank, chunk size,
+    hash: :attr:`KeyMaker.fingerprint`), then a 16-byte chained digest.
 
-    It is ``bytes`` so that it hashes and compares at C speed; :attr:`fingerprint` lets a
-    shared store group or clear keys by model and layout.
+    It is ``bytes`` so that it hashes and compares at C speed.
     """
 
     __slots__ = ()
-
-    @property
-    def fingerprint(self) -> bytes:
-        return bytes(self[:FINGERPRINT_BYTES])
-
-    @property
-    def digest(self) -> bytes:
-        return bytes(self[FINGERPRINT_BYTES:])
 
     def __str__(self) -> str:
         return self.hex()
@@ -114,19 +105,6 @@ def canonical_tokens(tokens: object) -> np.ndarray:
     return np.ascontiguousarray(array.astype("<i4") if wide else array)
 
 
-@dataclass(frozen=True, slots=True)
-class ChunkSpan:
-    """Chunk ``index`` covers tokens ``[start, end)``."""
-
-    index: int
-    start: int
-    end: int
-
-    @property
-    def num_tokens(self) -> int:
-        return self.end - self.start
-
-
 class KeyMaker:
     """Turns token sequences into chunk keys for one cache configuration."""
 
@@ -156,26 +134,22 @@ class KeyMaker:
         full, rest = divmod(num_tokens, self.chunk_size)
         return full + (1 if rest and self.save_partial_chunks else 0)
 
-    def span(self, index: int, num_tokens: int) -> ChunkSpan:
-        start = index * self.chunk_size
-        return ChunkSpan(index, start, min(start + self.chunk_size, num_tokens))
-
     def keys(self, tokens: object, limit: int | None = None) -> list[ChunkKey]:
         """Keys of the chunks of ``tokens`` (full chunks, plus a partial one if configured).
 
         ``limit`` stops after that many keys (the chain makes later keys depend on earlier ones,
         never the other way round).
         """
-        return self.chunk_keys(canonical_tokens(tokens), limit)
+        return self.keys_of_canonical(canonical_tokens(tokens), limit)
 
     def key_after(self, previous: bytes, array: np.ndarray) -> ChunkKey:
         """The key of a chunk holding ``array`` (canonical tokens, possibly fewer than a full
         chunk) that follows the chunk keyed ``previous`` (``b""``: the first chunk). Equal to
-        what :meth:`chunk_keys` yields for the same chunk in place."""
+        what :meth:`keys_of_canonical` yields for the same chunk in place."""
         digest = previous[FINGERPRINT_BYTES:] if previous else self.root
         return ChunkKey(self.fingerprint + self._chain(digest, array.data.cast("B")))
 
-    def chunk_keys(self, array: np.ndarray, limit: int | None = None) -> list[ChunkKey]:
+    def keys_of_canonical(self, array: np.ndarray, limit: int | None = None) -> list[ChunkKey]:
         """:meth:`keys` for an array that :func:`canonical_tokens` already produced."""
         count = self.num_chunks(array.size)
         if limit is not None:

@@ -14,7 +14,7 @@ pipeline instead checks each tier against the hook contract once, at start-up
 - store: **write-all**: every tier is offered every chunk, in order;
 - evict: every tier (or the named ones) drops the keys.
 
-A tier that raises is reported through ``on_error`` and treated as a miss (retrieve,
+A tier that raises is reported through ``report_failure`` and treated as a miss (retrieve,
 contains) or a skipped write (store, transfer): the engine keeps serving.
 """
 
@@ -37,9 +37,10 @@ from lmplug.core.transfer import copy_from_chunks
 from lmplug.errors import CorruptChunk, PluginContractError
 from lmplug.hooks.specs import DATA_PATH_HOOKS, OPTIONAL_DATA_PATH_HOOKS, make_plugin_manager
 
-logger = logging.getLogger("lmplug.dispatch")
+logger = logging.getLogger("lmplug.pipeline")
 
-ErrorSink = Callable[[str, str, BaseException], None]
+FailureReport = Callable[[str, str, BaseException], None]
+"""Called with (tier name, operation, exception) for each tier call that failed and degraded."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,20 +99,16 @@ class Pipeline:
     """The configured tiers, in order, with the dispatch semantics of the data-path hooks."""
 
     def __init__(
-        self, slots: Sequence[TierSlot], layout: KVLayout, on_error: ErrorSink, allocator: ChunkAllocator
+        self, slots: Sequence[TierSlot], layout: KVLayout, report_failure: FailureReport, allocator: ChunkAllocator
     ) -> None:
         self.slots = tuple(slots)
         self.layout = layout
         self.allocator = allocator
         """Where chunks are allocated: the first tier's pool when it provides one, else the heap."""
-        self._on_error = on_error
+        self._report_failure_to = report_failure
 
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(slot.name for slot in self.slots)
-
-    def _failed(self, slot: TierSlot, operation: str, exc: BaseException) -> None:
-        self._on_error(slot.name, operation, exc)
+    def _report_failure(self, slot: TierSlot, operation: str, exc: BaseException) -> None:
+        self._report_failure_to(slot.name, operation, exc)
 
     async def _waterfall(self, total: int, serve: Callable[[int, TierSlot, int], Awaitable[int]]) -> int:
         """Ask the tiers in order to serve keys from the first one not yet served, until all
@@ -143,7 +140,7 @@ class Pipeline:
             try:
                 found = await slot.contains(keys[position:] if position else keys)
             except Exception as exc:
-                self._failed(slot, "contains", exc)
+                self._report_failure(slot, "contains", exc)
                 return 0
             return min(max(found, 0), total - position)
 
@@ -165,7 +162,7 @@ class Pipeline:
             try:
                 held = min(held, await slot.contains(keys[:held]))
             except Exception as exc:
-                self._failed(slot, "contains", exc)
+                self._report_failure(slot, "contains", exc)
                 return 0
             if held == 0:
                 break
@@ -254,7 +251,7 @@ class Pipeline:
         try:
             chunks = await slot.retrieve(wanted)
         except Exception as exc:
-            self._failed(slot, "retrieve", exc)
+            self._report_failure(slot, "retrieve", exc)
             return []
         chunks = self._valid_prefix(slot, chunks, token_counts, position)
         if not chunks:
@@ -284,10 +281,10 @@ class Pipeline:
         try:
             served = await into(keys, out)
         except Exception as exc:
-            self._failed(slot, "retrieve", exc)
+            self._report_failure(slot, "retrieve", exc)
             return 0
         if not isinstance(served, int) or not 0 <= served <= len(keys):
-            self._failed(
+            self._report_failure(
                 slot,
                 "retrieve",
                 PluginContractError(
@@ -308,7 +305,7 @@ class Pipeline:
             tensor = chunk.tensor
             if expected < 0 or tensor.dtype != layout.dtype or tuple(tensor.shape) != layout.shape(expected):
                 if expected >= 0:
-                    self._failed(
+                    self._report_failure(
                         slot,
                         "retrieve",
                         CorruptChunk(
@@ -326,7 +323,7 @@ class Pipeline:
             try:
                 await slot.transfer(keys, chunks, source)
             except Exception as exc:
-                self._failed(slot, "transfer", exc)
+                self._report_failure(slot, "transfer", exc)
 
     async def store(self, keys: Sequence[ChunkKey], chunks: Sequence[KVChunk]) -> None:
         """Offer chunks to every tier, in order (write-all)."""
@@ -334,7 +331,7 @@ class Pipeline:
             try:
                 await slot.store(keys, chunks)
             except Exception as exc:
-                self._failed(slot, "store", exc)
+                self._report_failure(slot, "store", exc)
 
     async def evict(self, keys: Sequence[ChunkKey], tiers: Collection[str] | None = None) -> dict[str, int]:
         """Drop keys from every tier (or the named ones); how many each dropped."""
@@ -345,6 +342,6 @@ class Pipeline:
             try:
                 dropped[slot.name] = await slot.evict(keys)
             except Exception as exc:
-                self._failed(slot, "evict", exc)
+                self._report_failure(slot, "evict", exc)
                 dropped[slot.name] = 0
         return dropped
