@@ -8,8 +8,8 @@ and this one. A test (``tests/test_exports.py``) holds every plugin in ``plugins
 - **Tiers:** :class:`Tier`, :class:`TierType`, :class:`TierContext`, :class:`TierStatistics`,
   :class:`Capability`; slow tiers start from :class:`WriteBehindTier` (a bounded write-behind
   queue, counters, ``drain`` and statistics); :func:`leading` counts the leading keys a tier holds.
-- **Data:** :class:`ChunkKey`, :class:`KVChunk`, :class:`KVLayout`, :class:`ChunkAllocator`,
-  :class:`KVBytes`, :func:`aligned_empty`, :data:`IO_ALIGNMENT`.
+- **Data:** :class:`ChunkKey`, :class:`KVChunk`, :class:`KVLayout`, :class:`ChunkAllocator` (and its
+  :class:`AllocatorStatistics`), :class:`KVBytes`, :func:`aligned_empty`, :data:`IO_ALIGNMENT`.
 - **Bytes on disk or the wire:** :class:`ChunkHeader` (:data:`HEADER`), :func:`payload_checksum`,
   :func:`parts_checksum`, :func:`slice_parts`.
 - **Remote stores:** :class:`RemoteConnector`, :class:`RemoteScheme`, :class:`ChunkCodec`,
