@@ -49,6 +49,7 @@ if ! command -v redis-server >/dev/null 2>&1; then
 fi
 editables=(-e ".[dev]")
 for plugin in plugins/*/; do
+  case "$plugin" in plugins/_*) continue ;; esac  # plugins/_template is a template, not a plugin
   # a plugin's optional connectors and codecs too, where it declares an [all] extra
   if grep -q '^all *=' "$plugin/pyproject.toml"; then
     editables+=(-e "${plugin%/}[all]")
