@@ -121,7 +121,12 @@ def config_error(error: ValidationError, *, prefix: str = "", source: str = "") 
     lines = []
     for item in error.errors(include_url=False):
         path = format_location(tuple(item["loc"]), prefix)
-        message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif item["type"] == "value_error" and "error" in item.get("ctx", {}):
+            message = str(item["ctx"]["error"])  # a validator's own words, without pydantic's prefix
+        else:
+            message = item["msg"]
         lines.append(f"  {path}: {message}")
     where = f" in {source}" if source else ""
     return ConfigError(f"invalid lmplug configuration{where}:\n" + "\n".join(lines))

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import anyio
 import torch
-from pydantic import Field, PositiveInt, ValidationError
+from pydantic import Field, PositiveInt, ValidationError, ValidationInfo, model_validator
 
 from lmplug import ConfigError, CorruptChunk, PluginUnavailable, TierUnavailable
 from lmplug.tierkit import (
@@ -72,6 +72,29 @@ class RemoteTierConfig(StrictModel):
     writers: PositiveInt = Field(default=4, description="Chunks written at once.")
     readers: PositiveInt = Field(default=8, description="Chunks read at once.")
     breaker: BreakerConfig = Field(default_factory=BreakerConfig, description="Circuit breaker settings.")
+
+    @model_validator(mode="after")
+    def _check_with_plugins(self, info: ValidationInfo) -> RemoteTierConfig:
+        """With the cache's plugins at hand (``lmplug config check``, start-up), the URL's scheme
+        and the codec must be served and the connector options must be valid for that scheme."""
+        plugins = (info.context or {}).get("plugins")
+        if plugins is None:
+            return self
+        scheme_name = urlsplit(self.url).scheme.lower()
+        if not scheme_name:
+            raise ValueError(f"url {self.url!r} has no scheme (e.g. redis://host:6379)")
+        scheme = plugins.resolve_remote_scheme(scheme_name)  # PluginUnavailable names the schemes there are
+        plugins.resolve_codec(self.codec)
+        try:
+            scheme.config_model.model_validate(self.connector)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"connector.{'.'.join(str(part) for part in error['loc'])}: "
+                f"{'unknown key' if error['type'] == 'extra_forbidden' else error['msg']}"
+                for error in exc.errors(include_url=False)
+            )
+            raise ValueError(f"invalid options of the {scheme_name}:// connector: {problems}") from None
+        return self
 
 
 class RemoteTier(WriteBehindTier):

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 import torch
+import yaml
 
 import lmplug
 import lmplug.tierkit
@@ -243,6 +247,24 @@ def test_connector_options_are_validated() -> None:
     config = two_tier_config("dict://x", connector={"latncy": 1})
     with pytest.raises(lmplug.ConfigError, match=r"connector\.latncy: unknown key"):
         anyio.run(_open, config)
+
+
+def test_config_check_finds_typos_in_connector_options(tmp_path: Path) -> None:
+    """``lmplug config check`` validates a connector's options against its scheme, building nothing."""
+    path = tmp_path / "lmplug.yaml"
+    config = make_config([{"type": "remote", "url": "s3://bucket/kv", "connector": {"pasword": "x"}}])
+    path.write_text(yaml.safe_dump(config))
+    done = subprocess.run(
+        [sys.executable, "-m", "lmplug.cli", "config", "check", str(path)], capture_output=True, text=True, check=False
+    )
+    assert done.returncode != 0
+    assert "tiers[0]: invalid options of the s3:// connector: connector.pasword: unknown key" in done.stderr
+    config["tiers"][0]["connector"] = {"region": "eu-west-1"}
+    path.write_text(yaml.safe_dump(config))
+    checked = subprocess.run(
+        [sys.executable, "-m", "lmplug.cli", "config", "check", str(path)], capture_output=True, text=True, check=False
+    )
+    assert checked.returncode == 0, checked.stderr
 
 
 def test_unknown_codec_is_an_error() -> None:
