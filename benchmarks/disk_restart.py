@@ -90,7 +90,7 @@ def _populate(root: Path, layout: tierkit.KVLayout, fingerprint: bytes, count: i
         (root / f"{shard:02x}").mkdir(parents=True, exist_ok=True)
 
     def contents(key: tierkit.ChunkKey) -> tuple[Path, ChunkHeader, bytes]:
-        header = ChunkHeader.describe(key, layout, CHUNK_TOKENS, checksum)
+        header = ChunkHeader.for_chunk(key, layout, CHUNK_TOKENS, checksum)
         return files.chunk_path(root, key, CHUNK_TOKENS), header, header.pack().ljust(files.BLOCK, b"\0") + padded
 
     path, header, data = contents(keys[0])

@@ -174,7 +174,7 @@ class _FileFloor:
     def _write(self, targets: list[tuple[Path, tierkit.ChunkKey]]) -> None:
         for (path, key), buffer in zip(targets, self.buffers, strict=True):
             payload = buffer.numpy().data.cast("B")
-            header = ChunkHeader.describe(key, self.layout, CHUNK_TOKENS, payload_checksum(payload))
+            header = ChunkHeader.for_chunk(key, self.layout, CHUNK_TOKENS, payload_checksum(payload))
             files.write_chunk_file(path, header, payload, buffer.data_ptr(), direct=True, fsync=False)
 
     def write(self) -> float:

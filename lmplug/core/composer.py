@@ -72,7 +72,7 @@ def build_tier(
         config=config,
         layout=layout,
         fingerprint=fingerprint,
-        report_evicted=report_evicted,
+        _on_evicted=report_evicted,
         plugins=plugins,
     )
     try:

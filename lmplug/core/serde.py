@@ -85,7 +85,8 @@ class ChunkHeader:
     checksum: int
 
     @classmethod
-    def describe(cls, key: ChunkKey, layout: KVLayout, tokens: int, checksum: int) -> ChunkHeader:
+    def for_chunk(cls, key: ChunkKey, layout: KVLayout, tokens: int, checksum: int) -> ChunkHeader:
+        """The header of a chunk of ``tokens`` tokens of ``layout`` stored under ``key``."""
         return cls(
             bytes(key),
             layout.num_layers,

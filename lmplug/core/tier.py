@@ -83,7 +83,8 @@ class TierContext:
     config: LmplugConfig
     layout: KVLayout
     fingerprint: bytes
-    report_evicted: Callable[[str, Sequence[ChunkKey]], None] = field(repr=False)
+    _on_evicted: Callable[[str, Sequence[ChunkKey]], None] = field(repr=False)
+    """The cache's callback: (tier name, keys) the tier dropped."""
     plugins: Registries | None = field(default=None, repr=False)
     """The remote schemes and codecs the cache's plugins offer (for tiers that look them up)."""
     _allocator: ChunkAllocator | None = field(default=None, repr=False)
@@ -99,10 +100,10 @@ class TierContext:
         """Called by the cache once every tier is built and the pipeline's allocator is chosen."""
         self._allocator = allocator
 
-    def evicted(self, keys: Sequence[ChunkKey]) -> None:
+    def report_evicted(self, keys: Sequence[ChunkKey]) -> None:
         """Tell the cache (and ``lmplug_chunks_evicted`` listeners) that this tier dropped ``keys``."""
         if keys:
-            self.report_evicted(self.name, keys)
+            self._on_evicted(self.name, keys)
 
 
 def leading(keys: Sequence[ChunkKey], held: Callable[[ChunkKey], bool]) -> int:

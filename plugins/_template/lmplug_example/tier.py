@@ -68,7 +68,7 @@ class ExampleTier(Tier):
     def _dropped(self, keys: list[ChunkKey]) -> None:
         if keys:
             self._evictions += len(keys)
-            self.context.evicted(keys)  # the cache forgets them too
+            self.context.report_evicted(keys)  # the cache forgets them too
 
     def statistics(self) -> TierStatistics:
         return TierStatistics(

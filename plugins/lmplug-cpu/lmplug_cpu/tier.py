@@ -97,7 +97,7 @@ class CpuTier(Tier):
             chunk = pool.allocate(num_tokens)
         if evicted:
             self._evictions += len(evicted)
-            self.context.evicted(evicted)
+            self.context.report_evicted(evicted)
         return chunk
 
     def _victim(self) -> ChunkKey | None:
@@ -158,7 +158,7 @@ class CpuTier(Tier):
         for key in dropped:
             self._drop(key)
         self._evictions += len(dropped)
-        self.context.evicted(dropped)
+        self.context.report_evicted(dropped)
         return len(dropped)
 
     def statistics(self) -> TierStatistics:

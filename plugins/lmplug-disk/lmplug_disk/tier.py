@@ -305,7 +305,7 @@ class DiskTier(WriteBehindTier):
             self._report("read", f"dropped {path.name}: {failure}")
         else:
             self._report("read", f"cannot read {path}: {failure}")
-        self.context.evicted([key])
+        self.context.report_evicted([key])
 
     @hookimpl
     async def lmplug_store(self, keys: Sequence[ChunkKey], chunks: Sequence[KVChunk]) -> None:
@@ -342,7 +342,7 @@ class DiskTier(WriteBehindTier):
     def _write_file(self, path: Path, key: ChunkKey, chunk: KVChunk, victims: list[Path]) -> None:
         files.remove_files(victims)
         payload = chunk.raw()
-        header = ChunkHeader.describe(key, self.context.layout, chunk.num_tokens, payload_checksum(payload))
+        header = ChunkHeader.for_chunk(key, self.context.layout, chunk.num_tokens, payload_checksum(payload))
         write = files.write_chunk_file
         try:
             write(
@@ -366,7 +366,7 @@ class DiskTier(WriteBehindTier):
             dropped.append(key)
         if dropped:
             self._evictions += len(dropped)
-            self.context.evicted(dropped)
+            self.context.report_evicted(dropped)
         return victims
 
     @hookimpl
@@ -386,7 +386,7 @@ class DiskTier(WriteBehindTier):
             await anyio.to_thread.run_sync(files.remove_files, victims, limiter=self._write_limiter)
         if dropped:
             self._evictions += len(dropped)
-            self.context.evicted(dropped)
+            self.context.report_evicted(dropped)
         return len(dropped)
 
     # ------------------------------------------------------------------ reporting

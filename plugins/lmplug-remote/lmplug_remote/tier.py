@@ -435,7 +435,7 @@ class RemoteTier(WriteBehindTier):
             except Exception as exc:
                 failures.append(exc)
                 continue
-            header = ChunkHeader.describe(key, self.context.layout, chunk.num_tokens, payload_checksum(stored))
+            header = ChunkHeader.for_chunk(key, self.context.layout, chunk.num_tokens, payload_checksum(stored))
             encoded.append((key, [memoryview(header.pack()), stored]))
         return encoded, failures
 
@@ -455,7 +455,7 @@ class RemoteTier(WriteBehindTier):
                     dropped += present
         if dropped:
             self._evictions += len(dropped)
-            self.context.evicted(dropped)
+            self.context.report_evicted(dropped)
         return len(dropped)
 
     # ------------------------------------------------------------------ reporting
