@@ -29,6 +29,8 @@ from lmplug.tierkit import HEADER, ChunkHeader, ChunkKey, KVLayout, parts_checks
 BLOCK = 4096
 _ZEROS = bytes(BLOCK)
 SUFFIX = ".kv"
+KEY_HEX = 48
+"""Hex digits of a chunk key in a file name (24-byte keys)."""
 TEMP_SUFFIX = ".tmp"
 
 
@@ -267,9 +269,8 @@ def scan(root: Path, bytes_per_token: int) -> tuple[list[ChunkKey], list[int]]:
     modification times. Temporary files left by a crash, files whose size does not match
     their name (truncated), and strays are removed. A name is ``<48 hex>.<tokens>.kv``; its
     token count is parsed once per distinct value (nearly every file holds a full chunk), and
-    what is kept per file are plain lists of ints and keys, no tuple the garbage collector
-    would walk again and again: together that keeps the walk within a few times a bare
-    ``scandir`` of the tree.
+    per file only plain lists of ints and keys are kept (no tuple for the garbage collector
+    to walk).
     """
     times: list[int] = []
     keys: list[ChunkKey] = []
@@ -283,8 +284,9 @@ def scan(root: Path, bytes_per_token: int) -> tuple[list[ChunkKey], list[int]]:
         for entry in os.scandir(shard.path):
             name = entry.name
             known = None
-            if len(name) >= 52 and name[48] == "." and name.endswith(SUFFIX):
-                text = name[49:-suffix]
+            # "<key hex>.<tokens>.kv": at least one digit of tokens
+            if len(name) >= KEY_HEX + 2 + suffix and name[KEY_HEX] == "." and name.endswith(SUFFIX):
+                text = name[KEY_HEX + 1 : -suffix]
                 known = counts.get(text)
                 if known is None and text.isdigit():
                     tokens = int(text)
@@ -296,7 +298,7 @@ def scan(root: Path, bytes_per_token: int) -> tuple[list[ChunkKey], list[int]]:
             try:
                 if known is None or info.st_size != known[1] or not stat.S_ISREG(info.st_mode):
                     raise ValueError(name)
-                keys.append(ChunkKey(fromhex(name[:48])))
+                keys.append(ChunkKey(fromhex(name[:KEY_HEX])))
             except ValueError:  # a stray, a crash's temporary file, or a truncated chunk file
                 with contextlib.suppress(OSError):
                     os.unlink(entry.path)
