@@ -67,7 +67,7 @@ def _measure(settings: Settings, backend: Backend) -> list[Result]:
     calls = 100 if settings.quick else 500
     direct = anyio.run(functools.partial(_async_lookups, settings, calls), backend=backend).scaled(1e6)
     with lmplug.SyncCache(CONFIG, backend=backend) as cache:
-        cache.store(TOKENS, _kv(cache.cache.layout))
+        cache.store(TOKENS, _kv(cache.async_cache.layout))
 
         def once() -> None:
             if cache.lookup(TOKENS) != CHUNK_TOKENS:

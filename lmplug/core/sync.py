@@ -82,7 +82,7 @@ class SyncCache:
                 portal_cm.__exit__(None, None, None)
 
     @property
-    def cache(self) -> Cache:
+    def async_cache(self) -> Cache:
         """The underlying async cache (use it only from the portal's loop)."""
         return self._cache
 

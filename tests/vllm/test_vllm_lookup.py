@@ -25,7 +25,7 @@ def test_lookups_lease_until_released(tmp_path: Path, backend: str) -> None:
     tokens = list(range(3 * CHUNK))
     with lmplug.SyncCache(config, backend=backend) as cache:  # type: ignore[arg-type]
         cache.store(tokens, reference_kv(tokens, config))
-        server = LookupServer(cache.cache, path)
+        server = LookupServer(cache.async_cache, path)
         cache.start_background(server.serve)
         client = LookupClient(path, timeout=5)
         assert path.exists()  # start_background returns once the server listens
@@ -82,7 +82,7 @@ def test_a_lower_tier_hit_is_pending_until_promoted_and_never_blocks(tmp_path: P
     path = tmp_path / "lookup.sock"
     tokens = list(range(6 * CHUNK))
     with cpu_and_disk(tmp_path, backend, tokens, in_memory=0) as cache:
-        server = LookupServer(cache.cache, path, wait=0.0)  # answer at once: pending
+        server = LookupServer(cache.async_cache, path, wait=0.0)  # answer at once: pending
         cache.start_background(server.serve)
         client = LookupClient(path, timeout=5)
         assert client.lookup("req", tokens) is None  # being promoted; vLLM asks again next step
@@ -108,7 +108,7 @@ def test_past_the_deadline_a_lookup_answers_what_arrived(tmp_path: Path, backend
     path = tmp_path / "lookup.sock"
     tokens = list(range(4 * CHUNK))
     with cpu_and_disk(tmp_path, backend, tokens, in_memory=2 * CHUNK) as cache:
-        server = LookupServer(cache.cache, path, wait=0.0, deadline=0.05)
+        server = LookupServer(cache.async_cache, path, wait=0.0, deadline=0.05)
         cache.start_background(server.serve)
         client = LookupClient(path, timeout=5)
         started = time.monotonic()

@@ -90,7 +90,7 @@ class WorkerSide:
         self.cache.open()
         self.transfers = TransferCounters()
         self.server = LookupServer(
-            self.cache.cache, socket_path(engine_id, rank), lambda: {"transfers": self.transfers.statistics()}
+            self.cache.async_cache, socket_path(engine_id, rank), lambda: {"transfers": self.transfers.statistics()}
         )
         self.cache.start_background(self.server.serve)
         self.layers: list[torch.Tensor] = []
@@ -376,7 +376,7 @@ class WorkerSide:
         started = time.perf_counter()
         for spec, kv in saves:
             try:
-                await self.cache.cache.store(spec.tokens, kv, start=spec.start)
+                await self.cache.async_cache.store(spec.tokens, kv, start=spec.start)
             except Exception:
                 logger.exception("lmplug save failed; serving continues without it")
         self.transfers.save_seconds += time.perf_counter() - started

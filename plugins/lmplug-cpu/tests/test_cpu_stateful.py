@@ -44,7 +44,7 @@ class CpuTierMachine(RuleBasedStateMachine):
     def _covering(self, tokens: list[int], num_tokens: int) -> list[bytes]:
         """The keys of the chunks that hold ``tokens[:num_tokens]``: whole chunks, then perhaps a
         partial one (a partial chunk stored for a shorter prompt that these tokens extend)."""
-        cache = self.cache.cache
+        cache = self.cache.async_cache
         full, rest = divmod(num_tokens, CHUNK)
         keys: list[bytes] = list(cache.keymaker.keys(tokens[: full * CHUNK]))
         if rest:
@@ -67,7 +67,7 @@ class CpuTierMachine(RuleBasedStateMachine):
     @rule(tokens=prompts)
     def store(self, tokens: list[int]) -> None:
         stored = self.cache.store(tokens, reference_kv(tokens, self.config))
-        keys = self.cache.cache.keys(tokens)
+        keys = self.cache.async_cache.keys(tokens)
         self.stored_keys.update(keys[: -(-stored // CHUNK)])
 
     @rule(tokens=prompts)
@@ -101,21 +101,21 @@ class CpuTierMachine(RuleBasedStateMachine):
 
     @invariant()
     def leased_chunks_stay(self) -> None:
-        tier: Any = self.cache.cache.pipeline.slots[0].tier
+        tier: Any = self.cache.async_cache.pipeline.slots[0].tier
         held = self.cache.run_sync(lambda: set(tier._index))
         for keys in self.pinned.values():
             assert set(keys) <= held
 
     @invariant()
     def books_balance(self) -> None:
-        tier: Any = self.cache.cache.pipeline.slots[0].tier
+        tier: Any = self.cache.async_cache.pipeline.slots[0].tier
         self.cache.run_sync(tier.pool.check)
         stats = self.cache.statistics()
         assert stats.allocator.used_bytes == stats.tiers[0].used_bytes
         assert stats.leases == len(self.pinned)
 
     def teardown(self) -> None:
-        pool = self.cache.cache.pipeline.slots[0].tier.pool  # type: ignore[attr-defined]
+        pool = self.cache.async_cache.pipeline.slots[0].tier.pool  # type: ignore[attr-defined]
         self.cache.close()
         pool.check()
         assert pool.used_bytes == 0
