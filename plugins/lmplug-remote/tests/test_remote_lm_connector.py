@@ -3,12 +3,10 @@ named, auth from options or the environment, dead servers, cancelled calls, bad 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
@@ -19,19 +17,8 @@ from lmplug.testing import free_port
 from lmplug_remote.lm import LmOptions
 from lmplug_remote.lm.connector import LmConnector
 from lmplug_server.protocol import Limits
-from lmplug_server.server import LmServer, ServerConfig
-from lmplug_server.testing import LM_TOKEN, LmServerProcess
-
-
-@contextlib.asynccontextmanager
-async def running(config: ServerConfig) -> AsyncIterator[LmServer]:
-    server = LmServer(config)
-    async with anyio.create_task_group() as group:
-        await group.start(server.serve)
-        try:
-            yield server
-        finally:
-            server.shutdown()
+from lmplug_server.server import ServerConfig
+from lmplug_server.testing import LM_TOKEN, LmServerProcess, serving
 
 
 def value(index: int, size: int) -> bytes:
@@ -41,7 +28,7 @@ def value(index: int, size: int) -> bytes:
 async def test_a_batch_larger_than_one_frame_is_sent_in_several() -> None:
     """put_many (the tier's writers) splits a batch by the server's max_frame and max_keys."""
     limits = Limits(max_keys=3, max_value=3000, max_frame=7000)
-    async with running(ServerConfig(port=0, capacity=1 << 20, limits=limits)) as server:
+    async with serving(ServerConfig(port=0, capacity=1 << 20, limits=limits)) as server:
         assert server.address is not None
         async with LmConnector(f"lm://127.0.0.1:{server.address[1]}", LmOptions()) as client:
             entries = [(f"f{index}", [memoryview(value(index, 2000 + index))]) for index in range(10)]
@@ -57,7 +44,7 @@ async def test_a_batch_larger_than_one_frame_is_sent_in_several() -> None:
 
 
 async def test_a_value_larger_than_the_servers_capacity_is_named() -> None:
-    async with running(ServerConfig(port=0, capacity=1 << 20)) as server:
+    async with serving(ServerConfig(port=0, capacity=1 << 20)) as server:
         assert server.address is not None
         async with LmConnector(f"lm://127.0.0.1:{server.address[1]}", LmOptions()) as client:
             with pytest.raises(lmplug.TierUnavailable, match="larger than the server's whole capacity"):

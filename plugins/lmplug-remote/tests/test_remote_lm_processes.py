@@ -21,7 +21,7 @@ from lmplug_remote.lm import LmOptions
 from lmplug_remote.lm.connector import LmConnector
 from lmplug_server import protocol
 from lmplug_server.protocol import ItemStatus, Op
-from lmplug_server.testing import LmServerProcess, ServerFactory
+from lmplug_server.testing import LmServerProcess, ServerFactory, read_exactly
 
 from remote_testing import remote_tier
 
@@ -90,16 +90,6 @@ def _raw(server: LmServerProcess) -> socket.socket:
     return socket.create_connection(("127.0.0.1", server.port), timeout=30)
 
 
-def _read(sock: socket.socket, size: int) -> bytes:
-    data = bytearray()
-    while len(data) < size:
-        piece = sock.recv(size - len(data))
-        if not piece:
-            raise EOFError(f"closed after {len(data)} of {size} bytes")
-        data += piece
-    return bytes(data)
-
-
 def _reserved(server: LmServerProcess) -> int:
     async def ask() -> int:
         async with LmConnector(server.url, LmOptions()) as client:
@@ -113,7 +103,7 @@ def test_sigterm_finishes_the_request_in_flight_then_exits(lm_servers: ServerFac
     value = bytes(range(256)) * 4096  # 1 MiB
     with _raw(server) as busy, _raw(server) as idle:
         idle.sendall(protocol.encode_simple(Op.HEALTH, 1))
-        assert len(_read(idle, 24)) == 24
+        assert len(read_exactly(idle, 24)) == 24
         busy.sendall(protocol.encode_keyed_request(Op.PUT, 2, [b"in-flight"], [0], [len(value)]))
         busy.sendall(value[:1000])
         deadline = time.monotonic() + 30
@@ -124,7 +114,7 @@ def test_sigterm_finishes_the_request_in_flight_then_exits(lm_servers: ServerFac
         server.process.send_signal(signal.SIGTERM)
         time.sleep(0.2)
         busy.sendall(value[1000:])
-        reply = _read(busy, 24 + 16)
+        reply = read_exactly(busy, 24 + 16)
         assert protocol.parse_reply_items(reply[24:], 1)[0].status is ItemStatus.OK
         assert busy.recv(1) == b""  # then the server closed it
         assert idle.recv(1) == b""  # and the idle one at once

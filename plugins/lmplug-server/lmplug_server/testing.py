@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+import anyio
 import pytest
 
 from lmplug_server import TOKEN_ENV
@@ -47,6 +48,7 @@ from lmplug_server.protocol import (
     parse_reply_header,
     parse_reply_items,
 )
+from lmplug_server.server import LmServer, ServerConfig
 from lmplug_server.sockio import recv_exactly, send_buffers
 
 __all__ = [
@@ -58,6 +60,8 @@ __all__ = [
     "lm_server",
     "lm_servers",
     "lm_url",
+    "read_exactly",
+    "serving",
 ]
 
 LM_TOKEN = "lm-test-token"
@@ -303,3 +307,26 @@ class WireClient:
         request_id = self._next_id()
         await send_buffers(self.sock, [encode_auth(request_id, token)])
         return parse_limits(await self._reply(Op.AUTH, request_id, 0))
+
+
+@contextlib.asynccontextmanager
+async def serving(config: ServerConfig) -> AsyncIterator[LmServer]:
+    """An :class:`LmServer` serving in this event loop (asyncio or trio) until the block ends."""
+    server = LmServer(config)
+    async with anyio.create_task_group() as group:
+        await group.start(server.serve)
+        try:
+            yield server
+        finally:
+            server.shutdown()
+
+
+def read_exactly(sock: socket.socket, size: int) -> bytes:
+    """``size`` bytes from a blocking socket; :class:`EOFError` when the peer closes first."""
+    data = bytearray()
+    while len(data) < size:
+        piece = sock.recv(size - len(data))
+        if not piece:
+            raise EOFError(f"closed after {len(data)} of {size} bytes")
+        data += piece
+    return bytes(data)

@@ -15,7 +15,7 @@ import pytest
 
 from lmplug_server import protocol
 from lmplug_server.protocol import ErrorCode, ItemStatus, Op
-from lmplug_server.testing import LM_TOKEN, LmServerProcess, WireClient
+from lmplug_server.testing import LM_TOKEN, LmServerProcess, WireClient, read_exactly
 
 SENTINEL = os.urandom(100_000)
 
@@ -24,16 +24,6 @@ def raw(server: LmServerProcess) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
-
-
-def read_exactly(sock: socket.socket, size: int) -> bytes:
-    data = bytearray()
-    while len(data) < size:
-        piece = sock.recv(size - len(data))
-        if not piece:
-            raise EOFError(f"closed after {len(data)} of {size} bytes")
-        data += piece
-    return bytes(data)
 
 
 def read_error(sock: socket.socket) -> protocol.ProtocolError:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import urllib.request
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
@@ -16,7 +15,7 @@ import anyio
 from lmplug_server.protocol import ItemStatus, Op
 from lmplug_server.server import LmServer, ServerConfig
 from lmplug_server.store import DiskStore, KVStore
-from lmplug_server.testing import WireClient
+from lmplug_server.testing import WireClient, serving
 
 
 async def put(store: KVStore, key: bytes, value: bytes, ttl: float | None = None) -> bool:
@@ -201,24 +200,13 @@ async def test_the_disk_store_starts_empty(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------- through a server
 
 
-@contextlib.asynccontextmanager
-async def running(config: ServerConfig) -> AsyncIterator[LmServer]:
-    server = LmServer(config)
-    async with anyio.create_task_group() as group:
-        await group.start(server.serve)
-        try:
-            yield server
-        finally:
-            server.shutdown()
-
-
 def client(server: LmServer) -> contextlib.AbstractAsyncContextManager[WireClient]:
     assert server.address is not None
     return WireClient.connect(server.address[1])
 
 
 async def test_lru_eviction_and_capacity_over_the_wire() -> None:
-    async with running(ServerConfig(port=0, capacity=1 << 20)) as server, client(server) as wire:
+    async with serving(ServerConfig(port=0, capacity=1 << 20)) as server, client(server) as wire:
         chunk = 256 << 10
         for index in range(6):
             assert await wire.put(f"k{index}", value(index, chunk)) is ItemStatus.OK
@@ -235,7 +223,7 @@ async def test_lru_eviction_and_capacity_over_the_wire() -> None:
 
 async def test_disk_spill_is_read_back_over_the_wire(tmp_path: Path) -> None:
     config = ServerConfig(port=0, capacity=1 << 20, disk_path=tmp_path, disk_capacity=16 << 20)
-    async with running(config) as server, client(server) as wire:
+    async with serving(config) as server, client(server) as wire:
         chunk = 300_000
         for index in range(10):
             assert await wire.put(f"k{index}", value(index, chunk)) is ItemStatus.OK
@@ -247,7 +235,7 @@ async def test_disk_spill_is_read_back_over_the_wire(tmp_path: Path) -> None:
 
 
 async def test_ttl_and_batched_requests_over_the_wire() -> None:
-    async with running(ServerConfig(port=0, capacity=1 << 20)) as server, client(server) as wire:
+    async with serving(ServerConfig(port=0, capacity=1 << 20)) as server, client(server) as wire:
         entries = [(f"b{index}", value(index, 1000 + index)) for index in range(20)]
         assert await wire.put_many(entries) == [ItemStatus.OK] * 20
         assert await wire.put("short-lived", b"x", ttl_ms=50) is ItemStatus.OK
@@ -259,7 +247,7 @@ async def test_ttl_and_batched_requests_over_the_wire() -> None:
 
 
 async def test_a_get_longer_than_the_client_accepts_is_too_large_with_its_length() -> None:
-    async with running(ServerConfig(port=0, capacity=1 << 20)) as server, client(server) as wire:
+    async with serving(ServerConfig(port=0, capacity=1 << 20)) as server, client(server) as wire:
         await wire.put("long", bytes(5000))
         replies, data = await wire.keyed(Op.GET, ["long"], (), [1000])
         assert [(reply.status, reply.length) for reply in replies] == [(ItemStatus.TOO_LARGE, 5000)]
@@ -267,7 +255,7 @@ async def test_a_get_longer_than_the_client_accepts_is_too_large_with_its_length
 
 
 async def test_metrics_endpoint_counts_operations() -> None:
-    async with running(ServerConfig(port=0, capacity=1 << 20, metrics_port=0)) as server, client(server) as wire:
+    async with serving(ServerConfig(port=0, capacity=1 << 20, metrics_port=0)) as server, client(server) as wire:
         await wire.put("m", b"abc")
         assert await wire.get("m") == b"abc"
         assert await wire.get("nothing") is None
