@@ -668,7 +668,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="chat turns per user before the restart")
     parser.add_argument("--turn-tokens", type=int, default=384, help="length of a chat user's quoted documentation")
     parser.add_argument("--reply-tokens", type=int, default=32, help="most tokens generated per answer")
-    parser.add_argument("--vllm-cache-tokens", type=int, help="cap of vLLM's own KV cache (default: one long prompt)")
+    parser.add_argument("--vllm-cache-tokens", type=int, help="cap of vLLM's KV cache (default: one long prompt)")
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "demo", help="where results and the plot go")
     for hidden in ("--engine", "--checkpoint", "--plan", "--answers", "--config", "--max-len"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
