@@ -179,3 +179,13 @@ def test_a_load_starts_where_vllms_own_prefix_hit_ends() -> None:
     side.after_alloc(req, [1, 2, 3, 4, 5], 2 * CHUNK)
     (load,) = side.build_step_plan(step()).loads
     assert (load.start, load.end) == (2 * CHUNK, 4 * CHUNK)
+
+
+def test_loads_end_on_a_block_boundary() -> None:
+    """A load never ends inside one of vLLM's blocks: the partial block's tokens are recomputed."""
+    lookup = FixedLookup(624)
+    side = SchedulerSide(lookup, CHUNK, save_partial_chunks=True, block_size=128)
+    assert side.num_new_matched_tokens(request("a", 640), 0) == 512
+    assert side.num_new_matched_tokens(request("b", 640), 512) == 0  # vLLM's own blocks already cover it
+    short = SchedulerSide(FixedLookup(100), CHUNK, save_partial_chunks=True, block_size=128)
+    assert short.num_new_matched_tokens(request("c", 300), 0) == 0
