@@ -19,8 +19,17 @@ ROOT = Path(__file__).parent
 VLLM_TESTS = "tests/vllm/"
 """Everything below it imports vLLM or lmplug's vLLM integration: ``vllm``."""
 
-SLOW_MODULES = frozenset({"tests/test_benchmarks.py", "tests/vllm/test_vllm_e2e.py", "tests/vllm/test_vllm_tp.py"})
-"""The benchmarks' smoke run and the vLLM engine runs (minutes each): ``slow``."""
+SLOW_MODULES = frozenset(
+    {
+        "tests/test_benchmarks.py",
+        "tests/test_demo.py",
+        "tests/vllm/test_vllm_e2e.py",
+        "tests/vllm/test_vllm_tp.py",
+        "tests/vllm/test_vllm_real_model.py",
+        "tests/vllm/test_vllm_serve.py",
+    }
+)
+"""The benchmarks' smoke run, the demo and the vLLM engine runs (a minute or more each): ``slow``."""
 
 SERVER_FIXTURES = ("*redis*", "*s3_server*", "s3_url", "*seaweed*", "lm_*server*", "lm_url")
 """Fixtures (name patterns) that start or need a real redis-server, SeaweedFS or lmplug-server
