@@ -91,7 +91,14 @@ def test_vllm_marks_exactly_the_tests_in_tests_vllm(collected: dict[str, Collect
 def test_slow_marks_the_benchmarks_and_the_vllm_engine_runs(collected: dict[str, Collected]) -> None:
     slow = modules(marked(collected, "slow"))
     assert "tests/test_benchmarks.py" in slow
-    assert slow <= {"tests/test_benchmarks.py", "tests/vllm/test_vllm_e2e.py", "tests/vllm/test_vllm_tp.py"}
+    assert slow <= {
+        "tests/test_benchmarks.py",
+        "tests/test_demo.py",
+        "tests/vllm/test_vllm_e2e.py",
+        "tests/vllm/test_vllm_tp.py",
+        "tests/vllm/test_vllm_real_model.py",
+        "tests/vllm/test_vllm_serve.py",
+    }
     assert all("slow" in row.markers for node, row in collected.items() if node.split("::")[0] in slow)
 
 
