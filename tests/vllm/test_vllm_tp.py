@@ -17,6 +17,9 @@ HERE = Path(__file__).parent
 CHUNK = 256
 
 
+VLLM_CPU_BLOCK = 128
+
+
 def test_each_rank_caches_and_loads_its_own_shard(tmp_path: Path) -> None:
     model = build_model(tmp_path / "model", "tiny")
     config = tmp_path / "lmplug.yaml"
@@ -34,8 +37,11 @@ def test_each_rank_caches_and_loads_its_own_shard(tmp_path: Path) -> None:
     first, second = report["rounds"]
     assert first["cached"] == 0
     # Every token of the first turn but the last (its last answer token was sampled, never fed)
-    # came from every rank's cache: two full chunks and a partial one.
-    reused = first["prompt"] + len(first["tokens"]) - 1
+    # is in every rank's cache (two full chunks and a partial one); loads end on a boundary of
+    # vLLM's blocks (128 tokens on the CPU build), so the last partial block is recomputed.
+    held = first["prompt"] + len(first["tokens"]) - 1
+    reused = held - held % VLLM_CPU_BLOCK
+    assert reused >= 2 * CHUNK
     assert second["cached"] == reused
     tiny = SIZES["tiny"]
     shard_bytes_per_token = 2 * tiny.num_hidden_layers * (tiny.num_key_value_heads // 2) * tiny.head_size * 2
