@@ -443,15 +443,14 @@ def _lines(stream: Any, log: Any) -> Iterator[str]:
 def write_config(out: Path) -> Path:
     """The lmplug stack of both lmplug runs: host memory in front of a disk tier in ``out``.
 
-    Whole chunks of prompts only (``save_partial_chunks: false``): a trailing partial chunk saved
-    when a request finishes holds its answer's KV too, and lmplug currently serves such chunks
-    wrongly (a chat turn that reuses one gets a garbled answer)."""
+    ``save_partial_chunks`` (vLLM's default for the connector): when a request finishes, the
+    rest of its KV, its answer included, is saved, and the next turn of the chat reuses it."""
     disk = out / "lmplug-disk"
     shutil.rmtree(disk, ignore_errors=True)  # every demo starts cold
     config = out / "lmplug.yaml"
     config.write_text(
         "# Written by examples/vllm_chat.py: L1 host memory in front of an L3 disk tier that survives restarts.\n"
-        "chunk_size: 256\nsave_partial_chunks: false\ntiers:\n"
+        "chunk_size: 256\nsave_partial_chunks: true\ntiers:\n"
         "  - type: cpu\n    capacity: 1GiB\n"
         f"  - type: disk\n    path: {disk}\n    capacity: 4GiB\n"
     )
