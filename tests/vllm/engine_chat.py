@@ -48,7 +48,8 @@ def main() -> None:
         model=args.model, skip_tokenizer_init=True, enforce_eager=True, dtype="bfloat16", max_model_len=4096,
         seed=0, enable_prefix_caching=False, **extra,
     )  # fmt: skip
-    params = SamplingParams(max_tokens=32, temperature=0, detokenize=False)
+    # Few tokens: enough to tell a right answer from a wrong one, few chances of a near tie.
+    params = SamplingParams(max_tokens=12, temperature=0, detokenize=False)
 
     def generate(prompt: list[int]) -> tuple[list[int], int]:
         (output,) = llm.generate([TokensPrompt(prompt_token_ids=prompt)], params, use_tqdm=False)
