@@ -18,14 +18,20 @@ The requests of the first two scenarios are interleaved, as a server sees them. 
 KV cache stays on (prefix caching) but is capped (``--vllm-cache-tokens``; by default one
 long prompt fits, as GPU memory caps it in production), so one document's KV is evicted by
 the next user's. With lmplug (``LMPlugConnector`` on a host-memory tier in front of a disk
-tier, ``<out>/lmplug.yaml``) the first question about a document pays the prefill and the
-others load it; after the restart the KV comes back from disk.
+tier, ``<out>/lmplug.yaml``, 128-token chunks: one block of vLLM's CPU KV cache) the first
+question about a document pays the prefill and the others load it; after the restart the KV
+comes back from disk.
 
-vLLM runs in three processes, one after another: vLLM alone (its "restart" is an emptied
-prefix cache: a restarted vLLM has nothing), vLLM + lmplug, and vLLM + lmplug restarted on
-the same stack. Each prints JSON lines; this driver collects them behind a progress bar and
-prints the answers side by side, TTFT per scenario, the share of prompt tokens reused and the
-speed-up, then saves ``results.json``, ``ttft.png`` and the vLLM logs in ``--out``.
+vLLM runs in four processes, one after another: vLLM alone (its "restart" is an emptied
+prefix cache: a restarted vLLM has nothing), vLLM + lmplug, vLLM + lmplug restarted on the
+same stack, and a reference: vLLM with its own prefix cache uncapped, never emptied (as if
+GPU memory held every prompt). lmplug's answers must equal the reference's: both reuse the
+same KV from the same block on. Against vLLM alone they can part where bf16 logits tie,
+since vLLM alone recomputes the evicted prefixes in other prefill steps, which round
+differently (the reference parts from vLLM alone at the same places). Each process prints
+JSON lines; this driver collects them behind a progress bar and prints the answers side by
+side, TTFT per scenario, the share of prompt tokens reused and the speed-up, then saves
+``results.json``, ``ttft.png`` and the vLLM logs in ``--out``.
 
 ``--model random`` runs the same scenarios on the random-weight tiny Llama
 (``lmplug.testing.vllm_model``) with a byte-level stand-in tokenizer: quick, but its answers
@@ -56,7 +62,7 @@ from typing import Any, Protocol
 ROOT = Path(__file__).resolve().parents[1]
 MARK = "LMPLUG-DEMO "
 BLOCK = 128  # tokens per block of vLLM's CPU KV cache
-LABELS = {"vllm": "vLLM alone", "lmplug": "vLLM + lmplug"}
+LABELS = {"vllm": "vLLM alone", "lmplug": "vLLM + lmplug", "vllm-pc": "vLLM, own cache uncapped"}
 
 # --------------------------------------------------------------------------- the workload
 
@@ -312,6 +318,9 @@ def serve(args: argparse.Namespace) -> None:
             engine_id=engine_id,
             kv_connector_extra_config={"lmplug_config": str(args.config)},
         )
+    # vLLM's own cache does what it can, within the cap; "vllm-pc" is the reference that never
+    # forgets: VLLM_CPU_KVCACHE_SPACE (1 GiB, some 46k tokens) holds every prompt of the demo.
+    capped = args.engine != "vllm-pc"
     llm = LLM(
         model=str(args.checkpoint),
         skip_tokenizer_init=True,
@@ -319,8 +328,8 @@ def serve(args: argparse.Namespace) -> None:
         dtype="bfloat16",
         max_model_len=args.max_len,
         seed=0,
-        enable_prefix_caching=True,  # vLLM's own cache does what it can, within the cap
-        num_gpu_blocks_override=args.vllm_cache_tokens // BLOCK,
+        enable_prefix_caching=True,
+        num_gpu_blocks_override=args.vllm_cache_tokens // BLOCK if capped else None,
         disable_log_stats=False,  # per-request metrics: first_token_latency
         **extra,
     )
@@ -337,7 +346,7 @@ def serve(args: argparse.Namespace) -> None:
     emit({"event": "ready", "seconds": time.perf_counter() - started})
     answers: dict[str, str] = {}
     for phase in args.phases:
-        if answers:  # vLLM alone, "restarted": a fresh vLLM has nothing in its KV cache
+        if answers and capped:  # vLLM alone, "restarted": a fresh vLLM has nothing in its KV cache
             llm.reset_prefix_cache()
         for request in (r for r in requests if r.phase == phase):
             prompt = codec.chat(request.messages(answers if reference is None else reference))
@@ -399,6 +408,7 @@ RUNS = (
     Run("vllm", ("serve", "restart"), "vLLM alone", "vllm-alone.log"),
     Run("lmplug", ("serve",), "vLLM + lmplug", "vllm-lmplug.log"),
     Run("lmplug", ("restart",), "vLLM + lmplug, restarted", "vllm-lmplug-restarted.log"),
+    Run("vllm-pc", ("serve", "restart"), "vLLM, own cache uncapped", "vllm-own-cache.log"),
 )
 
 
@@ -449,8 +459,9 @@ def write_config(out: Path) -> Path:
     shutil.rmtree(disk, ignore_errors=True)  # every demo starts cold
     config = out / "lmplug.yaml"
     config.write_text(
-        "# Written by examples/vllm_chat.py: L1 host memory in front of an L3 disk tier that survives restarts.\n"
-        "chunk_size: 256\nsave_partial_chunks: true\ntiers:\n"
+        "# Written by examples/vllm_chat.py: L1 host memory in front of an L3 disk tier that survives restarts;\n"
+        "# chunks of one vLLM CPU block, so lmplug's hits end where vLLM's own cache's would.\n"
+        "chunk_size: 128\nsave_partial_chunks: true\ntiers:\n"
         "  - type: cpu\n    capacity: 1GiB\n"
         f"  - type: disk\n    path: {disk}\n    capacity: 4GiB\n"
     )
@@ -489,9 +500,9 @@ def drive(args: argparse.Namespace) -> None:
         f"in both runs; lmplug: cpu + disk ({args.config})",
         flush=True,
     )
-    results: dict[str, list[dict[str, Any]]] = {"vllm": [], "lmplug": []}
+    results: dict[str, list[dict[str, Any]]] = {run.engine: [] for run in RUNS}
     answers = args.out / "answers.json"
-    with tqdm(total=2 * len(requests), unit="req", dynamic_ncols=True) as progress:
+    with tqdm(total=len(results) * len(requests), unit="req", dynamic_ncols=True) as progress:
         for run in RUNS:
             results[run.engine] += run_process(run, args, None if run.engine == "vllm" else answers, progress)
             if run.engine == "vllm":  # the assistant turns both runs re-send
@@ -530,61 +541,70 @@ class Report:
         if missing:
             raise SystemExit(f"no result for {', '.join(missing)}")
 
-    def pair(self, request: Request) -> tuple[dict[str, Any], dict[str, Any]]:
-        return self.by_name["vllm"][request.name], self.by_name["lmplug"][request.name]
+    def pair(self, request: Request, reference: str = "vllm") -> tuple[dict[str, Any], dict[str, Any]]:
+        """The request's event in the ``reference`` run and in the lmplug run."""
+        return self.by_name[reference][request.name], self.by_name["lmplug"][request.name]
 
-    def identical(self, request: Request) -> bool:
-        alone, served = self.pair(request)
-        return bool(alone["tokens"] == served["tokens"])
+    def identical(self, request: Request, reference: str = "vllm") -> bool:
+        other, served = self.pair(request, reference)
+        return bool(other["tokens"] == served["tokens"])
 
-    def verdict(self, request: Request) -> str:
+    def verdict(self, request: Request, reference: str) -> str:
         """``identical``, or where the two greedy answers part and how close the two choices were there."""
-        if self.identical(request):
+        if self.identical(request, reference):
             return "identical"
-        alone, served = self.pair(request)
-        step = next(i for i, (a, b) in enumerate(zip(alone["tokens"], served["tokens"], strict=False)) if a != b)
+        other, served = self.pair(request, reference)
+        step = next(i for i, (a, b) in enumerate(zip(other["tokens"], served["tokens"], strict=False)) if a != b)
         gaps = []
-        for event, chosen, other in ((alone, alone["tokens"][step], served["tokens"][step]),
-                                     (served, served["tokens"][step], alone["tokens"][step])):  # fmt: skip
+        for event, chosen, rival in ((other, other["tokens"][step], served["tokens"][step]),
+                                     (served, served["tokens"][step], other["tokens"][step])):  # fmt: skip
             candidates = event["logprobs"][step] if step < len(event["logprobs"]) else {}
-            if str(other) in candidates:
-                gaps.append(candidates[str(chosen)] - candidates[str(other)])
+            if str(rival) in candidates:
+                gaps.append(candidates[str(chosen)] - candidates[str(rival)])
         if len(gaps) < 2:
             return f"DIFFERS at token {step + 1}"
-        return f"parts at token {step + 1}, a near tie ({max(gaps):.2f})"
+        return f"token {step + 1}: near tie ({max(gaps):.2f})"
 
     def answers(self) -> str:
-        width = min(60, max(30, (shutil.get_terminal_size((150, 24)).columns - 38) // 2))
+        width = min(56, max(28, (shutil.get_terminal_size((150, 24)).columns - 70) // 2))
         shown = "token ids, random weights" if self.model == "random" else "greedy"
-        lines = [f"{'request':<22}  {'answer (' + shown + '): vLLM alone':<{width}}  {'vLLM + lmplug':<{width}}  same?"]
+        lines = [
+            f"{'request':<20}  {'answer (' + shown + '): vLLM alone':<{width}}  {'vLLM + lmplug':<{width}}  "
+            f"{'same as: own cache':<26} {'vLLM alone'}"
+        ]
         for request in self.requests:
             alone, served = self.pair(request)
             cells = [" ".join(e["answer"].split()) for e in (alone, served)]
             cells = [cell if len(cell) <= width else cell[: width - 1] + "…" for cell in cells]
-            lines.append(f"{request.name:<22}  {cells[0]:<{width}}  {cells[1]:<{width}}  {self.verdict(request)}")
+            lines.append(
+                f"{request.name:<20}  {cells[0]:<{width}}  {cells[1]:<{width}}  "
+                f"{self.verdict(request, 'vllm-pc'):<26} {self.verdict(request, 'vllm')}"
+            )
+        count = len(self.requests)
+        own = sum(self.identical(r, "vllm-pc") for r in self.requests)
         same = sum(self.identical(r) for r in self.requests)
         prompts = sum(a["prompt_sha1"] == b["prompt_sha1"] for a, b in map(self.pair, self.requests))
-        lines.append(
-            f"{same} of {len(self.requests)} answers identical with and without lmplug "
-            f"({prompts} of {len(self.requests)} prompts identical token for token)"
-        )
-        if same < len(self.requests):
-            lines.append(
-                "a near tie (x): the two runs' first different tokens are at most x apart in logprob in both runs, "
-                "so bf16 rounding of a prefill over cached KV can swap them (vLLM's own prefix cache does too)"
-            )
+        lines += [
+            f"{own} of {count} answers identical to vLLM serving the same prefixes from its own cache "
+            f"(uncapped: it never evicts), {same} of {count} to vLLM alone ({prompts} of {count} prompts identical "
+            "token for token)",
+            "vLLM's own cache and lmplug reuse the same KV, bit for bit, from the same vLLM block on. vLLM alone "
+            "recomputes what its capped cache evicted, in other prefill steps, and bf16 rounds those differently: "
+            "where its logits tie (bf16 logits tie often), greedy decoding can pick the other token, and "
+            "vLLM's own cache parts from it there just as lmplug does.",
+        ]
         return "\n".join(lines)
 
     def rows(self) -> list[dict[str, Any]]:
         rows = []
         for kind, label in KINDS.items():
-            pairs = [self.pair(r) for r in self.requests if r.kind == kind]
-            if not pairs:
+            requests = [r for r in self.requests if r.kind == kind]
+            if not requests:
                 continue
-            row: dict[str, Any] = {"kind": kind, "label": label, "requests": len(pairs)}
-            row["prompt_tokens"] = statistics.mean(a["prompt_tokens"] for a, _ in pairs)
-            for index, mode in enumerate(("vllm", "lmplug")):
-                events = [pair[index] for pair in pairs]
+            row: dict[str, Any] = {"kind": kind, "label": label, "requests": len(requests)}
+            row["prompt_tokens"] = statistics.mean(self.by_name["vllm"][r.name]["prompt_tokens"] for r in requests)
+            for mode in LABELS:
+                events = [self.by_name[mode][r.name] for r in requests]
                 row[f"{mode}_ttft"] = statistics.mean(e["ttft"] for e in events)
                 row[f"{mode}_reused"] = reused(events)
             row["speedup"] = row["vllm_ttft"] / row["lmplug_ttft"]
@@ -594,20 +614,24 @@ class Report:
     def table(self) -> str:
         lines = [
             f"{'time to first token (mean)':<36} {'n':>2} {'prompt':>7} {'vLLM alone':>11} {'+ lmplug':>10} "
-            f"{'speed-up':>8} {'reused: vLLM':>13} {'+ lmplug':>9}"
+            f"{'speed-up':>8} {'reused: vLLM':>13} {'+ lmplug':>9}   {'vLLM, own cache uncapped':>24}"
         ]
         for row in self.rows():
             lines.append(
                 f"{row['label']:<36} {row['requests']:>2} {row['prompt_tokens']:>7,.0f} {row['vllm_ttft']:>9.2f} s "
                 f"{row['lmplug_ttft']:>8.2f} s {row['speedup']:>7.1f}x {row['vllm_reused']:>13.0%} "
-                f"{row['lmplug_reused']:>9.0%}"
+                f"{row['lmplug_reused']:>9.0%}   {row['vllm-pc_ttft']:>10.2f} s, {row['vllm-pc_reused']:>4.0%} reused"
             )
-        events = {mode: list(self.by_name[mode].values()) for mode in ("vllm", "lmplug")}
+        events = {mode: list(self.by_name[mode].values()) for mode in LABELS}
         ttft = {mode: sum(e["ttft"] for e in events[mode]) for mode in events}
         lines.append(
             f"{'all requests (total TTFT)':<36} {len(self.requests):>2} {'':>7} {ttft['vllm']:>9.1f} s "
             f"{ttft['lmplug']:>8.1f} s {ttft['vllm'] / ttft['lmplug']:>7.1f}x {reused(events['vllm']):>13.0%} "
-            f"{reused(events['lmplug']):>9.0%}"
+            f"{reused(events['lmplug']):>9.0%}   {ttft['vllm-pc']:>10.1f} s, {reused(events['vllm-pc']):>4.0%} reused"
+        )
+        lines.append(
+            "vLLM, own cache uncapped: vLLM's prefix cache as if GPU memory held every prompt and vLLM never "
+            "restarted (a reference lmplug aims at, not a setup a server can have)"
         )
         return "\n".join(lines)
 
@@ -647,12 +671,12 @@ class Report:
         for axis, (title, kinds) in zip(axes, panels.items(), strict=True):
             requests = [r for r in self.requests if r.kind in kinds]
             xs = range(len(requests))
-            for offset, mode in ((-0.2, "vllm"), (0.2, "lmplug")):
+            for offset, (mode, label) in zip((-0.27, 0.0, 0.27), LABELS.items(), strict=True):
                 heights = [self.by_name[mode][r.name]["ttft"] for r in requests]
-                axis.bar([x + offset for x in xs], heights, 0.4, label=LABELS[mode])
+                axis.bar([x + offset for x in xs], heights, 0.27, label=label, alpha=0.45 if mode == "vllm-pc" else 1)
             axis.set_xticks(list(xs), [r.name for r in requests], rotation=60, ha="right", fontsize=7)
             axis.set(title=title, ylabel="time to first token (s)")
-        axes[0].legend()
+        axes[1].legend(loc="upper left")  # the chat panel has room above its first turns
         figure.tight_layout()
         figure.savefig(path, dpi=120)
         plt.close(figure)
