@@ -58,8 +58,22 @@ def planner(hit: int | None, *, partial: bool = False) -> tuple[SchedulerSide, F
 def test_a_hit_becomes_a_load_and_never_covers_the_last_token() -> None:
     side, lookup = planner(hit=10 * CHUNK)
     req = request("a", 3 * CHUNK)
-    assert side.num_new_matched_tokens(req, 0) == 3 * CHUNK - 1
-    assert lookup.asked == [("a", 3 * CHUNK - 1)]  # the last prompt token is always computed by vLLM
+    assert side.num_new_matched_tokens(req, 0) == 3 * CHUNK - 1  # the last prompt token is always computed by vLLM
+    assert lookup.asked == [("a", 3 * CHUNK)]  # the whole prompt: its last chunk may match whole
+
+
+def test_a_whole_prompt_hit_loads_into_its_last_chunk_up_to_the_last_whole_block() -> None:
+    lookup = FixedLookup(hit=10 * CHUNK)
+    side = SchedulerSide(lookup, CHUNK, save_partial_chunks=False, block_size=CHUNK // 2)
+    req = request("a", 3 * CHUNK)
+    # Every chunk is held; vLLM computes the last token, so the last block: half of the last chunk loads.
+    assert side.num_new_matched_tokens(req, 0) == 3 * CHUNK - CHUNK // 2
+    side.after_alloc(req, [1, 2, 3, 4, 5, 6], 3 * CHUNK - CHUNK // 2)
+    new = SimpleNamespace(
+        req_id="a", prompt_token_ids=req.prompt_token_ids, block_ids=([1, 2, 3, 4, 5, 6],), num_computed_tokens=40
+    )
+    (load,) = side.build_step_plan(step([new], scheduled={"a": CHUNK // 2})).loads
+    assert (load.start, load.end) == (0, 3 * CHUNK - CHUNK // 2)
 
 
 def test_load_then_save_only_what_was_computed() -> None:

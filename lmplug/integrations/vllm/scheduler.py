@@ -87,11 +87,12 @@ class SchedulerSide:
             return 0
         if self._saving_a_prefix_of(tokens):
             return None  # the KV of an earlier turn is saved this coming step: wait for it
-        # vLLM must compute at least the last prompt token itself.
-        answers = [lookup.lookup(request.request_id, tokens[:-1]) for lookup in self.lookups]
+        # The whole prompt is looked up, so that its last chunk can match whole; vLLM computes at
+        # least the last token itself, so the load stops short of it, inside that chunk.
+        answers = [lookup.lookup(request.request_id, tokens) for lookup in self.lookups]
         if any(answer is None for answer in answers):
             return None  # lower tiers are being read: the request waits, holding no blocks
-        hit = min(answer or 0 for answer in answers)
+        hit = min(min(answer or 0 for answer in answers), len(tokens) - 1)
         hit -= hit % self.block_size  # whole blocks only (see the class docstring)
         if hit <= num_computed_tokens:
             if any(answers):
