@@ -4,9 +4,14 @@
 
 With ``--lmplug`` it measures, per context length, the TTFT of a unique prompt (a miss:
 full prefill, then stored) and of the same prompt again after vLLM's own prefix cache is
-reset (a hit: loaded from lmplug). Either way it measures the throughput of a batch of
-unique prompts (all misses), and with lmplug reads the connector's transfer counters from
-the worker at the end.
+reset (a hit: loaded from lmplug). With ``--own-cache`` (no connector) the second request
+is served from vLLM's own prefix cache instead, which is not reset. Either way it measures
+the throughput of a batch of unique prompts (all misses; ``--batch 0`` skips it), and with
+lmplug reads the connector's transfer counters from the worker at the end.
+
+Prompts are random token ids, or with ``--text`` English text (license texts and standard
+library documentation) through the model's own tokenizer: each prompt starts at another
+place of that text, so no two share a prefix.
 """
 
 from __future__ import annotations
@@ -32,8 +37,11 @@ def main() -> None:
     parser.add_argument("--batch-tokens", type=int, default=1024)
     parser.add_argument("--batch-rounds", type=int, default=3)
     parser.add_argument("--max-model-len", type=int, default=16640)
+    parser.add_argument("--own-cache", action="store_true", help="vLLM's prefix cache serves the second request")
+    parser.add_argument("--text", action="store_true", help="prompts of real text (the model has a tokenizer)")
     args = parser.parse_args()
     prepare_environment(2)
+    corpus = english_tokens(args.model) if args.text else []
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -46,13 +54,20 @@ def main() -> None:
         dtype="bfloat16",
         max_model_len=args.max_model_len,
         seed=0,
+        enable_prefix_caching=args.own_cache,
         disable_log_stats=False,
         **extra,
     )
     rng = random.Random(1234)
+    starts = iter(range(0, len(corpus), 211))
 
     def unique(length: int) -> list[int]:
-        return [rng.randrange(10, 7990) for _ in range(length)]
+        if not corpus:
+            return [rng.randrange(10, 7990) for _ in range(length)]
+        start = next(starts)
+        if start + length > len(corpus):
+            raise SystemExit(f"the text has {len(corpus)} tokens: too few for another {length}-token prompt")
+        return corpus[start : start + length]
 
     def ttft(prompt: list[int]) -> float:
         params = SamplingParams(max_tokens=1, temperature=0, detokenize=False)
@@ -66,14 +81,15 @@ def main() -> None:
         for _ in range(args.samples):
             prompt = unique(context)
             cold.append(ttft(prompt))
-            llm.reset_prefix_cache()
+            if not args.own_cache:
+                llm.reset_prefix_cache()
             hit.append(ttft(prompt))
             llm.reset_prefix_cache()
         report["ttft"][str(context)] = {"cold": cold, "hit": hit}
 
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, detokenize=False)
     rates = []
-    for _ in range(args.batch_rounds):
+    for _ in range(args.batch_rounds if args.batch else 0):
         prompts = [TokensPrompt(prompt_token_ids=unique(args.batch_tokens)) for _ in range(args.batch)]
         started = time.perf_counter()
         llm.generate(prompts, params, use_tqdm=False)
@@ -88,6 +104,21 @@ def main() -> None:
         client.close()
     with open(args.out, "w") as handle:
         json.dump(report, handle)
+
+
+def english_tokens(model: str) -> list[int]:
+    """License texts and standard-library documentation, one text, as token ids of ``model``'s tokenizer."""
+    import pydoc
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    licenses = Path("/usr/share/common-licenses")  # Debian's base-files
+    texts = [path.read_text() for path in sorted(licenses.glob("*")) if path.is_file()] if licenses.is_dir() else []
+    for name in ("argparse", "asyncio", "collections", "json", "os", "re", "typing", "unittest"):
+        texts.append(pydoc.render_doc(name, renderer=pydoc.plaintext))
+    tokens: list[int] = AutoTokenizer.from_pretrained(model)("\n\n".join(texts))["input_ids"]
+    return tokens
 
 
 if __name__ == "__main__":
