@@ -116,7 +116,7 @@ def english_tokens(model: str) -> list[int]:
     licenses = Path("/usr/share/common-licenses")  # Debian's base-files
     texts = [path.read_text() for path in sorted(licenses.glob("*")) if path.is_file()] if licenses.is_dir() else []
     for name in ("argparse", "asyncio", "collections", "json", "os", "re", "typing", "unittest"):
-        texts.append(pydoc.render_doc(name, renderer=pydoc.plaintext))
+        texts.append(pydoc.render_doc(name, renderer=pydoc.plaintext))  # type: ignore[attr-defined]
     tokens: list[int] = AutoTokenizer.from_pretrained(model)("\n\n".join(texts))["input_ids"]
     return tokens
 
