@@ -7,7 +7,8 @@ and this one. A test (``tests/test_exports.py``) holds every plugin in ``plugins
   ``docs/hooks.md`` walks through writing a plugin.
 - **Tiers:** :class:`Tier`, :class:`TierType`, :class:`TierContext`, :class:`TierStatistics`,
   :class:`Capability`; slow tiers start from :class:`WriteBehindTier` (a bounded write-behind
-  queue, counters, ``drain`` and statistics); :func:`leading` counts the leading keys a tier holds.
+  queue, counters, ``drain`` and statistics); :func:`leading` counts the leading keys a tier holds; a peer tier serves
+  :class:`LocalTiers` (``TierContext.local_tiers()``) and follows them with a :class:`HoldingsListener`.
 - **Data:** :class:`ChunkKey`, :class:`KVChunk`, :class:`KVLayout`, :class:`ChunkAllocator` (and its
   :class:`AllocatorStatistics`), :class:`KVBytes`, :func:`aligned_empty`, :data:`IO_ALIGNMENT`.
 - **Bytes on disk or the wire:** :class:`ChunkHeader` (:data:`HEADER`), :func:`payload_checksum`,
@@ -29,7 +30,16 @@ from lmplug.core.memory import IO_ALIGNMENT, AllocatorStatistics, ChunkAllocator
 from lmplug.core.remote import ChunkCodec, RawCodec, RemoteConnector, RemoteScheme
 from lmplug.core.reporting import ThrottledLog
 from lmplug.core.serde import HEADER, ChunkHeader, parts_checksum, payload_checksum, slice_parts
-from lmplug.core.tier import Capability, Tier, TierContext, TierStatistics, TierType, leading
+from lmplug.core.tier import (
+    Capability,
+    HoldingsListener,
+    LocalTiers,
+    Tier,
+    TierContext,
+    TierStatistics,
+    TierType,
+    leading,
+)
 from lmplug.core.transfer import KVBytes
 from lmplug.core.units import ByteSize, Duration
 from lmplug.core.writebehind import Batch, WriteBehind, WriteBehindTier
@@ -48,9 +58,11 @@ __all__ = [
     "ChunkKey",
     "CliCommand",
     "Duration",
+    "HoldingsListener",
     "KVBytes",
     "KVChunk",
     "KVLayout",
+    "LocalTiers",
     "RawCodec",
     "RemoteConnector",
     "RemoteScheme",

@@ -116,6 +116,57 @@ async def test_hook_lmplug_chunks_evicted(stack: dict[str, Any]) -> None:
     assert seen == [("cpu", 3), ("low", 3)]
 
 
+async def test_hook_lmplug_chunks_admitted(stack: dict[str, Any]) -> None:
+    seen: list[tuple[str, int]] = []
+
+    class Listener:
+        @tierkit.hookimpl
+        def lmplug_chunks_admitted(self, tier: str, keys: Any) -> None:
+            seen.append((tier, len(keys)))
+
+    host = lmplug.PluginHost.from_environment({})
+    host.register(Listener(), "listener")
+    async with lmplug.open_cache(stack, plugins=host) as cache:
+        prompt = tokens(1, 3)
+        await cache.store(prompt, reference_kv(prompt, stack))
+        assert seen == [("cpu", 3)]  # the test tier "low" reports nothing
+        await cache.store(prompt, reference_kv(prompt, stack))
+        assert seen == [("cpu", 3)]  # held already: nothing new
+        await cache.evict(prompt, tiers=["cpu"])
+        await cache.retrieve(prompt)  # served by "low", promoted into "cpu"
+        assert seen == [("cpu", 3), ("cpu", 3)]
+
+
+async def test_hook_lmplug_held_keys(stack: dict[str, Any]) -> None:
+    """The local tiers a peer tier serves from list what they hold, and a watcher follows them."""
+    events: list[tuple[str, str, int]] = []
+
+    class Watcher:
+        def admitted(self, tier: str, keys: Any) -> None:
+            events.append(("admitted", tier, len(keys)))
+
+        def evicted(self, tier: str, keys: Any) -> None:
+            events.append(("evicted", tier, len(keys)))
+
+    async with lmplug.open_cache(stack) as cache:
+        low = cache.pipeline.slots[1].tier
+        local = low.context.local_tiers()  # as the "low" tier sees the others: the cpu tier
+        assert local.names == ("cpu",)
+        stop = low.context.watch(Watcher())
+        prompt = tokens(4, 2)
+        await cache.store(prompt, reference_kv(prompt, stack))
+        assert await local.held_keys() == {"cpu": cache.keys(prompt)}
+        assert await local.contains(cache.keys(prompt)) == 2
+        chunks = await local.retrieve(cache.keys(prompt))
+        assert [chunk.num_tokens for chunk in chunks] == [CHUNK, CHUNK]
+        for chunk in chunks:
+            chunk.release()
+        await cache.evict(prompt, tiers=["cpu"])
+        stop()
+        await cache.store(prompt, reference_kv(prompt, stack))
+    assert events == [("admitted", "cpu", 2), ("evicted", "cpu", 2)]
+
+
 async def test_hook_lmplug_contains(stack: dict[str, Any]) -> None:
     async with lmplug.open_cache(stack) as cache:
         prompt = tokens(2, 4)

@@ -21,7 +21,7 @@ from lmplug.core.memory import AllocatorStatistics, ChunkAllocator, KVChunk
 from lmplug.core.metrics import CacheMetrics
 from lmplug.core.partials import ROOT, PartialIndex
 from lmplug.core.reporting import ThrottledLog
-from lmplug.core.tier import TierStatistics
+from lmplug.core.tier import Holdings, TierStatistics
 from lmplug.core.transfer import copy_from_chunks, copy_into_chunks
 from lmplug.errors import CacheClosedError, InvalidInputError, KVShapeError
 from lmplug.hooks.manager import PluginHost
@@ -81,7 +81,7 @@ class Cache:
                 self.plugins,
                 self.layout,
                 self.keymaker.fingerprint,
-                self._report_evicted,
+                Holdings(_HookHoldings(self.plugins)),
                 self._report_tier_failure,
                 stack,
             )
@@ -386,12 +386,6 @@ class Cache:
 
     # ------------------------------------------------------------------ callbacks
 
-    def _report_evicted(self, tier: str, keys: Sequence[ChunkKey]) -> None:
-        try:
-            self.plugins.pm.hook.lmplug_chunks_evicted(tier=tier, keys=keys)
-        except Exception:
-            logger.exception("an lmplug_chunks_evicted listener failed")
-
     def _lease_expired(self, lease: Lease) -> None:
         self.metrics.counts.expired_leases += 1
         logger.info("lease %d over %d tokens expired and was released", lease.lease_id, lease.num_tokens)
@@ -418,3 +412,22 @@ def open_cache(
     on it); ``environ`` replaces ``os.environ`` for ``LMPLUG_*`` overrides and switches.
     """
     return Cache(config, plugins=plugins, environ=environ)
+
+
+class _HookHoldings:
+    """What the tiers admit and drop, passed on to the ``lmplug_chunks_*`` hooks of the cache's plugins."""
+
+    def __init__(self, plugins: PluginHost) -> None:
+        self.plugins = plugins
+
+    def admitted(self, tier: str, keys: Sequence[ChunkKey]) -> None:
+        try:
+            self.plugins.pm.hook.lmplug_chunks_admitted(tier=tier, keys=keys)
+        except Exception:
+            logger.exception("an lmplug_chunks_admitted listener failed")
+
+    def evicted(self, tier: str, keys: Sequence[ChunkKey]) -> None:
+        try:
+            self.plugins.pm.hook.lmplug_chunks_evicted(tier=tier, keys=keys)
+        except Exception:
+            logger.exception("an lmplug_chunks_evicted listener failed")

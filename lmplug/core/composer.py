@@ -6,19 +6,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
 from pydantic import BaseModel, ValidationError
 
 from lmplug.core.config import LmplugConfig, TierConfig, config_error
-from lmplug.core.keys import ChunkKey
 from lmplug.core.layout import KVLayout
 from lmplug.core.memory import ChunkAllocator, HeapAllocator
 from lmplug.core.pipeline import FailureReport, Pipeline, TierSlot, bind_tier
-from lmplug.core.tier import Capability, Registries, Tier, TierContext, TierType
+from lmplug.core.tier import Capability, Holdings, Registries, Tier, TierContext, TierType
 from lmplug.errors import LmplugError, PluginContractError, PluginError
 
 
@@ -62,7 +61,7 @@ def build_tier(
     plan: PlannedTier,
     layout: KVLayout,
     fingerprint: bytes,
-    report_evicted: Callable[[str, Sequence[ChunkKey]], None],
+    holdings: Holdings,
     plugins: Registries | None = None,
 ) -> Tier:
     """Call the tier type's factory and check that it returned a :class:`lmplug.tierkit.Tier`."""
@@ -72,7 +71,7 @@ def build_tier(
         config=config,
         layout=layout,
         fingerprint=fingerprint,
-        _on_evicted=report_evicted,
+        _holdings=holdings,
         plugins=plugins,
     )
     try:
@@ -96,7 +95,7 @@ async def compose(
     plugins: Plugins,
     layout: KVLayout,
     fingerprint: bytes,
-    report_evicted: Callable[[str, Sequence[ChunkKey]], None],
+    holdings: Holdings,
     report_failure: FailureReport,
     stack: AsyncExitStack,
 ) -> Pipeline:
@@ -108,11 +107,13 @@ async def compose(
     """
     slots: list[TierSlot] = []
     for plan in plan_tiers(config, plugins):
-        tier = build_tier(config, plan, layout, fingerprint, report_evicted, plugins)
+        tier = build_tier(config, plan, layout, fingerprint, holdings, plugins)
         await stack.enter_async_context(tier)
         slots.append(bind_tier(plan.entry.tier_name, tier))
     provided = (slot.tier.allocator for slot in slots if Capability.PROVIDES_ALLOCATOR in slot.tier.capabilities)
     allocator: ChunkAllocator = next((found for found in provided if found is not None), None) or HeapAllocator(layout)
+    pipeline = Pipeline(slots, layout, report_failure, allocator, config.chunk_size)
     for slot in slots:
         slot.tier.context.bind_allocator(allocator)
-    return Pipeline(slots, layout, report_failure, allocator)
+        slot.tier.context.bind_local_tiers(partial(pipeline.local_tiers, slot.tier))
+    return pipeline

@@ -56,6 +56,8 @@ class TierSlot:
     transfer: Callable[[Sequence[ChunkKey], Sequence[KVChunk], str], Awaitable[int]]
     retrieve_into: Callable[[Sequence[ChunkKey], torch.Tensor], Awaitable[int]] | None = None
     """Bound only for tiers that declare :attr:`Capability.RETRIEVE_INTO`."""
+    held_keys: Callable[[], Awaitable[list[ChunkKey]]] | None = None
+    """Bound only for tiers that declare :attr:`Capability.LISTS_KEYS`."""
 
 
 def bind_tier(name: str, tier: Tier) -> TierSlot:
@@ -99,10 +101,16 @@ class Pipeline:
     """The configured tiers, in order, with the dispatch semantics of the data-path hooks."""
 
     def __init__(
-        self, slots: Sequence[TierSlot], layout: KVLayout, report_failure: FailureReport, allocator: ChunkAllocator
+        self,
+        slots: Sequence[TierSlot],
+        layout: KVLayout,
+        report_failure: FailureReport,
+        allocator: ChunkAllocator,
+        chunk_size: int,
     ) -> None:
         self.slots = tuple(slots)
         self.layout = layout
+        self.chunk_size = chunk_size
         self.allocator = allocator
         """Where chunks are allocated: the first tier's pool when it provides one, else the heap."""
         self._report_failure_to = report_failure
@@ -179,10 +187,14 @@ class Pipeline:
     async def retrieve(
         self,
         keys: Sequence[ChunkKey],
-        token_counts: Sequence[int],
+        token_counts: Sequence[int] | None,
         sink: Callable[[list[KVChunk]], None] | None = None,
     ) -> list[KVChunk]:
         """Chunks for the leading keys, each with one reference for the caller (waterfall + promotion).
+
+        ``token_counts`` are the tokens each key's chunk must hold; ``None`` when the caller
+        knows only the keys (a peer's request): each chunk is then checked against its own
+        count, at most ``chunk_size`` tokens.
 
         With ``sink``, each tier's chunks are handed to it (references and all) as soon as they
         are checked, before they are promoted, and the call returns ``[]``: a caller that is
@@ -246,7 +258,7 @@ class Pipeline:
         index: int,
         slot: TierSlot,
         keys: Sequence[ChunkKey],
-        token_counts: Sequence[int],
+        token_counts: Sequence[int] | None,
         position: int,
         sink: Callable[[list[KVChunk]], None] | None = None,
     ) -> list[KVChunk]:
@@ -261,7 +273,7 @@ class Pipeline:
         except Exception as exc:
             self._report_failure(slot, "retrieve", exc)
             return []
-        chunks = self._valid_prefix(slot, chunks, token_counts, position)
+        chunks = self._valid_prefix(slot, chunks, token_counts, position, len(keys))
         if not chunks:
             return chunks
         if sink is None:
@@ -303,13 +315,18 @@ class Pipeline:
         return served
 
     def _valid_prefix(
-        self, slot: TierSlot, chunks: list[KVChunk], token_counts: Sequence[int], position: int
+        self, slot: TierSlot, chunks: list[KVChunk], token_counts: Sequence[int] | None, position: int, total: int
     ) -> list[KVChunk]:
         """Keep the leading chunks whose layout matches the keys they answer; release the rest."""
         layout = self.layout
-        limit = len(token_counts) - position
+        limit = total - position
         for offset, chunk in enumerate(chunks):
-            expected = token_counts[position + offset] if offset < limit else -1
+            if offset >= limit:
+                expected = -1
+            elif token_counts is None:
+                expected = chunk.num_tokens if 0 < chunk.num_tokens <= self.chunk_size else 0
+            else:
+                expected = token_counts[position + offset]
             tensor = chunk.tensor
             if expected < 0 or tensor.dtype != layout.dtype or tuple(tensor.shape) != layout.shape(expected):
                 if expected >= 0:
@@ -353,3 +370,38 @@ class Pipeline:
                 self._report_failure(slot, "evict", exc)
                 dropped[slot.name] = 0
         return dropped
+
+    def local_tiers(self, exclude: Tier) -> LocalView:
+        """The tiers that hold chunks in this instance (not :attr:`Capability.PEER` nor
+        :attr:`Capability.SHARED`), ``exclude`` left out: what a peer tier serves to others."""
+        kept = [
+            slot
+            for slot in self.slots
+            if slot.tier is not exclude and not {Capability.PEER, Capability.SHARED} & slot.tier.capabilities
+        ]
+        return LocalView(Pipeline(kept, self.layout, self._report_failure_to, self.allocator, self.chunk_size))
+
+
+class LocalView:
+    """:class:`lmplug.tierkit.LocalTiers` over a pipeline of some of a cache's tiers."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        self.names = tuple(slot.name for slot in pipeline.slots)
+
+    async def contains(self, keys: Sequence[ChunkKey]) -> int:
+        return await self.pipeline.contains(keys)
+
+    async def retrieve(self, keys: Sequence[ChunkKey]) -> list[KVChunk]:
+        return await self.pipeline.retrieve(keys, None)
+
+    async def held_keys(self) -> dict[str, list[ChunkKey]]:
+        held: dict[str, list[ChunkKey]] = {}
+        for slot in self.pipeline.slots:
+            if slot.held_keys is None:
+                continue
+            try:
+                held[slot.name] = list(await slot.held_keys())
+            except Exception as exc:
+                self.pipeline._report_failure(slot, "held_keys", exc)
+        return held

@@ -53,6 +53,12 @@ class Capability(enum.Enum):
     chunks it may have already, and its queued writes skip those."""
     RETRIEVE_INTO = "retrieve_into"
     """The tier implements ``lmplug_retrieve_into``: it reads straight into a caller's KV buffer."""
+    LISTS_KEYS = "lists_keys"
+    """The tier implements ``lmplug_held_keys``: it can list every key it holds (what a peer tier
+    advertises after it registers)."""
+    PEER = "peer"
+    """The tier fetches chunks from other instances of the engine. What this instance serves to
+    its peers never comes from such a tier (no fetch loops between instances)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +80,65 @@ class TierStatistics:
     skipped_writes: int = 0
 
 
+class HoldingsListener(Protocol):
+    """Told what the tiers of one cache admit and drop (a peer tier advertises it to a controller).
+
+    Both methods run synchronously on the cache's event-loop thread, right after the tier
+    admitted or dropped the keys; they must be quick and must not raise.
+    """
+
+    def admitted(self, tier: str, keys: Sequence[ChunkKey]) -> None: ...
+
+    def evicted(self, tier: str, keys: Sequence[ChunkKey]) -> None: ...
+
+
+class Holdings:
+    """One cache's news of what its tiers admit and drop: passed on to ``sink`` (the cache's
+    ``lmplug_chunks_admitted`` / ``lmplug_chunks_evicted`` hooks) and to every watcher."""
+
+    def __init__(self, sink: HoldingsListener) -> None:
+        self._sink = sink
+        self._watchers: list[HoldingsListener] = []
+
+    def watch(self, listener: HoldingsListener) -> Callable[[], None]:
+        """Tell ``listener`` from now on; returns the call that stops it."""
+        self._watchers.append(listener)
+        return lambda: self._watchers.remove(listener) if listener in self._watchers else None
+
+    def admitted(self, tier: str, keys: Sequence[ChunkKey]) -> None:
+        if keys:
+            self._sink.admitted(tier, keys)
+            for watcher in tuple(self._watchers):
+                watcher.admitted(tier, keys)
+
+    def evicted(self, tier: str, keys: Sequence[ChunkKey]) -> None:
+        if keys:
+            self._sink.evicted(tier, keys)
+            for watcher in tuple(self._watchers):
+                watcher.evicted(tier, keys)
+
+
+class LocalTiers(Protocol):
+    """The tiers of a cache that hold chunks in this instance (neither :attr:`Capability.PEER`
+    nor :attr:`Capability.SHARED` ones): what a peer tier serves to other instances."""
+
+    names: tuple[str, ...]
+
+    async def contains(self, keys: Sequence[ChunkKey]) -> int:
+        """Leading keys they hold, as the pipeline counts them."""
+        ...
+
+    async def retrieve(self, keys: Sequence[ChunkKey]) -> list[KVChunk]:
+        """Chunks of the leading keys they hold (waterfall and promotion among them), one
+        reference each for the caller. Chunks are checked against the layout; their token
+        counts are their own (a key does not say how many tokens its chunk holds)."""
+        ...
+
+    async def held_keys(self) -> dict[str, list[ChunkKey]]:
+        """Every key each of them holds, by tier name (tiers that declare :attr:`Capability.LISTS_KEYS`)."""
+        ...
+
+
 @dataclass(slots=True)
 class TierContext:
     """What the core hands a tier factory: its name, the cache config and KV layout, and callbacks."""
@@ -83,11 +148,12 @@ class TierContext:
     config: LmplugConfig
     layout: KVLayout
     fingerprint: bytes
-    _on_evicted: Callable[[str, Sequence[ChunkKey]], None] = field(repr=False)
-    """The cache's callback: (tier name, keys) the tier dropped."""
+    _holdings: Holdings = field(repr=False)
+    """The cache's news of admitted and dropped chunks."""
     plugins: Registries | None = field(default=None, repr=False)
     """The remote schemes and codecs the cache's plugins offer (for tiers that look them up)."""
     _allocator: ChunkAllocator | None = field(default=None, repr=False)
+    _local: Callable[[], LocalTiers] | None = field(default=None, repr=False)
 
     @property
     def allocator(self) -> ChunkAllocator:
@@ -100,10 +166,30 @@ class TierContext:
         """Called by the cache once every tier is built and the pipeline's allocator is chosen."""
         self._allocator = allocator
 
+    def bind_local_tiers(self, local: Callable[[], LocalTiers]) -> None:
+        """Called by the cache once the pipeline is built (see :meth:`local_tiers`)."""
+        self._local = local
+
+    def local_tiers(self) -> LocalTiers:
+        """The cache's tiers that hold chunks in this instance, this one excluded. Bound once the
+        whole pipeline is built: after the tiers' ``__aenter__`` (which may hand out a callback that
+        calls this later), before the first hook call."""
+        if self._local is None:
+            raise RuntimeError("the local tiers are bound once the whole pipeline is built")
+        return self._local()
+
+    def report_admitted(self, keys: Sequence[ChunkKey]) -> None:
+        """Tell the cache (``lmplug_chunks_admitted`` listeners, watchers) that this tier now holds ``keys``."""
+        self._holdings.admitted(self.name, keys)
+
     def report_evicted(self, keys: Sequence[ChunkKey]) -> None:
-        """Tell the cache (and ``lmplug_chunks_evicted`` listeners) that this tier dropped ``keys``."""
-        if keys:
-            self._on_evicted(self.name, keys)
+        """Tell the cache (``lmplug_chunks_evicted`` listeners, watchers) that this tier dropped ``keys``."""
+        self._holdings.evicted(self.name, keys)
+
+    def watch(self, listener: HoldingsListener) -> Callable[[], None]:
+        """Tell ``listener`` what every tier of this cache admits and drops from now on (a peer tier
+        advertises it); returns the call that stops it."""
+        return self._holdings.watch(listener)
 
 
 def leading(keys: Sequence[ChunkKey], held: Callable[[ChunkKey], bool]) -> int:

@@ -107,6 +107,23 @@ def lmplug_register_codecs(register: Callable[[ChunkCodec], None]) -> None:
 
 
 @hookspec
+def lmplug_chunks_admitted(tier: str, keys: Sequence[ChunkKey]) -> None:
+    """Listen for chunks a tier admitted (stored, promoted into it, or written by its write-behind queue).
+
+    :param tier: the configured name of the tier that now holds them.
+    :param keys: the keys it admitted.
+    :returns: nothing; results are ignored.
+
+    **Call pattern:** all implementations, synchronously, on the cache's event-loop thread,
+    right after the tier admitted the keys; must be quick and must not raise. Chunks a tier
+    held before the cache opened (a disk tier's files) are not announced: list them with
+    ``lmplug_held_keys``.
+    **Colour:** sync notification hook, implemented by plugin modules.
+    **Process:** the process that opened the cache.
+    """
+
+
+@hookspec
 def lmplug_chunks_evicted(tier: str, keys: Sequence[ChunkKey]) -> None:
     """Listen for chunks a tier dropped (under memory pressure or on command).
 
@@ -216,7 +233,8 @@ async def lmplug_evict(keys: Sequence[ChunkKey]) -> int:
 
     **Call pattern:** awaited for every tier that the command names, in pipeline order.
     Eviction under memory pressure is the tier's own business; either way a tier reports
-    drops through ``TierContext.evicted`` (which calls ``lmplug_chunks_evicted``).
+    drops through ``TierContext.report_evicted`` (which calls ``lmplug_chunks_evicted``), as it
+    reports what it admits through ``TierContext.report_admitted``.
     **Colour:** async data path, implemented by tier objects.
     **Process:** the process that opened the cache.
     """
@@ -240,9 +258,27 @@ async def lmplug_transfer(keys: Sequence[ChunkKey], chunks: Sequence[KVChunk], s
     """
 
 
+@hookspec
+async def lmplug_held_keys() -> list[ChunkKey]:
+    """List every key the tier holds now.
+
+    Optional: implemented by tiers that declare :attr:`lmplug.tierkit.Capability.LISTS_KEYS`
+    (tiers with an index of their own: host memory, a local disk). A peer tier advertises
+    this list to a controller when it registers, then follows ``lmplug_chunks_admitted`` /
+    ``lmplug_chunks_evicted``.
+
+    :returns: the keys, in any order; chunks whose writes are still queued are not held yet.
+
+    **Call pattern:** awaited on demand (a peer tier's registration or resynchronisation),
+    never on the engine's critical path.
+    **Colour:** async, implemented by tier objects (optional, see above).
+    **Process:** the process that opened the cache.
+    """
+
+
 DATA_PATH_HOOKS = ("lmplug_contains", "lmplug_retrieve", "lmplug_store", "lmplug_evict", "lmplug_transfer")
 """The async hooks every tier object implements."""
-OPTIONAL_DATA_PATH_HOOKS = {"lmplug_retrieve_into": "RETRIEVE_INTO"}
+OPTIONAL_DATA_PATH_HOOKS = {"lmplug_retrieve_into": "RETRIEVE_INTO", "lmplug_held_keys": "LISTS_KEYS"}
 """The async hooks a tier object implements exactly when it declares the named
 :class:`lmplug.tierkit.Capability` (and must not implement otherwise)."""
 

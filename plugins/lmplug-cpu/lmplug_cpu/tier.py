@@ -54,7 +54,7 @@ class _EvictingAllocator:
 class CpuTier(Tier):
     """L1: chunks live in the host pool; pinned and in-use chunks are never evicted."""
 
-    capabilities = frozenset({Capability.PROVIDES_ALLOCATOR})
+    capabilities = frozenset({Capability.PROVIDES_ALLOCATOR, Capability.LISTS_KEYS})
 
     def __init__(self, context: TierContext, options: CpuTierConfig) -> None:
         super().__init__(context)
@@ -136,6 +136,7 @@ class CpuTier(Tier):
         index = self._index
         policy = self._policy
         pool = self.pool
+        admitted: list[ChunkKey] = []
         for key, chunk in zip(keys, chunks, strict=True):
             if key in index:
                 continue
@@ -149,7 +150,13 @@ class CpuTier(Tier):
             else:
                 index[key] = chunk.acquire()
             policy.inserted(key)
-            self._stored += 1
+            admitted.append(key)
+        self._stored += len(admitted)
+        self.context.report_admitted(admitted)
+
+    @hookimpl
+    async def lmplug_held_keys(self) -> list[ChunkKey]:
+        return list(self._index)
 
     @hookimpl
     async def lmplug_evict(self, keys: Sequence[ChunkKey]) -> int:

@@ -77,7 +77,9 @@ class _Read:
 class DiskTier(WriteBehindTier):
     """Chunk files under ``<path>/lmplug-<fingerprint>/``, owned by one process at a time."""
 
-    capabilities = frozenset({Capability.PERSISTENT, Capability.WRITE_BEHIND, Capability.RETRIEVE_INTO})
+    capabilities = frozenset(
+        {Capability.PERSISTENT, Capability.WRITE_BEHIND, Capability.RETRIEVE_INTO, Capability.LISTS_KEYS}
+    )
 
     def __init__(self, context: TierContext, options: DiskTierConfig) -> None:
         super().__init__(context, logger=logger, queue_size=options.write_queue, writers=options.writers)
@@ -338,6 +340,7 @@ class DiskTier(WriteBehindTier):
             return
         self._index[key] = tokens
         self._stored += 1
+        self.context.report_admitted([key])
 
     def _write_file(self, path: Path, key: ChunkKey, chunk: KVChunk, victims: list[Path]) -> None:
         files.remove_files(victims)
@@ -368,6 +371,10 @@ class DiskTier(WriteBehindTier):
             self._evictions += len(dropped)
             self.context.report_evicted(dropped)
         return victims
+
+    @hookimpl
+    async def lmplug_held_keys(self) -> list[ChunkKey]:
+        return list(self._index)
 
     @hookimpl
     async def lmplug_evict(self, keys: Sequence[ChunkKey]) -> int:

@@ -59,6 +59,32 @@ async def test_the_cache_survives_a_restart(tmp_path: Path) -> None:
         assert torch.equal(kv, reference_kv(tokens, config))
 
 
+async def test_written_files_are_announced_and_listed_after_a_restart(tmp_path: Path) -> None:
+    """What a peer tier advertises: admissions when a write completes, and every file after a restart."""
+    admitted: list[list[tierkit.ChunkKey]] = []
+
+    class Watcher:
+        def admitted(self, tier: str, keys: Any) -> None:
+            if tier != "cpu":
+                admitted.append(list(keys))
+
+        def evicted(self, tier: str, keys: Any) -> None:
+            return None
+
+    config = disk_config(tmp_path, cpu=True)
+    tokens = prompt(7, 3)
+    async with lmplug.open_cache(config) as cache:
+        disk = disk_tier(cache)
+        disk.context.watch(Watcher())
+        await cache.store(tokens, reference_kv(tokens, config))
+        await disk.drain()
+        keys = cache.keys(tokens)
+    assert sorted(key for batch in admitted for key in batch) == sorted(keys)
+    async with lmplug.open_cache(config) as cache:
+        held = await cache.pipeline.slots[0].tier.context.local_tiers().held_keys()
+    assert sorted(held[disk.name]) == sorted(keys)
+
+
 async def test_a_disk_hit_is_promoted_into_l1(tmp_path: Path) -> None:
     config = disk_config(tmp_path, cpu=True)
     async with lmplug.open_cache(config) as cache:
