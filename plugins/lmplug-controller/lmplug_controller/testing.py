@@ -14,13 +14,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import http.client
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -36,6 +38,8 @@ __all__ = [
     "ControllerProcess",
     "MemoryWorker",
     "controller_processes",
+    "eventually",
+    "http_json",
     "make_keys",
     "running_controller",
     "running_worker",
@@ -56,6 +60,38 @@ def make_keys(prompt: str, count: int, fingerprint: bytes = b"fp-test0") -> list
         previous = hashlib.blake2b(previous + f"{prompt}/{position}".encode(), digest_size=16).digest()
         keys.append(fingerprint + previous)
     return keys
+
+
+async def eventually(predicate: Callable[[], object], within: float = 5.0, step: float = 0.01) -> None:
+    """Return once ``predicate()`` is true; :class:`TimeoutError` after ``within`` seconds."""
+    for _ in range(max(1, int(within / step))):
+        if predicate():
+            return
+        await anyio.sleep(step)
+    if not predicate():
+        raise TimeoutError(f"still false after {within:g} s")
+
+
+async def http_json(url: str, method: str, path: str, body: object = None, token: str | None = None) -> tuple[int, Any]:
+    """``(status, decoded JSON or text)`` of one request made with the standard library's
+    ``http.client`` in a worker thread: a client that shares no code with the controller."""
+    host, port = url.removeprefix("http://").split(":")
+
+    def call() -> tuple[int, bytes, str]:
+        connection = http.client.HTTPConnection(host, int(port), timeout=30)
+        try:
+            headers = {"Content-Type": "application/json"}
+            if token is not None:
+                headers["Authorization"] = f"Bearer {token}"
+            payload = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+            connection.request(method, path, body=payload, headers=headers)
+            response = connection.getresponse()
+            return response.status, response.read(), response.getheader("Content-Type", "")
+        finally:
+            connection.close()
+
+    status, data, kind = await anyio.to_thread.run_sync(call)
+    return status, json.loads(data) if kind.startswith("application/json") else data.decode()
 
 
 @contextlib.asynccontextmanager
