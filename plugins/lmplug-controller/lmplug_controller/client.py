@@ -51,7 +51,9 @@ MAX_BACKOFF = 5.0
 LOG_EVERY = 30.0
 """Seconds between two warnings that the controller is still unreachable."""
 MISSED_ANSWERS = 3
-"""Heartbeat intervals without a word from the controller before the client reconnects."""
+"""Heartbeat intervals without a word from the controller before the client reconnects..."""
+MIN_SILENCE = 1.0
+"""...but never fewer seconds than this (short test intervals meet stalls of a loaded machine)."""
 
 Snapshot = Callable[[], Awaitable[dict[str, list[bytes]]]]
 OnCommand = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
@@ -155,7 +157,7 @@ class ControllerClient:
     @property
     def connected(self) -> bool:
         """Registered, and the controller answered within the last few heartbeats."""
-        return self._connected and time.monotonic() - self._last_heard <= MISSED_ANSWERS * self.heartbeat_seconds
+        return self._connected and time.monotonic() - self._last_heard <= self._silence_limit(self.heartbeat_seconds)
 
     async def wait_connected(self) -> None:
         """Return once the client is registered (at once if it is); bound it with a timeout."""
@@ -290,7 +292,7 @@ class ControllerClient:
             "incarnation": self.incarnation,
         }
         await channel.send(encode(Kind.REGISTER, meta))
-        limit = max(1.0, MISSED_ANSWERS * self.heartbeat_seconds)
+        limit = self._silence_limit(self.heartbeat_seconds)
         with anyio.move_on_after(limit):
             await waiter.event.wait()
         self._registration = None
@@ -352,6 +354,10 @@ class ControllerClient:
             else:
                 logger.warning("lmplug controller: %s", meta.get("message"))
 
+    @staticmethod
+    def _silence_limit(interval: float) -> float:
+        return max(MISSED_ANSWERS * interval, MIN_SILENCE)
+
     def _lose(self, reason: str) -> None:
         self._connected = False
         self._lost_reason = reason
@@ -362,7 +368,7 @@ class ControllerClient:
         while True:
             await anyio.sleep(interval)
             silent = time.monotonic() - self._last_heard
-            if silent > MISSED_ANSWERS * interval:
+            if silent > self._silence_limit(interval):
                 self._lose(f"no word from the controller for {silent:.1f} s")
                 return
             stats: dict[str, Any] = {}

@@ -47,8 +47,8 @@ __all__ = [
 
 _READY = re.compile(r"lmplug-controller ready on http://([\d.]+):(\d+) \(workers: (\S+);")
 _START_LIMIT = 30.0
-FAST = ControllerConfig(port=0, heartbeat_seconds=0.1, command_timeout=1.0)
-"""A controller for tests: free port, 0.1 s heartbeats, 1 s command timeout."""
+FAST = ControllerConfig(port=0, heartbeat_seconds=0.1, missed_heartbeats=10, command_timeout=1.0)
+"""A controller for tests: free port, 0.1 s heartbeats, workers dropped after 1 s, 1 s command timeout."""
 
 
 def make_keys(prompt: str, count: int, fingerprint: bytes = b"fp-test0") -> list[bytes]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from lmplug_controller.index import Index, Worker
 from lmplug_controller.protocol import KEY_SIZE, Holder, ProtocolError, TierInfo
 from lmplug_controller.server import Controller, ControllerConfig
@@ -100,10 +101,13 @@ def test_a_new_incarnation_loses_the_old_entries_a_reconnect_keeps_them_as_hints
     index.admit(worker, "cpu", KEYS)
     index.replace(worker, {"cpu": KEYS}, seq=0)
     again = register(index, "a", incarnation="1")
-    assert again is worker and again.dirty and again.resync_epoch == 2
+    assert again is worker
+    assert again.dirty
+    assert again.resync_epoch == 2
     assert index.lookup(KEYS)[0].chunks == 10
     restarted = register(index, "a", incarnation="2")
-    assert restarted is not worker and index.lookup(KEYS) == []
+    assert restarted is not worker
+    assert index.lookup(KEYS) == []
 
 
 def test_a_gap_in_event_batches_asks_for_a_snapshot() -> None:
@@ -116,7 +120,8 @@ def test_a_gap_in_event_batches_asks_for_a_snapshot() -> None:
     assert (controller.counters.gaps, worker.dirty) == (0, False)
     controller.absorb(worker, 3, [["-", "cpu", 1], ["+", "disk", 3]], blob)  # batch 2 went missing
     assert controller.counters.gaps == 1
-    assert worker.dirty and worker.resync_epoch == epoch + 1
+    assert worker.dirty
+    assert worker.resync_epoch == epoch + 1
     assert controller.index.chunks(worker) == {"cpu": 3, "disk": 3}  # applied as hints all the same
     assert (controller.counters.admitted, controller.counters.evicted) == (7, 1)
 

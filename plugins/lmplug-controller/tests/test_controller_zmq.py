@@ -7,6 +7,7 @@ import time
 import anyio
 import pytest
 import zmq
+
 from lmplug_controller import PROTOCOL_VERSION
 from lmplug_controller.protocol import Holder, Kind, decode, encode
 from lmplug_controller.testing import MemoryWorker, eventually, make_keys, running_controller, running_worker
@@ -30,8 +31,11 @@ async def test_workers_register_report_chunks_and_find_each_others_prefixes() ->
             assert (await a.client.lookup(KEYS))[0].chunks == 5
             assert await a.client.lookup(make_keys("other", 3)) == []
             stats = a.client.statistics()
-            assert stats["lookups"] == 3 and stats["lookup_hits"] == 2 and stats["lookup_failures"] == 0
-            assert stats["events_sent"] == 4 and stats["connected"] == 1
+            assert stats["lookups"] == 3
+            assert stats["lookup_hits"] == 2
+            assert stats["lookup_failures"] == 0
+            assert stats["events_sent"] == 4
+            assert stats["connected"] == 1
 
 
 async def test_many_events_arrive_in_order_in_batches() -> None:
@@ -109,7 +113,7 @@ async def test_with_no_controller_lookups_are_misses_and_run_keeps_trying() -> N
 async def test_a_silent_controller_makes_a_lookup_miss_within_the_timeout() -> None:
     async with running_controller() as controller:
         url = controller.addresses.url  # type: ignore[union-attr]
-        worker = MemoryWorker(url, "a", heartbeat_seconds=5.0, lookup_timeout=0.15)
+        worker = MemoryWorker(url, "a", heartbeat_seconds=5.0, lookup_timeout=0.15)  # it notices after 15 s
         async with running_worker(worker):
             controller.shutdown()
             await eventually(lambda: controller.addresses is not None and controller._channel is None)
@@ -121,13 +125,14 @@ async def test_a_silent_controller_makes_a_lookup_miss_within_the_timeout() -> N
 
 
 async def test_a_worker_that_stops_is_dropped_after_three_heartbeats() -> None:
-    async with running_controller() as controller:
+    async with running_controller(missed_heartbeats=3) as controller:
         url = controller.addresses.url  # type: ignore[union-attr]
         async with running_worker(MemoryWorker(url, "a")) as a:
             a.admit("cpu", KEYS)
             await eventually(lambda: len(controller.index) == len(KEYS))
         await eventually(lambda: controller.counters.drops == 1, within=2.0)
-        assert controller.index.workers() == [] and len(controller.index) == 0
+        assert controller.index.workers() == []
+        assert len(controller.index) == 0
 
 
 async def test_tp_ranks_register_as_separate_workers_of_one_instance() -> None:
@@ -178,7 +183,8 @@ async def test_a_registration_of_another_protocol_version_is_refused_by_name() -
             sock.close(linger=0)
             context.destroy(linger=0)
         refused, unknown = (decode(frames) for frames in answers)
-        assert refused.kind is Kind.ERROR and refused.meta["code"] == "version"
+        assert refused.kind is Kind.ERROR
+        assert refused.meta["code"] == "version"
         assert f"speaks version {PROTOCOL_VERSION}" in refused.meta["message"]
         assert unknown.meta["code"] == "unregistered"
         assert controller.counters.refused["version"] == 1
