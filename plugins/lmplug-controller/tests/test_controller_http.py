@@ -118,7 +118,7 @@ async def test_move_fetches_at_the_destination_then_clears_the_source(
     assert answer["workers"][0]["clear"] is None
     assert KEYS[0] in a.held["cpu"]
     status, error = await http_json(url, "POST", "/v1/move", {"from": "a", "to": "a", "keys": HEX})
-    assert status == 400
+    assert (status, error["error"]) == (400, "'from' and 'to' name the same instance")
 
 
 async def test_a_worker_too_slow_to_answer_gives_504(

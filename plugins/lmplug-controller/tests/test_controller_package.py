@@ -16,7 +16,8 @@ README = Path(__file__).parents[1] / "README.md"
 
 def test_the_service_and_the_client_load_neither_lmplug_nor_torch() -> None:
     script = (
-        "import sys, lmplug_controller.server, lmplug_controller.http, lmplug_controller.client, lmplug_controller.cli\n"
+        "import sys, lmplug_controller.server, lmplug_controller.http, lmplug_controller.client\n"
+        "import lmplug_controller.cli, lmplug_controller.testing\n"
         "print(sorted(name for name in ('torch', 'lmplug') if name in sys.modules))"
     )
     loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout

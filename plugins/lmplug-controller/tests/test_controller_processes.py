@@ -28,20 +28,20 @@ async def test_workers_survive_a_killed_and_restarted_controller(controller_proc
         worker.admit("cpu", KEYS)
         body = {"keys": [key.hex() for key in KEYS]}
 
-        async def chunks_held() -> int:
-            status, answer = await http_json(controller.url, "POST", "/v1/lookup", body)
-            return answer["holders"][0]["chunks"] if status == 200 and answer["holders"] else 0
-
-        with anyio.fail_after(10):
-            while await chunks_held() != len(KEYS):
+        async def wait_indexed() -> None:
+            for _ in range(200):
+                status, answer = await http_json(controller.url, "POST", "/v1/lookup", body)
+                if status == 200 and answer["holders"] and answer["holders"][0]["chunks"] == len(KEYS):
+                    return
                 await anyio.sleep(0.05)
+            raise TimeoutError("the keys were not indexed")
+
+        await wait_indexed()
         controller.kill()
         assert await worker.client.lookup(KEYS) == []
         await anyio.to_thread.run_sync(controller.start)  # the same HTTP port, a new ZeroMQ port
         await eventually(lambda: worker.client.statistics()["reconnects"] == 1, within=10)
-        with anyio.fail_after(10):
-            while await chunks_held() != len(KEYS):
-                await anyio.sleep(0.05)
+        await wait_indexed()
 
 
 def test_the_cli_refuses_bad_values() -> None:
