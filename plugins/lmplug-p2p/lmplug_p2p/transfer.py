@@ -35,6 +35,7 @@ from typing import ClassVar, Protocol, Self
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
+from anyio.streams.memory import MemoryObjectSendStream
 
 from lmplug import CorruptChunk
 from lmplug.tierkit import (
@@ -80,6 +81,8 @@ Contains = Callable[[Sequence[ChunkKey]], Awaitable[int]]
 """How many leading keys of those asked for can be served."""
 
 _DRAIN_LIMIT = 4 << 20
+_THREAD_CHECKSUM = 4 << 20
+"""Payloads at least this large are hashed in a worker thread, beside the socket I/O."""
 _SCRATCH = 64 << 10
 
 
@@ -176,6 +179,7 @@ class TransferServer:
         self.request_timeout = request_timeout
         self.hello_timeout = hello_timeout
         self._endpoint: str | None = None
+        self._hashing = anyio.CapacityLimiter(2)
         self._stack: contextlib.AsyncExitStack | None = None
         self._connections = self._open = self._chunks = self._bytes = 0
         self._requests: Counter[str] = Counter()
@@ -365,24 +369,46 @@ class TransferServer:
                     break
                 run.append(views)
                 total += size
-            pending: list[bytes | memoryview] = [
-                protocol.encode_frame(FrameType.GET_REPLY, header.request_id, {"n": len(run)}, total)
-            ]
-            for index, views in enumerate(run):
-                chunk = chunks[index]
-                tokens = chunk.num_tokens
-                record = ChunkHeader.for_chunk(keys[index], layout, tokens, parts_checksum(views)).pack()
-                await send_buffers(sock, [*pending, record, *views])
-                pending = []
-                chunk.release()
-                released += 1
-                self._chunks += 1
-                self._bytes += layout.nbytes(tokens)
-            if pending:
-                await send_buffers(sock, pending)
+            frame = protocol.encode_frame(FrameType.GET_REPLY, header.request_id, {"n": len(run)}, total)
+            failure: Exception | None = None
+            async with anyio.create_task_group() as group:
+                send_checksum, checksums = anyio.create_memory_object_stream[int](1)
+                group.start_soon(self._checksums_ahead, run, send_checksum)
+                pending: list[bytes | memoryview] = [frame]
+                try:
+                    with checksums:
+                        for index, views in enumerate(run):
+                            chunk = chunks[index]
+                            tokens = chunk.num_tokens
+                            checksum = await checksums.receive()
+                            record = ChunkHeader.for_chunk(keys[index], layout, tokens, checksum).pack()
+                            await send_buffers(sock, [*pending, record, *views])
+                            pending = []
+                            chunk.release()
+                            released += 1
+                            self._chunks += 1
+                            self._bytes += layout.nbytes(tokens)
+                        if pending:
+                            await send_buffers(sock, pending)
+                except Exception as exc:  # raised below, outside the group, as itself
+                    failure = exc
+                    group.cancel_scope.cancel()
+            if failure is not None:
+                raise failure
         finally:
-            for chunk in chunks[released:]:
+            for chunk in chunks[released:]:  # the hashing task is done: nothing reads them any more
                 chunk.release()
+
+    async def _checksums_ahead(self, run: Sequence[list[memoryview]], sink: MemoryObjectSendStream[int]) -> None:
+        """The checksums of ``run``'s payloads, one ahead of the sender: a large payload is hashed
+        in a worker thread (xxh3 releases the GIL) while the previous one is being written."""
+        with sink:
+            for views in run:
+                if sum(view.nbytes for view in views) < _THREAD_CHECKSUM:
+                    checksum = parts_checksum(views)
+                else:
+                    checksum = await anyio.to_thread.run_sync(parts_checksum, views, limiter=self._hashing)
+                await sink.send(checksum)
 
 
 # ---------------------------------------------------------------------------- client
@@ -501,7 +527,7 @@ class PeerClient:
         self,
         endpoint: str,
         keys: Sequence[ChunkKey],
-        token_counts: Sequence[int],
+        token_counts: Sequence[int] | None,
         allocator: ChunkAllocator,
         layout: KVLayout,
         *,
@@ -509,12 +535,15 @@ class PeerClient:
     ) -> list[KVChunk]:
         """The verified leading run of ``keys``' chunks that ``endpoint`` serves within ``timeout`` s.
 
-        Chunk ``i`` must hold ``token_counts[i]`` tokens of ``layout``; each is received straight
-        into a chunk from ``allocator`` and returned holding its one reference, which the caller
-        owns. Failures shorten the run (to ``[]`` at worst) and are logged, never raised; only
+        Chunk ``i`` must hold ``token_counts[i]`` tokens of ``layout`` (``None``: as many as the
+        peer's record says, at least one; the key names the tokens either way). Each is received
+        straight into a chunk from ``allocator`` and returned holding its one reference, which the
+        caller owns. A mismatched argument length is a :class:`ValueError` (a bug, not a failure).
+
+        Failures shorten the run (to ``[]`` at worst) and are logged, never raised; only
         cancellation propagates (and then every chunk received is released).
         """
-        if len(keys) != len(token_counts):
+        if token_counts is not None and len(keys) != len(token_counts):
             raise ValueError(f"{len(keys)} keys but {len(token_counts)} token counts")
         chunks: list[KVChunk] = []
         if not keys:
@@ -561,22 +590,26 @@ class PeerClient:
         self,
         connection: _Connection,
         keys: Sequence[ChunkKey],
-        token_counts: Sequence[int],
+        token_counts: Sequence[int] | None,
         allocator: ChunkAllocator,
         layout: KVLayout,
         chunks: list[KVChunk],
     ) -> None:
         """Append verified chunks to ``chunks``; raise at the first failure."""
         sock, limits = connection.sock, connection.limits
-        sizes = [HEADER.size + layout.nbytes(tokens) for tokens in token_counts]
+        budget = min(limits.max_bytes, self.limits.max_bytes)
+        sizes = None if token_counts is None else [HEADER.size + layout.nbytes(tokens) for tokens in token_counts]
         head = bytearray(HEADER.size)
         start = 0
         while start < len(keys):
             # One request per batch the server's limits admit; a later batch only after a whole one.
-            end, total = start + 1, sizes[start]
-            while end < len(keys) and end - start < limits.max_keys and total + sizes[end] <= limits.max_bytes:
-                total += sizes[end]
-                end += 1
+            if sizes is None:
+                end, total = min(start + limits.max_keys, len(keys)), budget
+            else:
+                end, total = start + 1, sizes[start]
+                while end < len(keys) and end - start < limits.max_keys and total + sizes[end] <= budget:
+                    total += sizes[end]
+                    end += 1
             request_id = connection.request_id()
             request = protocol.encode_keys(FrameType.GET, request_id, keys[start:end], {"max_bytes": total})
             await send_buffers(sock, [request])
@@ -588,7 +621,9 @@ class PeerClient:
             for index in range(start, start + served):
                 await recv_exactly(sock, memoryview(head))
                 record = ChunkHeader.unpack(memoryview(head))
-                record.expect(keys[index], layout, token_counts[index])
+                record.expect(keys[index], layout, None if token_counts is None else token_counts[index])
+                if record.tokens < 1:
+                    raise CorruptChunk(f"chunk {index} ({keys[index]}) holds no tokens")
                 remaining -= HEADER.size + record.nbytes
                 if remaining < 0:
                     raise ProtocolError(ErrorCode.MALFORMED, "chunk records run past the reply's data_length")
@@ -761,7 +796,7 @@ class PeerFetcher(Protocol):
         self,
         endpoint: str,
         keys: Sequence[ChunkKey],
-        token_counts: Sequence[int],
+        token_counts: Sequence[int] | None,
         allocator: ChunkAllocator,
         layout: KVLayout,
         *,
