@@ -26,6 +26,7 @@ from benchmarks import (
     disk_throughput,
     fixed_cost,
     lookup_128k,
+    p2p_transfer,
     remote_codecs,
     remote_lm,
     remote_redis,
@@ -47,6 +48,7 @@ MODULES: tuple[ModuleType, ...] = (
     remote_s3,
     remote_lm,
     remote_codecs,
+    p2p_transfer,
     vllm_ttft,
     vllm_chat,
 )
