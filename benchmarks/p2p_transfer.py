@@ -8,7 +8,8 @@ port, and a raw blocking socket on another.
 
 - fetch: ``PeerClient.fetch`` of every chunk of the prompt into chunks of a heap allocator
   (one GET; each payload received with ``recvmsg_into`` straight into chunk memory, its
-  header checked, its xxh3 verified; the peer computes each checksum as it sends). The chunks
+  header checked, its xxh3 verified; the peer hashes each chunk as it sends it, a chunk ahead
+  in a worker thread from 4 MiB up). The chunks
   are released after each sample, outside the timed section; the allocator keeps their memory
   for the next sample, as a cache's pool would.
 - reference, same run, same two processes: one blocking socket in a worker thread, one chunk
