@@ -47,6 +47,16 @@ if ! command -v redis-server >/dev/null 2>&1; then
     echo "bootstrap: redis-server is missing (apt-get install redis-server); its tests will be skipped" >&2
   fi
 fi
+# A real headless browser for the controller's dashboard test (Debian's chromium).
+if ! command -v chromium >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "bootstrap: installing chromium (apt), for the dashboard test" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
+      || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+  else
+    echo "bootstrap: chromium is missing (apt-get install chromium); the dashboard test will be skipped" >&2
+  fi
+fi
 editables=(-e ".[dev]")
 for plugin in plugins/*/; do
   case "$plugin" in plugins/_*) continue ;; esac  # plugins/_template is a template, not a plugin

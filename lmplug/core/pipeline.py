@@ -32,7 +32,7 @@ import torch
 from lmplug.core.keys import ChunkKey
 from lmplug.core.layout import KVLayout
 from lmplug.core.memory import ChunkAllocator, KVChunk
-from lmplug.core.tier import Capability, Tier
+from lmplug.core.tier import Capability, Tier, TierStatistics
 from lmplug.core.transfer import copy_from_chunks
 from lmplug.errors import CorruptChunk, PluginContractError
 from lmplug.hooks.specs import DATA_PATH_HOOKS, OPTIONAL_DATA_PATH_HOOKS, make_plugin_manager
@@ -394,6 +394,15 @@ class LocalView:
 
     async def retrieve(self, keys: Sequence[ChunkKey]) -> list[KVChunk]:
         return await self.pipeline.retrieve(keys, None)
+
+    async def store(self, keys: Sequence[ChunkKey], chunks: Sequence[KVChunk]) -> None:
+        await self.pipeline.store(keys, chunks)
+
+    async def evict(self, keys: Sequence[ChunkKey]) -> dict[str, int]:
+        return await self.pipeline.evict(keys)
+
+    def statistics(self) -> tuple[TierStatistics, ...]:
+        return tuple(slot.tier.statistics() for slot in self.pipeline.slots)
 
     async def held_keys(self) -> dict[str, list[ChunkKey]]:
         held: dict[str, list[ChunkKey]] = {}

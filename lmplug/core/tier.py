@@ -138,6 +138,18 @@ class LocalTiers(Protocol):
         """Every key each of them holds, by tier name (tiers that declare :attr:`Capability.LISTS_KEYS`)."""
         ...
 
+    async def store(self, keys: Sequence[ChunkKey], chunks: Sequence[KVChunk]) -> None:
+        """Offer chunks to them (write-all), e.g. chunks fetched from a peer on a controller's command."""
+        ...
+
+    async def evict(self, keys: Sequence[ChunkKey]) -> dict[str, int]:
+        """Drop keys from them; how many each dropped."""
+        ...
+
+    def statistics(self) -> tuple[TierStatistics, ...]:
+        """Their statistics, in pipeline order."""
+        ...
+
 
 @dataclass(slots=True)
 class TierContext:

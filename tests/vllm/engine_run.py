@@ -3,11 +3,13 @@
 Used by the end-to-end tests as a subprocess (vLLM spawns processes, so it needs a main guard):
 
     python tests/vllm/engine_run.py MODEL_DIR OUT.json [--lmplug CONFIG.yaml] [--rounds N]
-        [--prompts PROMPTS.json] [--max-tokens N] [--max-model-len N]
+        [--prompts PROMPTS.json] [--max-tokens N] [--max-model-len N] [--hold]
 
 Each round generates greedily for the same prompts, then resets vLLM's own prefix cache
 (unless ``--keep-prefix-cache``), so a later round can only reuse KV through lmplug. With
 lmplug, each round also records the worker's cache statistics as they stand after it.
+With ``--hold`` the engine stays up after writing its results, until its stdin closes (a
+peer instance fetches from its memory meanwhile).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -36,6 +39,7 @@ def main() -> None:
     parser.add_argument("--prompts", help="a JSON list of prompts (token id lists); default: two synthetic ones")
     parser.add_argument("--max-tokens", type=int, default=6)
     parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--hold", action="store_true", help="stay up after the results, until stdin closes")
     args = parser.parse_args()
     prompt_ids: list[list[int]] = json.loads(Path(args.prompts).read_text()) if args.prompts else prompts()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -88,8 +92,11 @@ def main() -> None:
             client.close()
         if not args.keep_prefix_cache:
             llm.reset_prefix_cache()
-    with open(args.out, "w") as handle:
+    with open(args.out + ".part", "w") as handle:
         json.dump(rounds, handle)
+    os.replace(args.out + ".part", args.out)  # whole, for a test that polls for it
+    if args.hold:
+        sys.stdin.read()
 
 
 if __name__ == "__main__":

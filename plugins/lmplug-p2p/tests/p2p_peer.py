@@ -1,25 +1,38 @@
-"""A peer in its own process: serves ``count`` chunks of ``make_kv`` until stdin closes or it is killed.
+"""A peer instance in its own process, for the multi-process tests: a ``SyncCache`` with ``cpu`` +
+``p2p`` tiers that stores and evicts prompts on command.
 
-Usage: ``python p2p_peer.py DTYPE COUNT TOKENS LAYERS``; prints its endpoint on the first line.
+    python p2p_peer.py CONFIG.json BACKEND
+
+Reads one command per line from stdin (``store SEED CHUNKS``, ``evict SEED CHUNKS``), answers
+``ok`` on stdout after each, ``ready`` once the cache is open; stops at end of input.
 """
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
+from typing import Any
 
-import anyio
-import torch
-from lmplug_p2p.transfer import TransferServer
-from p2p_testing import FINGERPRINT, Holder, make_layout
+import lmplug
+from lmplug.testing import reference_kv
+
+from p2p_testing import prompt
 
 
-async def main(dtype: str, count: int, tokens: int, layers: int) -> None:
-    layout = make_layout(getattr(torch, dtype), layers)
-    holder = Holder(layout, [tokens] * count)
-    async with TransferServer(holder.serve, holder.contains, fingerprint=FINGERPRINT, layout=layout) as server:
-        print(server.endpoint, flush=True)
-        await anyio.to_thread.run_sync(sys.stdin.read)  # until the test closes stdin
+def main() -> None:
+    config: dict[str, Any] = json.loads(Path(sys.argv[1]).read_text())
+    with lmplug.SyncCache(config, backend=sys.argv[2]) as cache:  # type: ignore[arg-type]
+        print("ready", flush=True)
+        for line in sys.stdin:
+            command, seed, chunks = line.split()
+            tokens = prompt(int(seed), int(chunks))
+            if command == "store":
+                cache.store(tokens, reference_kv(tokens, config))
+            elif command == "evict":
+                cache.evict(tokens)
+            print("ok", flush=True)
 
 
 if __name__ == "__main__":
-    anyio.run(main, sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+    main()

@@ -9,9 +9,10 @@ import sys
 
 import anyio
 import torch
-from p2p_transfer_testing import FINGERPRINT, Holder, make_layout
 
 from lmplug_p2p.transfer import TransferServer
+
+from p2p_transfer_testing import FINGERPRINT, Holder, make_layout
 
 
 async def main(dtype: str, count: int, tokens: int, layers: int) -> None:

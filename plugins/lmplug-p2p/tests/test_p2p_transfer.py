@@ -11,19 +11,6 @@ from collections.abc import AsyncIterator, Sequence
 import anyio
 import pytest
 import torch
-from p2p_transfer_testing import (
-    FINGERPRINT,
-    OTHER_FINGERPRINT,
-    TOKENS,
-    CountingAllocator,
-    Holder,
-    eventually,
-    make_key,
-    make_kv,
-    make_layout,
-    tampering_proxy,
-    token_counts,
-)
 
 from lmplug.testing import free_port
 from lmplug.tierkit import HEADER, KVChunk, KVLayout
@@ -36,6 +23,20 @@ from lmplug_p2p.transfer import (
     TransportSettings,
     open_transport,
     parse_endpoint,
+)
+
+from p2p_transfer_testing import (
+    FINGERPRINT,
+    OTHER_FINGERPRINT,
+    TOKENS,
+    CountingAllocator,
+    Holder,
+    eventually,
+    make_key,
+    make_kv,
+    make_layout,
+    tampering_proxy,
+    token_counts,
 )
 
 TIMEOUT = 10.0

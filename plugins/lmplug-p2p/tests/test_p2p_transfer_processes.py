@@ -8,9 +8,10 @@ import time
 import anyio
 import pytest
 import torch
-from p2p_transfer_testing import FINGERPRINT, TOKENS, CountingAllocator, make_key, make_kv, make_layout, peer_process
 
 from lmplug_p2p.transfer import PeerClient
+
+from p2p_transfer_testing import FINGERPRINT, TOKENS, CountingAllocator, make_key, make_kv, make_layout, peer_process
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

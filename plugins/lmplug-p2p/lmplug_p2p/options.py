@@ -1,0 +1,78 @@
+"""The options of a ``type: p2p`` tier."""
+
+from __future__ import annotations
+
+import os
+import socket
+from urllib.parse import urlsplit
+
+from pydantic import Field, PositiveInt, field_validator, model_validator
+
+from lmplug.tierkit import Duration, StrictModel
+
+
+class P2PTierConfig(StrictModel):
+    """Options of a ``type: p2p`` tier: only ``controller`` is required."""
+
+    controller: str = Field(
+        min_length=1, description="The controller's HTTP URL, http://HOST:PORT (as `lmplug controller` prints it)."
+    )
+    host: str = Field(default="127.0.0.1", min_length=1, description="Address the transfer server binds.")
+    port: int = Field(default=0, ge=0, le=65535, description="Port of the transfer server; 0 picks a free one.")
+    advertise: str | None = Field(
+        default=None,
+        description="host:port peers dial to fetch from this instance (default: host and the bound port).",
+    )
+    instance_id: str | None = Field(
+        default=None, min_length=1, description="This instance's name at the controller (default: host name and pid)."
+    )
+    token_env: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Environment variable holding the shared token of the controller and the peers.",
+    )
+    lookup_timeout: Duration = Field(default=0.2, gt=0, description="Limit of one controller lookup (then a miss).")
+    fetch_timeout: Duration = Field(default=5.0, gt=0, description="Limit of one fetch from a peer (then a miss).")
+    heartbeat: Duration = Field(default=2.0, gt=0, description="Interval of the heartbeats to the controller.")
+    holders: PositiveInt = Field(default=2, description="Peers tried, longest hit first, before a fetch is a miss.")
+    transport: str = Field(default="tcp", min_length=1, description="How chunks move between peers: tcp.")
+
+    @field_validator("controller")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme != "http" or not parts.hostname or parts.port is None:
+            raise ValueError(f"expected the controller's HTTP URL, http://HOST:PORT, not {value!r}")
+        return value.rstrip("/")
+
+    @field_validator("transport")
+    @classmethod
+    def _known_transport(cls, value: str) -> str:
+        from lmplug_p2p.transfer import transports
+
+        if value not in transports:
+            raise ValueError(f"unknown transport {value!r}; transports: {', '.join(sorted(transports))}")
+        return value
+
+    @field_validator("advertise")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        host, _, port = value.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"expected host:port, not {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _reachable(self) -> P2PTierConfig:
+        if self.advertise is None and self.host in ("0.0.0.0", "::"):
+            raise ValueError(f"host {self.host!r} binds every interface: say which address peers dial in `advertise`")
+        return self
+
+    def name_of_instance(self) -> str:
+        return self.instance_id or f"{socket.gethostname()}-{os.getpid()}"
+
+    def token(self) -> str | None:
+        """The shared token, read from ``token_env`` (unset or empty: none)."""
+        return os.environ.get(self.token_env) or None if self.token_env else None
