@@ -9,7 +9,10 @@ slow here (30 s), so that it still lists A when B asks after A was killed: B's f
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -61,14 +64,29 @@ def prompts(seed: int) -> list[list[int]]:
 
 
 def engine(model: Path, out: Path, lmplug: Path, prompt_file: Path, *, hold: bool = False) -> subprocess.Popen[str]:
+    """An engine process in a session of its own (vLLM's engine core and worker are its children)."""
     command = [sys.executable, str(HERE / "engine_run.py"), str(model), str(out), "--lmplug", str(lmplug)]
     command += ["--prompts", str(prompt_file), *(["--hold"] if hold else [])]
-    log = out.with_suffix(".log").open("w")
-    return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=log, stderr=log, text=True, start_new_session=True)
+    with out.with_suffix(".log").open("w") as log:
+        return subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=log, stderr=log, text=True, start_new_session=True
+        )
+
+
+def kill(process: subprocess.Popen[str]) -> None:
+    """SIGKILL the engine and every process of its session: the worker holding the KV dies too."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    if process.stdin is not None:
+        process.stdin.close()
 
 
 def finish(process: subprocess.Popen[str], out: Path, timeout: float = 600) -> list[Any]:
-    assert process.wait(timeout) == 0, out.with_suffix(".log").read_text()[-4000:]
+    try:
+        assert process.wait(timeout) == 0, out.with_suffix(".log").read_text()[-4000:]
+    finally:
+        kill(process)  # what vLLM left behind, if anything
     rounds: list[Any] = json.loads(out.read_text())
     return rounds
 
@@ -107,8 +125,7 @@ def test_an_engine_serves_a_prompt_with_kv_fetched_from_another_and_survives_its
         agreement = compare(a_round["requests"][0], b_request)
         assert agreement.ok, agreement.mismatch
     finally:
-        a.kill()
-        a.wait()
+        kill(a)
 
     # A is gone, but the controller (30 s heartbeats) still says it holds the second prompt:
     # C asks, fails to fetch, recomputes, and answers as A did.
