@@ -21,6 +21,7 @@ from typing import Any, cast
 import torch
 
 from benchmarks import (
+    controller_index,
     cpu_throughput,
     disk_restart,
     disk_throughput,
@@ -41,6 +42,7 @@ MODULES: tuple[ModuleType, ...] = (
     cpu_throughput,
     fixed_cost,
     lookup_128k,
+    controller_index,
     sync_overhead,
     disk_throughput,
     disk_restart,
