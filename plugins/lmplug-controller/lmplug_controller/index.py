@@ -193,32 +193,46 @@ class Index:
     # ------------------------------------------------------------------ lookup
 
     def lookup(self, keys: Sequence[bytes], exclude_instance: str | None = None) -> list[Holder]:
-        """Every holder of a prefix of ``keys``, longest prefix first, then by the holder's tier
-        preference, then by instance id; ``exclude_instance``'s tiers are left out."""
+        """Every worker holding a prefix of ``keys`` in any of its tiers (a worker serves from all of
+        them), longest prefix first, then by the preference of the tier holding the first key, then
+        by instance id; ``exclude_instance``'s workers are left out."""
         if not keys:
             return []
         masks = self._masks
-        live = masks.get(keys[0], 0)
-        if exclude_instance is not None and live:
-            for slot, (worker, _, _) in self._slot_owner.items():
-                if worker.instance_id == exclude_instance:
-                    live &= ~(1 << slot)
-        runs: list[tuple[int, int]] = []
+        first = masks.get(keys[0], 0)
+        if not first:
+            return []
+        # Each candidate worker with the mask of all its tiers' slots.
+        candidates: dict[int, tuple[Worker, int]] = {}
+        for slot in _bits(first):
+            worker = self._slot_owner[slot][0]
+            if worker.instance_id != exclude_instance and id(worker) not in candidates:
+                union = 0
+                for owned in worker.slots.values():
+                    union |= 1 << owned
+                candidates[id(worker)] = (worker, union)
+        live = list(candidates.values())
+        runs: list[tuple[Worker, int]] = []
         position = 0
         for position, key in enumerate(keys):
             if not live:
                 break
-            still = live & masks.get(key, 0)
-            if still != live:
-                runs.extend((slot, position) for slot in _bits(live & ~still))
-                live = still
+            mask = masks.get(key, 0)
+            kept = [entry for entry in live if mask & entry[1]]
+            if len(kept) != len(live):
+                runs.extend((worker, position) for worker, union in live if not mask & union)
+                live = kept
         else:
             position = len(keys)
-        runs.extend((slot, position) for slot in _bits(live))
+        runs.extend((worker, position) for worker, _ in live)
         found = []
-        for slot, chunks in runs:
+        for worker, chunks in runs:
             if chunks:
-                worker, tier, preference = self._slot_owner[slot]
+                preference, tier = min(
+                    (self._slot_owner[slot][2], self._slot_owner[slot][1])
+                    for slot in worker.slots.values()
+                    if first >> slot & 1
+                )
                 found.append((-chunks, preference, worker.instance_id, worker.rank, tier, worker))
         if not found:
             return []

@@ -32,12 +32,22 @@ def test_the_longest_holder_wins_even_when_it_is_not_the_first_holder_of_the_fir
     ]
 
 
-def test_equal_prefixes_are_ordered_by_the_workers_tier_preference() -> None:
+def test_a_worker_is_one_holder_named_for_its_preferred_tier_holding_the_first_key() -> None:
     index = Index()
     worker = register(index, "a")
     index.admit(worker, "disk", KEYS[:4])
     index.admit(worker, "cpu", KEYS[:4])
-    assert [holder.tier for holder in index.lookup(KEYS)] == ["cpu", "disk"]
+    assert index.lookup(KEYS) == [Holder("a", "cpu", "a:7000", 4)]
+
+
+def test_a_prefix_split_across_a_workers_tiers_counts_whole() -> None:
+    """A worker serves from all its tiers: chunks 0-2 in memory and 3-6 on disk are 7 chunks."""
+    index = Index()
+    worker = register(index, "a")
+    index.admit(worker, "cpu", KEYS[:3])
+    index.admit(worker, "disk", KEYS[3:7])
+    index.admit(register(index, "b"), "cpu", KEYS[:5])
+    assert index.lookup(KEYS) == [Holder("a", "cpu", "a:7000", 7), Holder("b", "cpu", "b:7000", 5)]
 
 
 def test_a_hole_ends_a_holders_prefix() -> None:
