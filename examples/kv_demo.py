@@ -27,6 +27,13 @@ from lmplug.core.layout import DTYPES
 ROOT = Path(__file__).resolve().parents[1]
 
 
+ROWS = 256
+"""Tokens per matrix product of :class:`TinyPrefill`: each token's row is computed in a product of
+the same shape whatever the prompt's length, so the KV of a prefix is the same bits alone and
+inside a longer prompt (a matrix product's rounding may depend on its shape and on how many
+threads the BLAS uses, which varies with the machine's load)."""
+
+
 class TinyPrefill:
     """KV for a token sequence: embeddings mixed causally, projected per layer (deterministic)."""
 
@@ -43,12 +50,21 @@ class TinyPrefill:
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         """KV ``[2, layers, len(tokens), hidden]`` of the whole sequence."""
         x = self.embed[tokens % self.vocab]
-        positions = torch.arange(1, x.shape[0] + 1, dtype=x.dtype).unsqueeze(1)
+        count = x.shape[0]
+        positions = torch.arange(1, count + 1, dtype=x.dtype).unsqueeze(1)
         layers = []
         for mix, kv in zip(self.mix, self.kv, strict=True):
-            x = torch.tanh((torch.cumsum(x, 0) / positions) @ mix)  # causal: token t sees tokens <= t
-            layers.append(torch.stack([x @ kv[0], x @ kv[1]]))
+            x = torch.tanh(_rows(torch.cumsum(x, 0) / positions, mix))  # causal: token t sees tokens <= t
+            layers.append(torch.stack([_rows(x, kv[0]), _rows(x, kv[1])]))
         return torch.stack(layers, dim=1).to(self.dtype)
+
+
+def _rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight`` in products of :data:`ROWS` rows each (the last one padded)."""
+    count = x.shape[0]
+    padded = torch.zeros(-(-count // ROWS) * ROWS, x.shape[1], dtype=x.dtype)
+    padded[:count] = x
+    return torch.cat([padded[start : start + ROWS] @ weight for start in range(0, len(padded), ROWS)])[:count]
 
 
 @dataclass
