@@ -29,9 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 ROWS = 256
 """Tokens per matrix product of :class:`TinyPrefill`: each token's row is computed in a product of
-the same shape whatever the prompt's length, so the KV of a prefix is the same bits alone and
-inside a longer prompt (a matrix product's rounding may depend on its shape and on how many
-threads the BLAS uses, which varies with the machine's load)."""
+the same shape whatever the prompt's length, on one thread, so the KV of a prefix is the same
+bits alone and inside a longer prompt (a matrix product's rounding may depend on its shape and
+on how many threads the BLAS picks, which varies with the machine's load: a loaded machine once
+made every comparison of a run fail)."""
 
 
 class TinyPrefill:
@@ -49,6 +50,14 @@ class TinyPrefill:
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         """KV ``[2, layers, len(tokens), hidden]`` of the whole sequence."""
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return self._prefill(tokens)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _prefill(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.embed[tokens % self.vocab]
         count = x.shape[0]
         positions = torch.arange(1, count + 1, dtype=x.dtype).unsqueeze(1)
