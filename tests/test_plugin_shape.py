@@ -39,6 +39,8 @@ def _tier_plugins() -> list[Path]:
         for directory in sorted(PLUGINS.iterdir())
         if (directory / "pyproject.toml").is_file()
         and "lmplug" in _project(directory)["project"].get("entry-points", {})
+        # a service that only registers a command (lmplug-controller) names a module, not its package
+        and "." not in "".join(_project(directory)["project"]["entry-points"]["lmplug"].values())
     ]
     assert TEMPLATE in found
     assert len(found) >= 4

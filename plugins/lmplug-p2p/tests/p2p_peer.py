@@ -3,8 +3,9 @@
 
     python p2p_peer.py CONFIG.json BACKEND
 
-Reads one command per line from stdin (``store SEED CHUNKS``, ``evict SEED CHUNKS``), answers
-``ok`` on stdout after each, ``ready`` once the cache is open; stops at end of input.
+Reads one command per line from stdin (``store SEED CHUNKS``, ``evict SEED CHUNKS``, or
+``store-tokens`` / ``evict-tokens`` followed by a JSON list of token ids), answers ``ok`` on
+stdout after each, ``ready`` once the cache is open; stops at end of input.
 """
 
 from __future__ import annotations
@@ -25,8 +26,13 @@ def main() -> None:
     with lmplug.SyncCache(config, backend=sys.argv[2]) as cache:  # type: ignore[arg-type]
         print("ready", flush=True)
         for line in sys.stdin:
-            command, seed, chunks = line.split()
-            tokens = prompt(int(seed), int(chunks))
+            command, _, rest = line.partition(" ")
+            if command.endswith("-tokens"):
+                tokens = json.loads(rest)
+                command = command.removesuffix("-tokens")
+            else:
+                seed, chunks = rest.split()
+                tokens = prompt(int(seed), int(chunks))
             if command == "store":
                 cache.store(tokens, reference_kv(tokens, config))
             elif command == "evict":

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -27,9 +28,9 @@ HERE = Path(__file__).parent
 class Peer:
     """Instance A: ``p2p_peer.py`` in its own process."""
 
-    def __init__(self, directory: Path, controller: str, backend: str) -> None:
-        path = directory / "a.json"
-        path.write_text(json.dumps(config(controller, "a")))
+    def __init__(self, directory: Path, stack: dict[str, Any], backend: str) -> None:
+        path = directory / "peer.json"
+        path.write_text(json.dumps(stack))
         self.process = subprocess.Popen(
             [sys.executable, str(HERE / "p2p_peer.py"), str(path), backend],
             stdin=subprocess.PIPE,
@@ -78,7 +79,7 @@ def controller(tmp_path: Path) -> Iterator[ControllerProcess]:
 
 @pytest.fixture
 def peer(tmp_path: Path, controller: ControllerProcess, anyio_backend: str) -> Iterator[Peer]:
-    started = Peer(tmp_path, controller.url, anyio_backend)
+    started = Peer(tmp_path, config(controller.url, "a"), anyio_backend)
     try:
         yield started
     finally:
