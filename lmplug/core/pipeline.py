@@ -398,8 +398,8 @@ class LocalView:
     async def store(self, keys: Sequence[ChunkKey], chunks: Sequence[KVChunk]) -> None:
         await self.pipeline.store(keys, chunks)
 
-    async def evict(self, keys: Sequence[ChunkKey]) -> dict[str, int]:
-        return await self.pipeline.evict(keys)
+    async def evict(self, keys: Sequence[ChunkKey], tiers: Collection[str] | None = None) -> dict[str, int]:
+        return await self.pipeline.evict(keys, tiers)
 
     def statistics(self) -> tuple[TierStatistics, ...]:
         return tuple(slot.tier.statistics() for slot in self.pipeline.slots)

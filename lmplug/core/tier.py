@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, Self, TypeVar
@@ -142,8 +142,8 @@ class LocalTiers(Protocol):
         """Offer chunks to them (write-all), e.g. chunks fetched from a peer on a controller's command."""
         ...
 
-    async def evict(self, keys: Sequence[ChunkKey]) -> dict[str, int]:
-        """Drop keys from them; how many each dropped."""
+    async def evict(self, keys: Sequence[ChunkKey], tiers: Collection[str] | None = None) -> dict[str, int]:
+        """Drop keys from them (or from the named ones); how many each dropped."""
         ...
 
     def statistics(self) -> tuple[TierStatistics, ...]:

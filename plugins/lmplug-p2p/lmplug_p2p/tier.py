@@ -22,12 +22,14 @@ promotion into it admits nothing.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import anyio
+import anyio.abc
 
 from lmplug.tierkit import (
     Capability,
@@ -49,6 +51,8 @@ logger = logging.getLogger("lmplug.p2p")
 _ANSWER_REUSE = 1.0
 """Seconds a controller's answer about some keys serves again (a lookup's, for the retrieve that
 follows it); a peer that dropped the chunks since serves fewer, which is a shorter hit."""
+_PIN_SECONDS = 300.0
+"""How long a controller's ``pin`` holds chunks when it gives no ``ttl_s``."""
 _LOCAL_WAIT = 10.0
 """Seconds a registration waits for the cache to finish building its pipeline (it starts while the
 tiers open, and lists the local tiers' keys once they are bound)."""
@@ -73,6 +77,9 @@ class P2PTier(Tier):
         self._local: LocalTiers | None = None
         self._last: tuple[float, tuple[ChunkKey, ...], list[Holder]] | None = None
         self._log = ThrottledLog(logger)
+        self._pins: dict[int, tuple[list[ChunkKey], list[KVChunk]]] = {}
+        self._pin_ids = itertools.count(1)
+        self._group: anyio.abc.TaskGroup | None = None
         self._hits = self._misses = self._fetched = self._served_requests = 0
         self._errors = 0
 
@@ -87,6 +94,8 @@ class P2PTier(Tier):
             endpoint = options.advertise or server.endpoint
             group = await stack.enter_async_context(anyio.create_task_group())
             stack.callback(group.cancel_scope.cancel)
+            stack.callback(self._unpin_all)
+            self._group = group
             group.start_soon(self._link_to_controller, endpoint)
             stack.callback(self.context.watch(self))
             stack.push_async_callback(self._peers.aclose)
@@ -99,6 +108,12 @@ class P2PTier(Tier):
         if stack is not None:
             # Not shielded: the stack holds task groups, whose scopes must exit as they were entered.
             await stack.aclose()
+
+    def _unpin_all(self) -> None:
+        for _, chunks in self._pins.values():
+            for chunk in chunks:
+                chunk.release()
+        self._pins.clear()
 
     async def _link_to_controller(self, endpoint: str) -> None:
         """Register with the controller once the cache's pipeline is built (the tier opens before it
@@ -178,27 +193,66 @@ class P2PTier(Tier):
         return await self._local_tiers().contains(keys)
 
     async def _command(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
-        """A controller's command: ``health``, ``clear`` (every chunk, or ``keys``) and ``fetch``
-        (``keys`` from the peer at ``endpoint``, admitted into the local tiers: a move's first half)."""
+        """A controller's command (``args["keys"]`` are bytes), run on this instance's local tiers:
+
+        - ``health``: the tiers' usage;
+        - ``clear``: drop ``keys`` (or every chunk) from ``tiers`` (or all of them);
+        - ``pin``: hold the chunks of ``keys`` (they are not evicted) for ``ttl_s`` seconds or until
+          ``unpin`` with the ``pin_id`` returned (or with the same keys);
+        - ``fetch``: fetch ``keys`` from the peer at ``endpoint`` into the local tiers (a move's
+          first half; the controller then clears the source unless it copies).
+
+        An unknown op or bad arguments raise: the controller answers the caller with the error.
+        """
         local = self._local_tiers()
+        keys = [ChunkKey(key) for key in args.get("keys") or ()]
+        tiers = args.get("tiers") or None
         if op == "health":
-            return {"ok": True, "instance_id": self.instance_id, **self._usage()}
+            return {"instance_id": self.instance_id, "pins": len(self._pins), **self._usage()}
         if op == "clear":
-            if args.get("keys"):
-                keys = [ChunkKey(key) for key in args["keys"]]
-            else:
-                keys = [key for held in (await local.held_keys()).values() for key in held]
-            return {"ok": True, "dropped": await local.evict(keys)}
+            if not keys:
+                held = await local.held_keys()
+                keys = list(
+                    dict.fromkeys(key for name, found in held.items() if not tiers or name in tiers for key in found)
+                )
+            return {"dropped": await local.evict(keys, tiers)}
+        if op == "pin":
+            return self._pin(keys, await local.retrieve(keys), float(args.get("ttl_s") or _PIN_SECONDS))
+        if op == "unpin":
+            return {"released": self._unpin(args.get("pin_id"), keys)}
         if op == "fetch":
-            keys = [ChunkKey(key) for key in args["keys"]]
             chunks = await self._fetch_from(str(args["endpoint"]), keys)
             try:
                 await local.store(keys[: len(chunks)], chunks)
             finally:
                 for chunk in chunks:
                     chunk.release()
-            return {"ok": True, "fetched": len(chunks)}
-        return {"ok": False, "error": f"unknown command {op!r}"}
+            return {"fetched": len(chunks)}
+        raise ValueError(f"unknown command {op!r}; commands: health, clear, pin, unpin, fetch")
+
+    def _pin(self, keys: list[ChunkKey], chunks: list[KVChunk], seconds: float) -> dict[str, Any]:
+        pin_id = next(self._pin_ids)
+        self._pins[pin_id] = (keys[: len(chunks)], chunks)
+        if self._group is not None:
+            self._group.start_soon(self._expire_pin, pin_id, seconds)
+        return {"pin_id": pin_id, "chunks": len(chunks), "tokens": sum(chunk.num_tokens for chunk in chunks)}
+
+    async def _expire_pin(self, pin_id: int, seconds: float) -> None:
+        await anyio.sleep(seconds)
+        self._unpin(pin_id, [])
+
+    def _unpin(self, pin_id: object, keys: Sequence[ChunkKey]) -> int:
+        """Release the pin ``pin_id``, or every pin holding one of ``keys``; how many chunks."""
+        wanted = set(keys)
+        released = 0
+        for found in list(self._pins):
+            held, chunks = self._pins[found]
+            if found == pin_id or wanted.intersection(held):
+                del self._pins[found]
+                for chunk in chunks:
+                    chunk.release()
+                released += len(chunks)
+        return released
 
     # ------------------------------------------------------------------ the data path
 

@@ -151,3 +151,41 @@ async def test_bad_options_are_config_errors(options: dict[str, Any]) -> None:
     with pytest.raises(lmplug.ConfigError, match="tiers"):
         async with lmplug.open_cache(make_config([{"type": "cpu", "capacity": "1MiB"}, {"type": "p2p", **options}])):
             pass
+
+
+async def test_the_controllers_commands_move_pin_and_clear_an_instances_chunks() -> None:
+    from lmplug_controller.testing import http_json
+
+    async with running_controller() as controller:
+        url = controller.addresses.url  # type: ignore[union-attr]
+        async with two_instances(url) as (a, b):
+            tokens = prompt(8, 3)
+            kv = reference_kv(tokens, config(url, "a"))
+            await a.store(tokens, kv)
+            await eventually(looks_up(b, tokens, len(tokens)))
+            keys = [key.hex() for key in a.keys(tokens)]
+
+            status, moved = await http_json(url, "POST", "/v1/move", {"from": "a", "to": "b", "keys": keys})
+            assert (status, moved["ok"]) == (200, True), moved
+            assert b.statistics().tiers[0].chunks == 3  # fetched into b's host memory
+            assert a.statistics().tiers[0].chunks == 0  # and dropped by a (not a copy)
+            got, count = await b.retrieve(tokens)
+            assert count == len(tokens)
+            assert torch.equal(got, kv)
+
+            status, pinned = await http_json(url, "POST", "/v1/pin", {"instance_id": "b", "keys": keys, "ttl_s": 60})
+            assert status == 200, pinned
+            (worker,) = pinned["workers"]
+            assert worker["result"]["chunks"] == 3
+            status, cleared = await http_json(url, "POST", "/v1/clear", {"instance_id": "b"})
+            assert status == 200, cleared
+            assert b.statistics().tiers[0].chunks == 3  # pinned: not dropped
+            status, _ = await http_json(url, "POST", "/v1/unpin", {"instance_id": "b", "keys": keys})
+            assert status == 200
+            status, cleared = await http_json(url, "POST", "/v1/clear", {"instance_id": "b"})
+            assert status == 200, cleared
+            assert b.statistics().tiers[0].chunks == 0
+
+            status, health = await http_json(url, "POST", "/v1/health", {"instance_id": "a"})
+            assert status == 200, health
+            assert health["workers"][0]["result"]["tiers"]["cpu"]["chunks"] == 0
