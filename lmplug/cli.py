@@ -39,6 +39,8 @@ def _plugins(host: PluginHost, args: argparse.Namespace) -> int:
             _summaries({scheme: host.remote_schemes[scheme].summary for scheme in info.remote_schemes})
         if info.codecs:
             print(f"    codecs: {', '.join(info.codecs)}")
+        if info.transports:
+            print(f"    peer transports: {', '.join(info.transports)}")
         print(f"    hooks: {', '.join(info.hooks)}")
     return 0
 

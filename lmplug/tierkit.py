@@ -14,7 +14,7 @@ and this one. A test (``tests/test_exports.py``) holds every plugin in ``plugins
 - **Bytes on disk or the wire:** :class:`ChunkHeader` (:data:`HEADER`), :func:`payload_checksum`,
   :func:`parts_checksum`, :func:`slice_parts`.
 - **Remote stores:** :class:`RemoteConnector`, :class:`RemoteScheme`, :class:`ChunkCodec`,
-  :class:`RawCodec`.
+  :class:`RawCodec`; **peers:** :class:`PeerTransport`.
 - **Config:** :class:`StrictModel`, :class:`ByteSize`, :class:`Duration`, :func:`config_error`.
 - **Operations:** :class:`ThrottledLog` (one warning per interval), :class:`WriteBehind` (the
   queue alone), :class:`CliCommand` (an ``lmplug`` sub-command).
@@ -27,7 +27,7 @@ from lmplug.core.config import StrictModel, config_error
 from lmplug.core.keys import ChunkKey
 from lmplug.core.layout import KVLayout
 from lmplug.core.memory import IO_ALIGNMENT, AllocatorStatistics, ChunkAllocator, KVChunk, aligned_empty
-from lmplug.core.remote import ChunkCodec, RawCodec, RemoteConnector, RemoteScheme
+from lmplug.core.remote import ChunkCodec, PeerTransport, RawCodec, RemoteConnector, RemoteScheme
 from lmplug.core.reporting import ThrottledLog
 from lmplug.core.serde import HEADER, ChunkHeader, parts_checksum, payload_checksum, slice_parts
 from lmplug.core.tier import (
@@ -63,6 +63,7 @@ __all__ = [
     "KVChunk",
     "KVLayout",
     "LocalTiers",
+    "PeerTransport",
     "RawCodec",
     "RemoteConnector",
     "RemoteScheme",

@@ -15,7 +15,7 @@ from lmplug import tierkit
 from lmplug.core.memory import HeapAllocator
 from lmplug.hooks import specs
 from lmplug.hooks.specs import make_plugin_manager
-from lmplug.testing import make_config, reference_kv
+from lmplug.testing import free_port, make_config, reference_kv
 
 ROOT = Path(__file__).parents[1]
 HOOKS = sorted(name for name in vars(specs) if name.startswith("lmplug_"))
@@ -114,6 +114,39 @@ async def test_hook_lmplug_chunks_evicted(stack: dict[str, Any]) -> None:
         await cache.store(prompt, reference_kv(prompt, stack))
         await cache.evict(prompt)
     assert seen == [("cpu", 3), ("low", 3)]
+
+
+async def test_hook_lmplug_register_transports() -> None:
+    """A plugin adds a peer transport; a p2p tier that names it is built with it."""
+    transfer = pytest.importorskip("lmplug_p2p.transfer", reason="the p2p tier comes with lmplug-p2p")
+    built: list[Any] = []
+
+    def counting(settings: Any) -> Any:
+        built.append(settings)
+        return transfer.TcpTransport(settings)
+
+    class Carrier:
+        @tierkit.hookimpl
+        def lmplug_register_transports(self, register: Any) -> None:
+            register(tierkit.PeerTransport("carrier", counting, "TCP, counted"))
+
+    host = lmplug.PluginHost.from_environment({})
+    host.register(Carrier(), "carrier")
+    assert host.resolve_transport("carrier").summary == "TCP, counted"
+    assert host.plugins["carrier"].transports == ("carrier",)
+
+    class Clash:
+        @tierkit.hookimpl
+        def lmplug_register_transports(self, register: Any) -> None:
+            register(tierkit.PeerTransport("tcp", counting))
+
+    with pytest.raises(lmplug.PluginContractError, match="both register transport 'tcp'"):
+        host.register(Clash(), "clash")
+    controller = f"http://127.0.0.1:{free_port()}"
+    config = make_config([{"type": "p2p", "controller": controller, "transport": "carrier", "lookup_timeout": 0.05}])
+    async with lmplug.open_cache(config, plugins=host) as cache:
+        assert await cache.lookup(tokens(5, 1)) == 0  # no controller there: a miss
+    assert len(built) == 1
 
 
 async def test_hook_lmplug_chunks_admitted(stack: dict[str, Any]) -> None:

@@ -20,7 +20,7 @@ import abc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Generic, Self, TypeVar
+from typing import Any, Generic, Self, TypeVar
 
 import torch
 from pydantic import BaseModel
@@ -108,6 +108,21 @@ class RemoteScheme(Generic[ConfigT]):
     schemes: tuple[str, ...]
     config_model: type[ConfigT]
     factory: Callable[[str, ConfigT], RemoteConnector]
+    summary: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PeerTransport:
+    """A way to move chunks between instances of the engine, which a peer tier picks by ``name``.
+
+    ``factory`` builds it; its arguments and what it returns are the peer tier's contract, not
+    the core's (lmplug-p2p: ``factory(settings: TransportSettings) -> Transport``, see its
+    ``transfer`` module), so that another package (NIXL, RDMA) adds a transport without
+    touching the tier.
+    """
+
+    name: str
+    factory: Callable[..., Any]
     summary: str = ""
 
 

@@ -27,7 +27,7 @@ from lmplug.hooks.markers import hookimpl
 
 if TYPE_CHECKING:
     from lmplug.core.config import LmplugConfig
-    from lmplug.core.remote import ChunkCodec, RemoteScheme
+    from lmplug.core.remote import ChunkCodec, PeerTransport, RemoteScheme
 
 
 class Registries(Protocol):
@@ -36,6 +36,8 @@ class Registries(Protocol):
     def resolve_remote_scheme(self, scheme: str) -> RemoteScheme[Any]: ...
 
     def resolve_codec(self, name: str) -> ChunkCodec: ...
+
+    def resolve_transport(self, name: str) -> PeerTransport: ...
 
 
 class Capability(enum.Enum):

@@ -25,7 +25,7 @@ from typing import Any
 
 import pluggy
 
-from lmplug.core.remote import ChunkCodec, RawCodec, RemoteScheme
+from lmplug.core.remote import ChunkCodec, PeerTransport, RawCodec, RemoteScheme
 from lmplug.core.tier import TierType
 from lmplug.errors import PluginContractError, PluginUnavailable
 from lmplug.hooks import specs
@@ -34,7 +34,12 @@ from lmplug.hooks.specs import make_plugin_manager
 logger = logging.getLogger("lmplug.plugins")
 
 ENTRY_POINT_GROUP = "lmplug"
-_REGISTRIES = {"tier type": "tier_types", "remote scheme": "remote_schemes", "codec": "codecs"}
+_REGISTRIES = {
+    "tier type": "tier_types",
+    "remote scheme": "remote_schemes",
+    "codec": "codecs",
+    "transport": "transports",
+}
 _TRUE = {"1", "true", "yes", "on"}
 
 
@@ -63,6 +68,7 @@ class PluginInfo:
     tier_types: tuple[str, ...] = ()
     remote_schemes: tuple[str, ...] = ()
     codecs: tuple[str, ...] = ()
+    transports: tuple[str, ...] = ()
     error: str | None = None
 
 
@@ -75,6 +81,7 @@ class PluginHost:
     tier_types: dict[str, TierType[Any]] = field(default_factory=dict)
     remote_schemes: dict[str, RemoteScheme[Any]] = field(default_factory=dict)
     codecs: dict[str, ChunkCodec] = field(default_factory=lambda: {"raw": RawCodec()})
+    transports: dict[str, PeerTransport] = field(default_factory=dict)
     _owners: dict[tuple[str, str], str] = field(default_factory=lambda: {("codec", "raw"): "lmplug"})
 
     @classmethod
@@ -155,6 +162,7 @@ class PluginHost:
             tuple(offered["tier type"]),
             tuple(offered["remote scheme"]),
             tuple(offered["codec"]),
+            tuple(offered["transport"]),
             error=None,
         )
 
@@ -163,10 +171,12 @@ class PluginHost:
         tier_types: list[object] = []
         schemes: list[object] = []
         codecs: list[object] = []
+        transports: list[object] = []
         # Calls through the plugin manager (so LMPLUG_TRACE_PLUGINS shows them) on this plugin alone.
         self.pm.subset_hook_caller("lmplug_register_tier_types", others)(register=tier_types.append)
         self.pm.subset_hook_caller("lmplug_register_remote_schemes", others)(register=schemes.append)
         self.pm.subset_hook_caller("lmplug_register_codecs", others)(register=codecs.append)
+        self.pm.subset_hook_caller("lmplug_register_transports", others)(register=transports.append)
         offered: dict[str, dict[str, Any]] = {kind: {} for kind in _REGISTRIES}
         for item in tier_types:
             if not isinstance(item, TierType):
@@ -180,6 +190,10 @@ class PluginHost:
             if not isinstance(item, ChunkCodec):
                 raise TypeError(f"registered {item!r}, not a ChunkCodec")
             offered["codec"][item.name] = item
+        for item in transports:
+            if not isinstance(item, PeerTransport):
+                raise TypeError(f"registered {item!r}, not a PeerTransport")
+            offered["transport"][item.name] = item
         return offered
 
     def resolve_remote_scheme(self, scheme: str) -> RemoteScheme[Any]:
@@ -201,6 +215,17 @@ class PluginHost:
             raise PluginUnavailable(
                 f"no installed plugin provides codec {name!r} (codecs available: {known}); "
                 "the compression and quantization codecs come with `pip install lmplug-remote`"
+            )
+        return found
+
+    def resolve_transport(self, name: str) -> PeerTransport:
+        """The peer transport registered as ``name``, or :class:`PluginUnavailable` naming the known ones."""
+        found = self.transports.get(name)
+        if found is None:
+            known = ", ".join(sorted(self.transports)) or "none"
+            raise PluginUnavailable(
+                f"no installed plugin provides peer transport {name!r} (transports available: {known}); "
+                "`tcp` comes with `pip install lmplug-p2p`"
             )
         return found
 

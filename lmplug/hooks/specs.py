@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from lmplug.core.commands import CliCommand
     from lmplug.core.keys import ChunkKey
     from lmplug.core.memory import KVChunk
-    from lmplug.core.remote import ChunkCodec, RemoteScheme
+    from lmplug.core.remote import ChunkCodec, PeerTransport, RemoteScheme
     from lmplug.core.tier import TierType
 
 # --------------------------------------------------------------------------- composition
@@ -86,6 +86,22 @@ def lmplug_register_remote_schemes(register: Callable[[RemoteScheme], None]) -> 
 
     **Call pattern:** all implementations, once per plugin manager, at start-up. Two plugins
     registering the same scheme is a start-up error.
+    **Colour:** sync composition hook, implemented by plugin modules.
+    **Process:** every process that opens a cache or runs ``lmplug`` commands.
+    """
+
+
+@hookspec
+def lmplug_register_transports(register: Callable[[PeerTransport], None]) -> None:
+    """Offer ways to move chunks between instances, by calling ``register(PeerTransport(...))`` once for each.
+
+    :param register: records a :class:`lmplug.tierkit.PeerTransport`: the ``name`` a peer tier's
+        ``transport:`` option gives and the ``factory`` that builds it (its signature is the
+        peer tier's contract: lmplug-p2p documents it).
+    :returns: nothing; results are ignored.
+
+    **Call pattern:** all implementations, once per plugin manager, at start-up. Two plugins
+    registering the same name is a start-up error.
     **Colour:** sync composition hook, implemented by plugin modules.
     **Process:** every process that opens a cache or runs ``lmplug`` commands.
     """

@@ -6,7 +6,7 @@ import os
 import socket
 from urllib.parse import urlsplit
 
-from pydantic import Field, PositiveInt, field_validator, model_validator
+from pydantic import Field, PositiveInt, ValidationInfo, field_validator, model_validator
 
 from lmplug.tierkit import Duration, StrictModel
 
@@ -35,7 +35,9 @@ class P2PTierConfig(StrictModel):
     fetch_timeout: Duration = Field(default=5.0, gt=0, description="Limit of one fetch from a peer (then a miss).")
     heartbeat: Duration = Field(default=2.0, gt=0, description="Interval of the heartbeats to the controller.")
     holders: PositiveInt = Field(default=2, description="Peers tried, longest hit first, before a fetch is a miss.")
-    transport: str = Field(default="tcp", min_length=1, description="How chunks move between peers: tcp.")
+    transport: str = Field(
+        default="tcp", min_length=1, description="How chunks move between peers: tcp, or one a plugin registers."
+    )
 
     @field_validator("controller")
     @classmethod
@@ -45,14 +47,14 @@ class P2PTierConfig(StrictModel):
             raise ValueError(f"expected the controller's HTTP URL, http://HOST:PORT, not {value!r}")
         return value.rstrip("/")
 
-    @field_validator("transport")
-    @classmethod
-    def _known_transport(cls, value: str) -> str:
-        from lmplug_p2p.transfer import transports
-
-        if value not in transports:
-            raise ValueError(f"unknown transport {value!r}; transports: {', '.join(sorted(transports))}")
-        return value
+    @model_validator(mode="after")
+    def _known_transport(self, info: ValidationInfo) -> P2PTierConfig:
+        """With the cache's plugins at hand (``lmplug config check``, start-up), some plugin must
+        provide the transport (``tcp``: this one; others through ``lmplug_register_transports``)."""
+        plugins = (info.context or {}).get("plugins")
+        if plugins is not None:
+            plugins.resolve_transport(self.transport)  # PluginUnavailable names the transports there are
+        return self
 
     @field_validator("advertise")
     @classmethod

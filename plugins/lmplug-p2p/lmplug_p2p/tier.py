@@ -44,7 +44,7 @@ from lmplug.tierkit import (
 )
 from lmplug_controller.client import ControllerClient, Holder, TierInfo
 from lmplug_p2p.options import P2PTierConfig
-from lmplug_p2p.transfer import TransportSettings, open_transport
+from lmplug_p2p.transfer import Transport, TransportSettings, open_transport
 
 logger = logging.getLogger("lmplug.p2p")
 
@@ -66,10 +66,11 @@ class P2PTier(Tier):
     def __init__(self, context: TierContext, options: P2PTierConfig) -> None:
         super().__init__(context)
         self.options = options
-        self.transport = open_transport(
-            options.transport,
-            TransportSettings(fingerprint=context.fingerprint, layout=context.layout, token=options.token()),
-        )
+        settings = TransportSettings(fingerprint=context.fingerprint, layout=context.layout, token=options.token())
+        if context.plugins is not None:  # a transport any plugin registered (lmplug_register_transports)
+            self.transport: Transport = context.plugins.resolve_transport(options.transport).factory(settings)
+        else:
+            self.transport = open_transport(options.transport, settings)
         self.instance_id = options.name_of_instance()
         self._peers = self.transport.client()
         self._stack: contextlib.AsyncExitStack | None = None

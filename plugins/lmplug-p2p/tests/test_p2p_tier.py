@@ -144,7 +144,6 @@ async def test_after_the_controller_restarts_the_instances_register_again() -> N
         {"controller": "http://h"},
         {"controller": "http://h:1", "host": "0.0.0.0"},
         {"controller": "http://h:1", "advertise": "h"},
-        {"controller": "http://h:1", "transport": "carrier-pigeon"},
     ],
 )
 async def test_bad_options_are_config_errors(options: dict[str, Any]) -> None:
@@ -189,3 +188,12 @@ async def test_the_controllers_commands_move_pin_and_clear_an_instances_chunks()
             status, health = await http_json(url, "POST", "/v1/health", {"instance_id": "a"})
             assert status == 200, health
             assert health["workers"][0]["result"]["tiers"]["cpu"]["chunks"] == 0
+
+
+async def test_a_transport_no_plugin_provides_names_the_ones_there_are() -> None:
+    stack = make_config(
+        [{"type": "cpu", "capacity": "1MiB"}, {"type": "p2p", "controller": "http://h:1", "transport": "pigeon"}]
+    )
+    with pytest.raises(lmplug.PluginUnavailable, match=r"'pigeon' \(transports available: tcp\)"):
+        async with lmplug.open_cache(stack):
+            pass
