@@ -35,4 +35,6 @@ def test_benchmarks_run(tmp_path: Path) -> None:
         "remote_lm",
         "remote_codecs",
         "vllm_ttft",
+        "p2p_transfer",
+        "controller_index",
     }
