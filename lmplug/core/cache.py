@@ -256,7 +256,14 @@ class Cache:
         for chunk in chunks:
             counts.stored_tokens += chunk.num_tokens
             counts.stored_bytes += chunk.nbytes
-        return min((held + len(chunks)) * size, array.size)
+        cached = held + len(chunks)
+        if chunks and held > first:
+            # Making room for the new chunks may have evicted the held ones before them (they
+            # were not in use): then only what still leads is cached.
+            still = first + await self.pipeline.held_by_all(keys[first:held])
+            if still < held:
+                cached = still
+        return min(cached * size, array.size)
 
     async def retrieve(self, tokens: object, *, out: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
         """The KV of the leading cached tokens of ``tokens``: ``(kv, n)``, ``n`` possibly 0.

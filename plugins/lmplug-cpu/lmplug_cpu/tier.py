@@ -114,7 +114,13 @@ class CpuTier(Tier):
 
     @hookimpl
     async def lmplug_contains(self, keys: Sequence[ChunkKey]) -> int:
-        return leading(keys, self._index.__contains__)
+        found = leading(keys, self._index.__contains__)
+        # Asked about means about to be used: a retrieve follows a lookup, and a store that
+        # extends these chunks must not evict them to make room for the rest.
+        accessed = self._policy.accessed
+        for key in keys[:found]:
+            accessed(key)
+        return found
 
     @hookimpl
     async def lmplug_retrieve(self, keys: Sequence[ChunkKey]) -> list[KVChunk]:

@@ -19,6 +19,7 @@ import lmplug
 from lmplug.testing import make_config, reference_kv
 
 CHUNK = 8
+CAPACITY_CHUNKS = 10  # a chunk of 8 tokens takes 1 KiB, 4 KiB once aligned
 SEGMENTS = [[(s * 101 + i * 7) % 9_000 for i in range(length)] for s, length in enumerate([5, 8, 11, 16, 3, 24])]
 prompts = st.lists(st.integers(0, len(SEGMENTS) - 1), min_size=1, max_size=5).map(
     lambda picks: [token for index in picks for token in SEGMENTS[index]]
@@ -32,7 +33,7 @@ class CpuTierMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.config = make_config(
-            [{"type": "cpu", "capacity": 10 * 4096, "eviction": "lru"}],
+            [{"type": "cpu", "capacity": CAPACITY_CHUNKS * 4096, "eviction": "lru"}],
             chunk_size=CHUNK,
             save_partial_chunks=True,
         )
@@ -66,9 +67,18 @@ class CpuTierMachine(RuleBasedStateMachine):
 
     @rule(tokens=prompts)
     def store(self, tokens: list[int]) -> None:
+        pinned = {key for keys in self.pinned.values() for key in keys}
         stored = self.cache.store(tokens, reference_kv(tokens, self.config))
         keys = self.cache.async_cache.keys(tokens)
         self.stored_keys.update(keys[: -(-stored // CHUNK)])
+        # Lower bounds: with room beside what leases pin, a store takes the whole prompt, and
+        # what a store says is cached is found and served (a cache that never hits fails here).
+        if len(keys) + len(pinned - set(keys)) <= CAPACITY_CHUNKS:
+            assert stored == len(tokens)
+        assert self.cache.lookup(tokens) >= stored
+        kv, count = self.cache.retrieve(tokens)
+        assert count >= stored
+        assert torch.equal(kv, reference_kv(tokens, self.config)[:, :, :count])
 
     @rule(tokens=prompts)
     def lookup(self, tokens: list[int]) -> None:

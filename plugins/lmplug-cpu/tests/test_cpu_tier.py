@@ -45,6 +45,30 @@ async def test_a_chunk_larger_than_the_pool_evicts_nothing() -> None:
         assert await cache.lookup(a) == 2 * CHUNK
 
 
+async def test_a_store_keeps_the_cached_prefix_it_extends() -> None:
+    """Room for the new chunks comes from other chunks, not from the prefix the store builds on."""
+    cfg = config(4)
+    async with lmplug.open_cache(cfg) as cache:
+        a, b = prompt(6, 2), prompt(7, 2)
+        await cache.store(a, reference_kv(a, cfg))
+        await cache.store(b, reference_kv(b, cfg))  # full; a's chunks are the oldest
+        longer = a + prompt(8, 2)
+        assert await cache.store(longer, reference_kv(longer, cfg)) == 4 * CHUNK
+        assert await cache.lookup(longer) == 4 * CHUNK
+        assert await cache.lookup(b) == 0
+
+
+async def test_a_store_larger_than_the_pool_reports_what_stays_cached() -> None:
+    """When the only room is the prefix itself, the store says its tokens are no longer cached."""
+    cfg = config(2)
+    async with lmplug.open_cache(cfg) as cache:
+        a = prompt(9, 2)
+        await cache.store(a, reference_kv(a, cfg))
+        longer = a + prompt(10, 2)
+        stored = await cache.store(longer, reference_kv(longer, cfg))
+        assert stored == await cache.lookup(longer) == 0
+
+
 @pytest.mark.parametrize(("eviction", "survivor"), [("lru", "a"), ("lfu", "a"), ("fifo", "b")])
 async def test_eviction_policy_is_selectable(eviction: str, survivor: str) -> None:
     cfg = config(2, eviction=eviction)
