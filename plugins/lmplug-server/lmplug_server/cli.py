@@ -74,6 +74,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--metrics-port", type=int, default=None, help="serve Prometheus /metrics on 127.0.0.1:PORT (off)"
     )
     parser.add_argument("--request-timeout", type=float, default=60.0, help="seconds one request may take (60)")
+    parser.add_argument(
+        "--auth-deadline", type=float, default=5.0, help="with a token: seconds a connection may wait to AUTH (5)"
+    )
+    parser.add_argument(
+        "--max-unauthenticated",
+        type=int,
+        default=256,
+        help="with a token: connections waiting to AUTH at once; more are refused (256)",
+    )
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
 
 
@@ -91,6 +100,8 @@ def config_from_arguments(args: argparse.Namespace) -> ServerConfig:
         limits=Limits(max_value=args.max_value, max_frame=args.max_frame, max_keys=args.max_keys),
         metrics_port=args.metrics_port,
         request_timeout=args.request_timeout,
+        auth_deadline=args.auth_deadline,
+        max_unauthenticated=args.max_unauthenticated,
     )
 
 

@@ -58,6 +58,11 @@ class ServerCollector(Collector):
         yield CounterMetricFamily("lmplug_server_disk_errors", "Disk store I/O errors.", value=counters.disk_errors)
         yield CounterMetricFamily("lmplug_server_connections", "Connections accepted.", value=server.connections)
         yield GaugeMetricFamily("lmplug_server_open_connections", "Connections open.", value=server.open_connections)
+        yield GaugeMetricFamily(
+            "lmplug_server_unauthenticated_connections",
+            "Connections open that have not authenticated yet.",
+            value=server.unauthenticated,
+        )
         yield GaugeMetricFamily("lmplug_server_memory_used_bytes", "Bytes of values in memory.", value=store.used)
         yield GaugeMetricFamily("lmplug_server_memory_capacity_bytes", "Memory capacity.", value=store.capacity)
         yield GaugeMetricFamily("lmplug_server_memory_items", "Values in memory.", value=len(store))

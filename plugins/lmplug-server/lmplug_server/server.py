@@ -17,6 +17,7 @@ import contextlib
 import hmac
 import json
 import logging
+import math
 import socket
 from collections import Counter
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from lmplug_server.metrics import ServerCollector, serve_metrics
 from lmplug_server.protocol import ErrorCode, Header, ItemStatus, Limits, Op, ProtocolError
 from lmplug_server.sockio import drain_until_closed, recv_exactly, send_buffers, skip_bytes
 from lmplug_server.store import DiskStore, KVStore
+from lmplug_server.throttle import ThrottledLog
 
 __all__ = ["LmServer", "ServerConfig"]
 
@@ -55,6 +57,18 @@ class ServerConfig:
     """Longest time one request may take once its first byte arrived (slow or stalled peers)."""
     grace: float = 10.0
     """How long a graceful stop waits for requests in flight before cutting them off."""
+    auth_deadline: float = 5.0
+    """With a token: seconds a connection may stay open before it authenticates."""
+    max_unauthenticated: int = 256
+    """With a token: connections waiting for their AUTH at once; more are refused on arrival."""
+    log_every: float = 10.0
+    """Bad clients are logged once per kind of trouble per this many seconds (the rest at DEBUG)."""
+
+    def __post_init__(self) -> None:
+        if not self.auth_deadline > 0:
+            raise ValueError(f"auth_deadline must be positive, not {self.auth_deadline}")
+        if self.max_unauthenticated < 1:
+            raise ValueError(f"max_unauthenticated must be at least 1, not {self.max_unauthenticated}")
 
 
 class LmServer:
@@ -69,7 +83,8 @@ class LmServer:
         self.keys: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
         self.bytes_in = self.bytes_out = 0
-        self.connections = self.open_connections = 0
+        self.connections = self.open_connections = self.unauthenticated = 0
+        self._bad_clients = ThrottledLog(logger, config.log_every)
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(ServerCollector(self))
         self._stopping = False
@@ -137,7 +152,7 @@ class LmServer:
             except BlockingIOError:
                 continue
             except OSError as exc:  # out of file descriptors and the like: back off, keep serving
-                logger.warning("lmplug-server: accept failed: %s", exc)
+                self._bad_clients.report("accept", "lmplug-server: accept failed: %s", exc)
                 await anyio.sleep(0.1)
                 continue
             connection.setblocking(False)  # noqa: FBT003
@@ -149,29 +164,19 @@ class LmServer:
     async def _connection(self, sock: socket.socket) -> None:
         self.connections += 1
         self.open_connections += 1
-        header_buffer = bytearray(protocol.HEADER.size)
         connection = _Connection(sock, authenticated=self.config.auth_token is None)
         try:
-            while not self._stopping:
-                with anyio.CancelScope() as idle:
-                    self._idle.add(idle)
-                    try:
-                        await anyio.wait_readable(sock)
-                    finally:
-                        self._idle.discard(idle)
-                if idle.cancelled_caught:
-                    break
-                try:
-                    first = sock.recv_into(header_buffer)
-                except BlockingIOError:
-                    continue
-                if not first:
-                    break  # closed between requests: a clean goodbye
-                with anyio.fail_after(self.config.request_timeout):
-                    await recv_exactly(sock, memoryview(header_buffer)[first:])
-                    header = protocol.parse_request_header(header_buffer, self.config.limits)
-                    connection.request_id = header.request_id
-                    await self._request(connection, header)
+            if not connection.authenticated:
+                if self.unauthenticated >= self.config.max_unauthenticated:
+                    self._turn_away(connection)
+                    return
+                self.unauthenticated += 1
+                connection.waiting_for_auth = True
+            deadline = math.inf if connection.authenticated else anyio.current_time() + self.config.auth_deadline
+            with anyio.CancelScope(deadline=deadline) as connection.auth_scope:
+                await self._serve_requests(connection)
+            if connection.auth_scope.cancelled_caught:
+                raise ProtocolError(ErrorCode.TIMEOUT, f"no AUTH within {self.config.auth_deadline:g} s")
         except ProtocolError as exc:
             await self._refuse(connection, exc)
         except TimeoutError:
@@ -180,18 +185,65 @@ class LmServer:
             self.errors["connection"] += 1
             logger.debug("lmplug-server: connection failed: %s", exc)
         finally:
+            self._stop_waiting_for_auth(connection)
             self.open_connections -= 1
             sock.close()
             if self._stopping and not self.open_connections and self._drained is not None:
                 self._drained.set()
 
+    def _turn_away(self, connection: _Connection) -> None:
+        """Refuse a connection at once: too many others are still to authenticate (a flood, or a slowloris)."""
+        error = ProtocolError(ErrorCode.AUTH_REQUIRED, "too many connections waiting for AUTH; try again later")
+        self.errors["unauthenticated_limit"] += 1
+        self._bad_clients.report("unauthenticated_limit", "lmplug-server: refusing a connection: %s", error)
+        with contextlib.suppress(OSError):  # best effort: the reply is small, the send buffer empty
+            connection.sock.send(protocol.encode_error(error.code, error.detail))
+
+    def _authenticated(self, connection: _Connection) -> None:
+        connection.authenticated = True
+        self._stop_waiting_for_auth(connection)
+        if connection.auth_scope is not None:
+            connection.auth_scope.deadline = math.inf
+
+    def _stop_waiting_for_auth(self, connection: _Connection) -> None:
+        """Give back the connection's place among those waiting for AUTH (authenticated, or on its way out)."""
+        if connection.waiting_for_auth:
+            connection.waiting_for_auth = False
+            self.unauthenticated -= 1
+
+    async def _serve_requests(self, connection: _Connection) -> None:
+        """Read a request, answer it, read the next, until the peer leaves or the server stops."""
+        sock = connection.sock
+        header_buffer = bytearray(protocol.HEADER.size)
+        while not self._stopping:
+            with anyio.CancelScope() as idle:
+                self._idle.add(idle)
+                try:
+                    await anyio.wait_readable(sock)
+                finally:
+                    self._idle.discard(idle)
+            if idle.cancelled_caught:
+                break
+            try:
+                first = sock.recv_into(header_buffer)
+            except BlockingIOError:
+                continue
+            if not first:
+                break  # closed between requests: a clean goodbye
+            with anyio.fail_after(self.config.request_timeout):
+                await recv_exactly(sock, memoryview(header_buffer)[first:])
+                header = protocol.parse_request_header(header_buffer, self.config.limits)
+                connection.request_id = header.request_id
+                await self._request(connection, header)
+
     async def _refuse(self, connection: _Connection, error: ProtocolError) -> None:
         """Tell the peer why (best effort), then the caller closes the connection."""
+        self._stop_waiting_for_auth(connection)  # its goodbye may take a while: make room for others
         self.errors[error.code.name.lower()] += 1
         if error.code is ErrorCode.TRUNCATED:
             logger.debug("lmplug-server: %s", error)
             return  # the peer is gone
-        logger.info("lmplug-server: closing a connection: %s", error)
+        self._bad_clients.report(error.code.name, "lmplug-server: closing a connection: %s", error)
         reply = protocol.encode_error(error.code, error.detail, connection.request_id)
         with anyio.move_on_after(1.0), contextlib.suppress(OSError):
             await send_buffers(connection.sock, [reply])
@@ -209,7 +261,7 @@ class LmServer:
             expected = self.config.auth_token
             if expected is not None and not hmac.compare_digest(bytes(token), expected):
                 raise ProtocolError(ErrorCode.AUTH_FAILED, "wrong auth token")
-            connection.authenticated = True
+            self._authenticated(connection)
             body = protocol.encode_limits(self.config.limits)
             await send_buffers(sock, [protocol.encode_body_reply(op, header.request_id, body)])
         elif not connection.authenticated:
@@ -303,7 +355,11 @@ class LmServer:
             "disk": None
             if store.disk is None
             else {"capacity": store.disk.capacity, "used": store.disk.used, "items": len(store.disk)},
-            "connections": {"accepted": self.connections, "open": self.open_connections},
+            "connections": {
+                "accepted": self.connections,
+                "open": self.open_connections,
+                "unauthenticated": self.unauthenticated,
+            },
             "requests": dict(self.requests),
             "keys": dict(self.keys),
             "errors": dict(self.errors),
@@ -325,6 +381,10 @@ class _Connection:
     sock: socket.socket
     authenticated: bool
     request_id: int = 0
+    waiting_for_auth: bool = False
+    """Counted in :attr:`LmServer.unauthenticated`."""
+    auth_scope: anyio.CancelScope | None = None
+    """Closes the connection at the AUTH deadline; lifted once it authenticates."""
     _scratch: memoryview | None = None
 
     def scratch(self) -> memoryview:
