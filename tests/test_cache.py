@@ -346,12 +346,15 @@ async def test_many_concurrent_users(config: dict[str, Any]) -> None:
     async with lmplug.open_cache(config) as cache:
         system = prompt(23, 2 * CHUNK)
         wrong: list[int] = []
+        served: list[int] = []
 
         async def user(seed: int) -> None:
             history = list(system)
             for turn in range(4):
                 history += prompt(seed * 10 + turn, CHUNK + seed % 5)
+                found = await cache.lookup(history)
                 kv, count = await cache.retrieve(history)
+                served.append(min(found, count))
                 if not torch.equal(kv, reference_kv(history, config)[:, :, :count]):
                     wrong.append(seed)
                 await cache.store(history, reference_kv(history, config))
@@ -361,6 +364,9 @@ async def test_many_concurrent_users(config: dict[str, Any]) -> None:
             for seed in range(12):
                 group.start_soon(user, seed)
         assert wrong == []
+        # The system prompt every user shares stays cached under the pressure: every lookup and
+        # retrieve but the very first (before any store) finds at least that much.
+        assert sorted(served)[1] >= len(system)
         stats = cache.statistics()
         assert stats.allocator.used_bytes == stats.tiers[0].used_bytes
 

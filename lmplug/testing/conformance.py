@@ -169,10 +169,11 @@ class TierConformance:
                 for chunk in chunks:
                     chunk.release()
             await self._settle(cache)
-            assert 0 <= admitted <= len(keys)
-            assert await cache.lookup(tokens) >= admitted * self.chunk_size
+            assert admitted == len(keys)  # an empty tier has room for two chunks
+            assert await cache.lookup(tokens) == len(tokens)
             retrieved, count = await cache.retrieve(tokens)
-            assert torch.equal(retrieved, kv[:, :, :count])
+            assert count == len(tokens)
+            assert torch.equal(retrieved, kv)
 
     async def test_statistics_describe_the_tier(self, conformance_config: dict[str, Any]) -> None:
         async with open_cache(conformance_config) as cache:
@@ -186,6 +187,7 @@ class TierConformance:
             assert stats.capacity_bytes is None or stats.capacity_bytes >= stats.used_bytes
 
     async def test_concurrent_stores_and_retrieves(self, conformance_config: dict[str, Any]) -> None:
+        """Stores and retrieves racing each other serve no wrong KV, and every store lands."""
         async with open_cache(conformance_config) as cache:
             prompts = [_tokens(100 + i % 4, (2 + i % 3) * self.chunk_size) for i in range(16)]
             failures: list[str] = []
@@ -194,6 +196,34 @@ class TierConformance:
                 await cache.store(tokens, reference_kv(tokens, conformance_config))
                 kv, count = await cache.retrieve(tokens)
                 if not torch.equal(kv, reference_kv(tokens, conformance_config)[:, :, :count]):
+                    failures.append(f"wrong KV for a prompt of {len(tokens)} tokens")
+
+            async with anyio.create_task_group() as group:
+                for tokens in prompts:
+                    group.start_soon(worker, tokens)
+            assert failures == []
+            await self._settle(cache)
+            for tokens in prompts:
+                assert await cache.lookup(tokens) == len(tokens)
+                kv, count = await cache.retrieve(tokens)
+                assert count == len(tokens)
+                assert torch.equal(kv, reference_kv(tokens, conformance_config))
+
+    async def test_concurrent_retrieves_hit(self, conformance_config: dict[str, Any]) -> None:
+        """Many retrieves at once of stored prompts each get the whole prompt, byte for byte."""
+        async with open_cache(conformance_config) as cache:
+            stored = [_tokens(200 + seed, 4 * self.chunk_size) for seed in range(4)]
+            for tokens in stored:
+                await self._store(cache, conformance_config, tokens)
+            prompts = [stored[i % 4][: (2 + i % 3) * self.chunk_size] for i in range(16)]
+            failures: list[str] = []
+
+            async def worker(tokens: list[int]) -> None:
+                found = await cache.lookup(tokens)
+                kv, count = await cache.retrieve(tokens)
+                if (found, count) != (len(tokens), len(tokens)):
+                    failures.append(f"found {found} and served {count} of {len(tokens)} stored tokens")
+                elif not torch.equal(kv, reference_kv(tokens, conformance_config)):
                     failures.append(f"wrong KV for a prompt of {len(tokens)} tokens")
 
             async with anyio.create_task_group() as group:

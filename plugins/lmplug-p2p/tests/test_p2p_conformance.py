@@ -73,3 +73,11 @@ class TestP2PTierConformance(TierConformance):
     @pytest.mark.xfail(reason="a peer tier holds no chunks of its own: its statistics count none")
     async def test_statistics_describe_the_tier(self, conformance_config: dict[str, Any]) -> None:
         await super().test_statistics_describe_the_tier(conformance_config)
+
+    @pytest.mark.xfail(reason="nothing is promoted into a peer tier: its transfer admits no chunk")
+    async def test_transfer_admits_chunks(self, conformance_config: dict[str, Any]) -> None:
+        await super().test_transfer_admits_chunks(conformance_config)
+
+    @pytest.mark.xfail(reason="a peer tier stores nothing itself: what the cache stores through it is not found")
+    async def test_concurrent_stores_and_retrieves(self, conformance_config: dict[str, Any]) -> None:
+        await super().test_concurrent_stores_and_retrieves(conformance_config)
