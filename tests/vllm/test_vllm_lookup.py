@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -120,3 +121,45 @@ def test_past_the_deadline_a_lookup_answers_what_arrived(tmp_path: Path, backend
         assert 2 * CHUNK <= hit <= 4 * CHUNK  # host memory's share at least
         cache.run_sync(lambda: server.release_all())
         client.close()
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_peer_tier_is_asked_off_the_schedulers_path(tmp_path: Path, backend: str) -> None:
+    """A p2p tier's lookup crosses the network (the controller): it runs beside the scheduler,
+    which gets "pending" at once from a controller that hangs (SIGSTOP), not after the p2p
+    tier's 1 s lookup time-out, and a miss after it."""
+    pytest.importorskip("lmplug_p2p", reason="the p2p tier comes with lmplug-p2p")
+    from lmplug_controller.testing import ControllerProcess, http_json
+
+    controller = ControllerProcess(tmp_path / "controller").start()
+    path = tmp_path / "lookup.sock"
+    stack = [
+        {"type": "cpu", "capacity": "1MiB"},
+        {"type": "p2p", "controller": controller.url, "instance_id": "me", "lookup_timeout": 1.0},
+    ]
+    try:
+        with lmplug.SyncCache(make_config(stack, chunk_size=CHUNK), backend=backend) as cache:  # type: ignore[arg-type]
+            server = LookupServer(cache.async_cache, path, wait=0.0)
+            cache.start_background(server.serve)
+            client = LookupClient(path, timeout=5)
+            try:
+                deadline = time.monotonic() + 10
+                while not cache.run_sync(lambda: http_json(controller.url, "GET", "/v1/instances"))[1]["instances"]:
+                    assert time.monotonic() < deadline, "the p2p tier did not register"
+                    time.sleep(0.05)
+                assert controller.process is not None
+                controller.process.send_signal(signal.SIGSTOP)
+                started = time.monotonic()
+                assert client.lookup("req", list(range(4 * CHUNK))) is None  # pending, not blocked
+                assert time.monotonic() - started < 0.5
+                answer = None
+                while answer is None and time.monotonic() - started < 5:
+                    time.sleep(0.05)
+                    answer = client.lookup("req", list(range(4 * CHUNK)))
+                assert answer == 0  # the controller's time-out: a miss
+            finally:
+                client.close()
+                if controller.process is not None:
+                    controller.process.send_signal(signal.SIGCONT)
+    finally:
+        controller.stop()

@@ -112,8 +112,9 @@ class LookupServer:
         self._lookups = 0
         self._pending = 0
         self._warnings = ThrottledLog(logger)
-        self._local = not any(Capability.SHARED in slot.tier.capabilities for slot in cache.pipeline.slots)
-        """No tier's ``contains`` crosses the network (no shared tier): lookups lease inline."""
+        remote = {Capability.SHARED, Capability.PEER}
+        self._local = not any(remote & slot.tier.capabilities for slot in cache.pipeline.slots)
+        """No tier's ``contains`` crosses the network (no shared or peer tier): lookups lease inline."""
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         with contextlib.suppress(FileNotFoundError):
