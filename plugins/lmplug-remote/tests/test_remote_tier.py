@@ -90,10 +90,26 @@ async def test_a_first_tier_retrieves_into_the_callers_buffer(url: str, codec: s
         assert torch.equal(got, kv)
 
 
-@pytest.mark.parametrize(
-    "damage",
-    ["flip_payload", "flip_header", "truncate", "foreign", "grow"],
-)
+DAMAGES = ["flip_payload", "flip_header", "truncate", "foreign", "grow"]
+
+
+def damaged(value: bytes, damage: str, foreign: bytes) -> bytes:
+    """A stored entry damaged as ``damage`` names; ``foreign`` is another key's good entry."""
+    bad = bytearray(value)
+    if damage == "flip_payload":
+        bad[-3] ^= 0x40
+    elif damage == "flip_header":
+        bad[20] ^= 0x01
+    elif damage == "truncate":
+        del bad[-100:]
+    elif damage == "foreign":
+        bad = bytearray(foreign)
+    elif damage == "grow":
+        bad += b"\0" * 4096
+    return bytes(bad)
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
 async def test_bad_entries_are_misses_and_are_deleted(url: str, damage: str) -> None:
     config = two_tier_config(url)
     tokens = prompt(3, 2 * CHUNK)
@@ -106,21 +122,36 @@ async def test_bad_entries_are_misses_and_are_deleted(url: str, damage: str) -> 
         keys = cache.keymaker.keys(tokens)
         names = [tier.key_name(key) for key in keys]
         store = STORES[url.removeprefix("dict://")]
-        value = bytearray(store[names[1]])
-        if damage == "flip_payload":
-            value[-3] ^= 0x40
-        elif damage == "flip_header":
-            value[20] ^= 0x01
-        elif damage == "truncate":
-            del value[-100:]
-        elif damage == "foreign":
-            value = bytearray(store[tier.key_name(cache.keymaker.keys(other)[1])])
-        elif damage == "grow":
-            value += b"\0" * 4096
-        store[names[1]] = bytes(value)
+        store[names[1]] = damaged(store[names[1]], damage, store[tier.key_name(cache.keymaker.keys(other)[1])])
         await cache.evict(tokens, tiers=["cpu"])
-        _got, hit = await cache.retrieve(tokens)
+        got, hit = await cache.retrieve(tokens)
         assert hit == CHUNK  # the first chunk is good, the second is never served
+        assert torch.equal(got, reference_kv(tokens, config)[:, :, :CHUNK])
+        assert names[1] not in store
+        assert tier.statistics().errors >= 1
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+async def test_bad_entries_received_into_the_callers_buffer_are_misses(url: str, damage: str) -> None:
+    """Alone in the stack, the tier receives raw entries straight into ``out`` and checks them
+    there: a bad one ends the hit, and the KV before it is right."""
+    config = make_config([{"type": "remote", "url": url}], chunk_size=CHUNK, save_partial_chunks=True)
+    tokens = prompt(6, 3 * CHUNK + 4)
+    other = prompt(7, 3 * CHUNK)
+    kv = reference_kv(tokens, config)
+    async with lmplug.open_cache(config, plugins=dict_host()) as cache:
+        tier = remote_tier(cache)
+        await cache.store(tokens, kv)
+        await cache.store(other, reference_kv(other, config))
+        await tier.drain()
+        names = [tier.key_name(key) for key in cache.keymaker.keys(tokens)]
+        store = STORES[url.removeprefix("dict://")]
+        store[names[1]] = damaged(store[names[1]], damage, store[tier.key_name(cache.keymaker.keys(other)[1])])
+        out = lmplug.empty_kv(cache.layout, len(tokens))
+        got, hit = await cache.retrieve(tokens, out=out)
+        assert got.data_ptr() == out.data_ptr()  # the read went into out
+        assert hit == CHUNK
+        assert torch.equal(got, kv[:, :, :CHUNK])
         assert names[1] not in store
         assert tier.statistics().errors >= 1
 
