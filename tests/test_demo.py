@@ -35,6 +35,7 @@ def test_demo_runs_and_serves_correct_kv() -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "every retrieved KV matched a full recomputation byte for byte" in result.stdout
+    assert "every KV computed after a cached prefix matched it too" in result.stdout  # only the rest was computed
     last_round = [line for line in result.stdout.splitlines() if line.strip().startswith("3 ")]
     assert last_round, result.stdout
     assert float(last_round[0].split()[4].rstrip("%")) > 50  # the cache is at work
