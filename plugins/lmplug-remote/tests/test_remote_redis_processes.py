@@ -96,7 +96,9 @@ async def test_killed_server_costs_misses_then_recovers_on_restart(
         connector={"connect_timeout": "500ms", "socket_timeout": "1s"},
     )
     prompts = [[(seed * 7919 + i * 31) % 30_000 for i in range(2 * CHUNK)] for seed in range(40)]
-    async with lmplug.open_cache(config) as cache:
+    wrong: list[str] = []
+    cache = lmplug.open_cache(config)
+    async with cache:
         tier = remote_tier(cache)
 
         async def workload() -> None:
@@ -106,14 +108,19 @@ async def test_killed_server_costs_misses_then_recovers_on_restart(
                 if index == 8:
                     assert tier.statistics().stored >= 8
                     server.kill()  # SIGKILL, with writes queued and in flight
-                await cache.store(tokens, reference_kv(tokens, config))
+                kv = reference_kv(tokens, config)
+                await cache.store(tokens, kv)
                 await cache.evict(tokens, tiers=["cpu"])
-                await cache.lookup(tokens)
-                await cache.retrieve(tokens)
+                found = await cache.lookup(tokens)
+                got, hit = await cache.retrieve(tokens)
+                if not torch.equal(got, kv[:, :, :hit]):
+                    wrong.append(f"prompt {index}: wrong KV in the {hit} tokens served ({found} found)")
 
         with anyio.fail_after(60):  # a guard against a hang; each call is bounded by the tier's timeouts
             await workload()
             await tier.drain()
+            assert wrong == []  # while the server dies too, what is served is right
+            assert tier.statistics().pending_writes == 0  # writes to a dead server were given up, not kept
             for tokens in prompts[:4]:  # the server is gone (and so is its data): misses
                 await cache.evict(tokens, tiers=["cpu"])
                 assert await cache.lookup(tokens) == 0
@@ -135,6 +142,8 @@ async def test_killed_server_costs_misses_then_recovers_on_restart(
             got, hit = await cache.retrieve(tokens)
         assert hit == len(tokens)
         assert torch.equal(got, kv)
+    stats = cache.allocator.statistics()
+    assert (stats.used_bytes, stats.allocations) == (0, 0)  # nothing the outage held leaked
 
 
 async def test_engine_serves_l1_while_redis_is_down(redis_servers: Callable[..., RedisServer]) -> None:
