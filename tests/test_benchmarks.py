@@ -37,4 +37,5 @@ def test_benchmarks_run(tmp_path: Path) -> None:
         "vllm_ttft",
         "p2p_transfer",
         "controller_index",
+        "fuzz_lm",
     }
