@@ -185,7 +185,7 @@ def mutate(rng: random.Random, frame: bytes, *, items: int = 0) -> bytes:
                 data[start:start] = data[start:end]
         elif kind == 7 and len(data) >= HEADER.size:  # the body length off by a little
             (length,) = struct.unpack_from("<Q", data, 16)
-            struct.pack_into("<Q", data, 16, max(0, length + rng.choice((-17, -16, -1, 1, 16, 17))))
+            struct.pack_into("<Q", data, 16, max(0, length + rng.choice((-17, -16, -1, 1, 16, 17))) % (1 << 64))
         elif kind == 8 and len(data) >= HEADER.size:  # the key count off by a little
             (count,) = struct.unpack_from("<I", data, 12)
             struct.pack_into("<I", data, 12, max(0, count + rng.choice((-2, -1, 1, 2))) & 0xFFFF_FFFF)
