@@ -32,3 +32,41 @@ async def test_the_connector_survives_a_hostile_server(anyio_backend: str) -> No
     # not a parser that refuses everything: mutated and honest replies alike are read right
     assert report.outcomes["accepted"] > CASES_PER_BACKEND // 20
     assert report.outcomes["refused"] > CASES_PER_BACKEND // 2
+
+
+async def test_deeply_nested_stats_json_is_an_unavailable_store_not_a_recursion_error() -> None:
+    """Found by the fuzz: ``[[[[...`` as a STATS reply raised RecursionError through the connector."""
+    import anyio
+    import pytest
+    from anyio.abc import SocketStream
+    from anyio.streams.buffered import BufferedByteReceiveStream
+
+    from lmplug.testing import free_port
+    from lmplug_server import protocol
+
+    port = free_port()
+
+    async def hostile(stream: SocketStream) -> None:
+        async with stream:
+            buffered = BufferedByteReceiveStream(stream)
+            while True:
+                header = protocol.parse_request_header(
+                    await buffered.receive_exactly(protocol.HEADER.size), protocol.Limits()
+                )
+                if header.body_length:
+                    await buffered.receive_exactly(header.body_length)
+                if header.opcode == protocol.Op.AUTH:
+                    reply = protocol.encode_body_reply(
+                        protocol.Op.AUTH, header.request_id, protocol.encode_limits(protocol.Limits())
+                    )
+                else:
+                    reply = protocol.encode_body_reply(header.opcode, header.request_id, b"[" * 100_000)
+                await stream.send(reply)
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=port)
+    async with listener, anyio.create_task_group() as group:
+        group.start_soon(listener.serve, hostile)
+        async with open_connector(f"lm://127.0.0.1:{port}") as connector:
+            with pytest.raises(lmplug.TierUnavailable, match="RecursionError"):
+                await connector.server_statistics()
+        group.cancel_scope.cancel()

@@ -303,8 +303,8 @@ class LmConnector(RemoteConnector):
         body = await self._body_request(Op.STATS, "stats", protocol.MAX_STATS_BODY)
         try:
             answer = json.loads(body)
-        except ValueError as exc:
-            raise TierUnavailable(f"{self.url}: stats: unreadable reply ({exc})") from None
+        except (ValueError, RecursionError) as exc:  # RecursionError: deeply nested JSON ("[[[[...")
+            raise TierUnavailable(f"{self.url}: stats: unreadable reply ({type(exc).__name__}: {exc})") from None
         if not isinstance(answer, dict):
             raise TierUnavailable(f"{self.url}: stats: reply is not an object")
         return answer
