@@ -36,7 +36,6 @@ from lmplug.tierkit import (
     ChunkKey,
     KVChunk,
     LocalTiers,
-    ThrottledLog,
     Tier,
     TierContext,
     TierStatistics,
@@ -77,12 +76,10 @@ class P2PTier(Tier):
         self._controller: ControllerClient | None = None
         self._local: LocalTiers | None = None
         self._last: tuple[float, tuple[ChunkKey, ...], list[Holder]] | None = None
-        self._log = ThrottledLog(logger)
         self._pins: dict[int, tuple[list[ChunkKey], list[KVChunk]]] = {}
         self._pin_ids = itertools.count(1)
         self._group: anyio.abc.TaskGroup | None = None
         self._hits = self._misses = self._fetched = self._served_requests = 0
-        self._errors = 0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -120,6 +117,11 @@ class P2PTier(Tier):
         """Register with the controller once the cache's pipeline is built (the tier opens before it
         is), then keep the link: heartbeats, events, lookups, commands, re-registration."""
         local = await self._wait_for_local_tiers()
+        if local is None:
+            logger.error(
+                "p2p tier %r: the cache's pipeline was not built in %g s; not registering", self.name, _LOCAL_WAIT
+            )
+            return
         options = self.options
         controller = ControllerClient(
             options.controller,
@@ -138,13 +140,15 @@ class P2PTier(Tier):
         self._controller = controller
         await controller.run()
 
-    async def _wait_for_local_tiers(self) -> LocalTiers:
-        with anyio.fail_after(_LOCAL_WAIT):
+    async def _wait_for_local_tiers(self) -> LocalTiers | None:
+        """The local tiers once the cache binds them (right after every tier opened), or ``None``."""
+        with anyio.move_on_after(_LOCAL_WAIT):
             while True:
                 try:
                     return self._local_tiers()
                 except RuntimeError:
-                    await anyio.sleep(0.01)
+                    await anyio.sleep(0.01)  # the cache signals nothing when it binds them
+        return None
 
     def _local_tiers(self) -> LocalTiers:
         if self._local is None:
@@ -317,7 +321,6 @@ class P2PTier(Tier):
             capacity_bytes=None,
             hits=self._hits,
             misses=self._misses,
-            errors=self._errors,
         )
 
     def p2p_statistics(self) -> dict[str, Any]:
