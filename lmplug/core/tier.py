@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import enum
+import logging
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -28,6 +29,9 @@ from lmplug.hooks.markers import hookimpl
 if TYPE_CHECKING:
     from lmplug.core.config import LmplugConfig
     from lmplug.core.remote import ChunkCodec, PeerTransport, RemoteScheme
+
+
+logger = logging.getLogger("lmplug.tier")
 
 
 class Registries(Protocol):
@@ -111,13 +115,19 @@ class Holdings:
         if keys:
             self._sink.admitted(tier, keys)
             for watcher in tuple(self._watchers):
-                watcher.admitted(tier, keys)
+                try:
+                    watcher.admitted(tier, keys)
+                except Exception:  # a listener's bug must not fail the tier's store
+                    logger.exception("a holdings watcher failed on admitted chunks")
 
     def evicted(self, tier: str, keys: Sequence[ChunkKey]) -> None:
         if keys:
             self._sink.evicted(tier, keys)
             for watcher in tuple(self._watchers):
-                watcher.evicted(tier, keys)
+                try:
+                    watcher.evicted(tier, keys)
+                except Exception:
+                    logger.exception("a holdings watcher failed on evicted chunks")
 
 
 class LocalTiers(Protocol):
