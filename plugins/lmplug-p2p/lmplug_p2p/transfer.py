@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
-import os
 import socket
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -52,7 +51,7 @@ from lmplug.tierkit import (
 from lmplug_p2p import protocol
 from lmplug_p2p.protocol import FRAME, ErrorCode, FrameHeader, FrameType, Limits, ProtocolError
 from lmplug_server.protocol import ProtocolError as SocketClosed
-from lmplug_server.sockio import drain_until_closed, recv_exactly, recv_exactly_into, send_buffers
+from lmplug_server.sockio import connect, drain_until_closed, recv_exactly, recv_exactly_into, send_buffers
 
 __all__ = [
     "ClientStatistics",
@@ -703,7 +702,7 @@ class PeerClient:
 
     async def _open(self, endpoint: str) -> _Connection:
         host, port = parse_endpoint(endpoint)
-        sock = await _connect(host, port)
+        sock = await connect(host, port)
         try:
             meta: dict[str, object] = {"fingerprint": self.fingerprint.hex()}
             if self._token is not None:
@@ -722,31 +721,6 @@ class PeerClient:
         cause = _cause(error)
         self._failures[cause] += 1
         self._log.report(cause, "lmplug-p2p: %s from %s failed (%s: %s); %s", operation, endpoint, cause, error, kept)
-
-
-async def _connect(host: str, port: int) -> socket.socket:
-    infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
-    failure: OSError = OSError(f"no address for {host}")
-    for family, kind, proto, _, address in infos:
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.setblocking(False)  # noqa: FBT003
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            try:
-                sock.connect(address)
-            except BlockingIOError:
-                await anyio.wait_writable(sock)
-                error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                if error:
-                    raise OSError(error, os.strerror(error)) from None
-            return sock
-        except OSError as exc:
-            sock.close()
-            failure = exc
-        except BaseException:
-            sock.close()
-            raise
-    raise failure
 
 
 def _cause(error: Exception) -> str:

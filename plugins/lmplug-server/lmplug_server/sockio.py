@@ -9,6 +9,7 @@ has no ``recv_into``.)
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Sequence
 
@@ -16,7 +17,7 @@ import anyio
 
 from lmplug_server.protocol import ErrorCode, ProtocolError
 
-__all__ = ["drain_until_closed", "recv_exactly", "recv_exactly_into", "send_buffers", "skip_bytes"]
+__all__ = ["connect", "drain_until_closed", "recv_exactly", "recv_exactly_into", "send_buffers", "skip_bytes"]
 
 _IOV_MAX = 512
 _LOW_WATER = 512 << 10
@@ -118,3 +119,30 @@ async def skip_bytes(sock: socket.socket, count: int, scratch: memoryview) -> No
         piece = scratch[: min(count, len(scratch))]
         await recv_exactly(sock, piece)
         count -= len(piece)
+
+
+async def connect(host: str, port: int) -> socket.socket:
+    """A non-blocking TCP socket (``TCP_NODELAY``) connected to ``host:port``, trying each address;
+    the last address's ``OSError`` when none answers."""
+    infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    failure: OSError = OSError(f"no address for {host}")
+    for family, kind, proto, _, address in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)  # noqa: FBT003
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                sock.connect(address)
+            except BlockingIOError:
+                await anyio.wait_writable(sock)
+                error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if error:
+                    raise OSError(error, os.strerror(error)) from None
+            return sock
+        except OSError as exc:
+            sock.close()
+            failure = exc
+        except BaseException:
+            sock.close()
+            raise
+    raise failure

@@ -30,7 +30,7 @@ from lmplug.tierkit import RemoteConnector
 from lmplug_remote.lm.options import LmOptions
 from lmplug_server import DEFAULT_PORT, TOKEN_ENV, protocol
 from lmplug_server.protocol import ERROR_OPCODE, ITEM, ItemStatus, Limits, Op, ProtocolError, Reply
-from lmplug_server.sockio import recv_exactly, recv_exactly_into, send_buffers
+from lmplug_server.sockio import connect, recv_exactly, recv_exactly_into, send_buffers
 
 __all__ = ["LmConnector"]
 
@@ -97,7 +97,7 @@ class LmConnector(RemoteConnector):
     async def _open(self) -> _Connection:
         try:
             with anyio.fail_after(self.options.connect_timeout):
-                sock = await self._connect_socket()
+                sock = await connect(self.host, self.port)
                 try:
                     limits = await self._authenticate(sock)
                 except BaseException:
@@ -107,30 +107,6 @@ class LmConnector(RemoteConnector):
             raise TierUnavailable(f"{self.url}: no connection within {self.options.connect_timeout:g} s") from None
         self._opened += 1
         return _Connection(sock, limits)
-
-    async def _connect_socket(self) -> socket.socket:
-        infos = await anyio.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
-        failure: OSError = OSError(f"no address for {self.host}")
-        for family, kind, proto, _, address in infos:
-            sock = socket.socket(family, kind, proto)
-            try:
-                sock.setblocking(False)  # noqa: FBT003
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                try:
-                    sock.connect(address)
-                except BlockingIOError:
-                    await anyio.wait_writable(sock)
-                    error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                    if error:
-                        raise OSError(error, os.strerror(error)) from None
-                return sock
-            except OSError as exc:
-                sock.close()
-                failure = exc
-            except BaseException:
-                sock.close()
-                raise
-        raise failure
 
     async def _authenticate(self, sock: socket.socket) -> Limits:
         await send_buffers(sock, [protocol.encode_auth(1, self._token)])
