@@ -6,9 +6,18 @@ import pytest
 import torch
 
 from lmplug.errors import KVShapeError
-from lmplug.integrations.vllm.paged import PagedLayout, Placement, Slots, layout_for
+from lmplug.integrations.vllm.paged import (
+    CpuWriter,
+    PagedLayout,
+    Placement,
+    Slots,
+    detect_cpu_layout,
+    layout_for,
+    slot_tensor,
+)
 
-HEADS, DIM, BLOCK, BLOCKS, LAYERS = 2, 4, 8, 6, 3
+HEADS, DIM, BLOCK, BLOCKS, LAYERS = 2, 16, 16, 6, 3  # 16: the 'cpu-amx' tiles' size
+NAMES = ["cpu", "cpu-amx", "flash", "flashinfer"]
 
 
 def naive_get(name: str, layer: torch.Tensor, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -22,6 +31,17 @@ def naive_get(name: str, layer: torch.Tensor, slot: int) -> tuple[torch.Tensor, 
             for dim in range(DIM):
                 k[head, dim] = flat[dim * BLOCK + offset]  # K stored transposed: [dim, slot]
                 v[head, dim] = flat[BLOCK * DIM + offset * DIM + dim]  # then V: [slot, dim]
+        return k, v
+    if name == "cpu-amx":
+        k = torch.empty(HEADS, DIM, dtype=layer.dtype)
+        v = torch.empty(HEADS, DIM, dtype=layer.dtype)
+        for head in range(HEADS):
+            flat = layer[block, head].reshape(-1)
+            for dim in range(DIM):
+                # K: 16-token tiles of [dim pair, token, 2 dims]; then V: 16-dim tiles of [token pair, dim, 2 tokens].
+                k[head, dim] = flat[(offset // 16) * 16 * DIM + (dim // 2) * 32 + (offset % 16) * 2 + dim % 2]
+                v_at = (dim // 16) * 16 * BLOCK + (offset // 2) * 32 + (dim % 16) * 2 + offset % 2
+                v[head, dim] = flat[BLOCK * DIM + v_at]
         return k, v
     if name == "flash":
         return layer[0, block, offset], layer[1, block, offset]
@@ -50,7 +70,7 @@ def scatter(layout: PagedLayout, layers: list[torch.Tensor], slots: Slots, kv: t
         layout.scatter_layer(layer, slots, kv[:, index])
 
 
-@pytest.mark.parametrize("name", ["cpu", "flash", "flashinfer"])
+@pytest.mark.parametrize("name", NAMES)
 def test_gather_matches_the_layout_definition(name: str) -> None:
     layout = layout_for(name, HEADS, DIM, BLOCK)
     layers = make_layers(name)
@@ -64,7 +84,7 @@ def test_gather_matches_the_layout_definition(name: str) -> None:
             assert torch.equal(out[1, index, token], v.reshape(-1))
 
 
-@pytest.mark.parametrize("name", ["cpu", "flash", "flashinfer"])
+@pytest.mark.parametrize("name", NAMES)
 def test_scatter_writes_only_the_given_slots(name: str) -> None:
     layout = layout_for(name, HEADS, DIM, BLOCK)
     layers = make_layers(name)
@@ -89,7 +109,7 @@ def test_scatter_writes_only_the_given_slots(name: str) -> None:
     assert torch.equal(out, kv)
 
 
-@pytest.mark.parametrize("name", ["cpu", "flash", "flashinfer"])
+@pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize(
     ("block_ids", "start", "end"),
     [
@@ -132,7 +152,7 @@ def test_check_names_the_expected_shape() -> None:
     layout.check(torch.empty(layout.cache_shape(BLOCKS)))
     with pytest.raises(KVShapeError, match="is not the 'flash' layout"):
         layout.check(torch.empty(BLOCKS, 2, BLOCK, HEADS, DIM))
-    with pytest.raises(KVShapeError, match="supports cpu, flash, flashinfer"):
+    with pytest.raises(KVShapeError, match="supports cpu, cpu-amx, flash, flashinfer"):
         layout_for("mla", HEADS, DIM, BLOCK)
 
 
@@ -149,3 +169,60 @@ def test_cuda_round_trip(name: str) -> None:
     gather(layout, layers, slots, out)
     torch.cuda.synchronize()
     assert torch.equal(out, kv)
+
+
+def vllm_writer(isa: str, dim: int = DIM, block: int = BLOCK) -> CpuWriter:
+    """vLLM's own CPU KV writer (the kernel its attention inserts KV with) for ``isa``."""
+    import vllm._custom_ops  # noqa: F401  (loads vLLM's kernels)
+
+    return CpuWriter(torch.ops._C.cpu_attn_reshape_and_cache, isa, HEADS, dim, block)
+
+
+AMX = pytest.mark.skipif(not torch.cpu._is_amx_tile_supported(), reason="vLLM's 'amx' kernels need a CPU with AMX")
+
+
+@pytest.mark.parametrize(
+    ("isa", "dtype", "dim", "block", "expected"),
+    [
+        ("vec", torch.bfloat16, 64, 32, "cpu"),
+        ("vec", torch.float32, 32, 32, "cpu"),
+        ("vec16", torch.bfloat16, 48, 16, "cpu"),
+        pytest.param("amx", torch.bfloat16, 64, 128, "cpu-amx", marks=AMX),
+        pytest.param("amx", torch.bfloat16, 32, 32, "cpu-amx", marks=AMX),
+    ],
+)
+def test_the_layout_is_found_from_vllms_own_writer(
+    isa: str, dtype: torch.dtype, dim: int, block: int, expected: str
+) -> None:
+    """vLLM lays CPU KV out per ISA (AMX tiles K and V differently): the layout lmplug reads with
+    is the one that reads back what vLLM's kernel wrote, for whole blocks and parts of blocks."""
+    writer = vllm_writer(isa, dim, block)
+    layout = detect_cpu_layout(writer, dtype)
+    assert layout.name == expected
+    cpu = torch.device("cpu")
+    for block_ids, start, end in [([4, 0, 5, 2], 3, 3 * block + 5), ([5, 1], 0, 2 * block), ([3], 2, block - 1)]:
+        kv = torch.randn(2, end - start, HEADS * dim).to(dtype)
+        by_vllm = torch.randn(layout.cache_shape(BLOCKS)).to(dtype)
+        by_lmplug = by_vllm.clone()
+        writer.write(by_vllm, slot_tensor(block_ids, start, end, block), kv)
+        placement = Placement.of(block_ids, start, end, block, cpu)
+        layout.scatter_placed(by_lmplug, placement, kv)
+        assert torch.equal(by_lmplug, by_vllm)  # the same bytes, untouched slots included
+        out = torch.empty_like(kv)
+        layout.gather_placed(by_vllm, placement, out)
+        assert torch.equal(out, kv)
+
+
+class _UntransposedWriter(CpuWriter):
+    """A writer whose layout lmplug does not know (K not transposed), standing in for a new ISA."""
+
+    def write(self, layer: torch.Tensor, slots: torch.Tensor, kv: torch.Tensor) -> None:
+        blocks, offsets = slots // self.block_size, slots % self.block_size
+        layer[blocks, :, offsets] = torch.cat([kv[0], kv[1]], dim=1).view(len(slots), HEADS, 2, DIM).flatten(2)
+
+
+def test_an_unknown_cpu_layout_is_refused_with_its_isa_named() -> None:
+    with pytest.raises(KVShapeError, match=r"ISA 'future'.*lmplug does not know \(tried cpu, cpu-amx\)"):
+        detect_cpu_layout(_UntransposedWriter(lambda *args: None, "future", HEADS, DIM, BLOCK), torch.bfloat16)
+    with pytest.raises(KVShapeError, match=r"ISA 'bogus'.*failed: Invalid ISA"):
+        detect_cpu_layout(vllm_writer("bogus"), torch.bfloat16)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from lmplug.core.config import load_config
-from lmplug.integrations.vllm.paged import CpuLayout, FlashLayout, Placement
+from lmplug.integrations.vllm.paged import CpuLayout, FlashLayout, Placement, slot_tensor
 from lmplug.integrations.vllm.scheduler import Span, StepPlan
 from lmplug.integrations.vllm.worker import WorkerSide
 
@@ -257,5 +257,115 @@ def test_cuda_blocks_save_and_load_through_the_side_stream(tmp_path: object, mon
         for blocks, tokens, kv in (([20, 22, 21], first, kvs["a"]), ([30, 9, 31, 33], second, kvs["b"])):
             assert torch.equal(read_back(side, blocks, len(tokens)), kv)
         assert side.take_failed_blocks() == set()
+    finally:
+        side.close()
+
+
+def _side(tmp_path: object, monkeypatch: pytest.MonkeyPatch, dtype: str, dim: int, block: int) -> WorkerSide:
+    monkeypatch.setenv("LMPLUG_RUNTIME_DIR", str(tmp_path))
+    config = load_config(
+        {
+            "chunk_size": 2 * block,
+            "save_partial_chunks": True,
+            "model": {"name": "t", "num_layers": LAYERS, "num_kv_heads": HEADS, "head_size": dim, "dtype": dtype},
+            "tiers": [{"type": "cpu", "capacity": "16MiB"}],
+        }
+    )
+    return WorkerSide(config, f"worker-test-{next(_engines)}", block)
+
+
+@pytest.mark.parametrize(
+    ("isa", "dtype", "layout_name"),
+    [
+        ("vec", "float32", "cpu"),
+        pytest.param(
+            "amx",
+            "bfloat16",
+            "cpu-amx",
+            marks=pytest.mark.skipif(not torch.cpu._is_amx_tile_supported(), reason="needs a CPU with AMX"),
+        ),
+    ],
+)
+def test_kv_vllm_wrote_in_two_steps_comes_back_through_its_writer(
+    tmp_path: object, monkeypatch: pytest.MonkeyPatch, isa: str, dtype: str, layout_name: str
+) -> None:
+    """vLLM's own kernel writes a prompt's KV in two steps that split a block (as chunked prefill
+    does) and lmplug saves after each: what lmplug holds is the KV itself, token by token (not
+    this machine's ISA-specific bytes, which another engine, a peer or a remote tier would
+    misread), and a load into other blocks through the same kernel gives every token back."""
+    dim, block = 32, 32
+    side = _side(tmp_path, monkeypatch, dtype, dim, block)
+    torch_dtype = getattr(torch, dtype)
+    shape = CpuLayout(HEADS, dim, block).cache_shape(40)
+    side.register(
+        {f"model.layers.{i}.self_attn.attn": torch.zeros(shape, dtype=torch_dtype) for i in range(LAYERS)}, isa
+    )
+    try:
+        assert side.layout is not None
+        assert side.layout.name == layout_name
+        assert side.writer is not None
+        tokens = list(range(7, 7 + 3 * block + 9))
+        blocks = [3, 9, 4, 12]
+        kv = torch.randn(2, LAYERS, len(tokens), HEADS * dim).to(torch_dtype)
+        split = block + block // 2 + 3
+        with torch.inference_mode():
+            for start, end, finished in ((0, split, []), (split, len(tokens), ["a"])):
+                slots = slot_tensor(blocks, start, end, block)
+                for index, layer in enumerate(side.layers):  # the forward writes this step's KV
+                    side.writer.write(layer, slots, kv[:, index, start:end])
+                saved_from = start - start % (2 * block)  # saves begin at a chunk, as the scheduler plans them
+                plan = StepPlan(saves=[Span("a", tokens[:end], blocks, saved_from, end)], finished=finished)
+                side.start_load(StepPlan())
+                for name in names(side):
+                    side.save_layer(name, plan)
+                side.save(plan)
+            side.wait_saves()
+        held, count = side.cache.retrieve(tokens)
+        assert count == len(tokens)
+        assert torch.equal(held, kv)
+        for layer in side.layers:
+            layer.zero_()
+        other = [20, 21, 25, 22]
+        hit = lease(side, "b", [*tokens, 1])
+        assert hit == len(tokens)
+        with torch.inference_mode():
+            side.start_load(StepPlan(loads=[Span("b", tokens, other, 0, hit)]))
+            for name in names(side):
+                side.wait_for_layer(name)
+            side.save(StepPlan())
+        out = torch.empty_like(kv)
+        placement = Placement.of(other, 0, len(tokens), block, torch.device("cpu"))
+        for index, layer in enumerate(side.layers):
+            side.layout.gather_placed(layer, placement, out[:, index])
+        assert torch.equal(out, kv)
+        assert side.take_failed_blocks() == set()
+    finally:
+        side.close()
+
+
+def test_a_layout_lmplug_does_not_know_turns_it_off_and_vllm_serves_on(
+    tmp_path: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    side = _side(tmp_path, monkeypatch, "float32", 32, 32)
+    shape = CpuLayout(HEADS, 32, 32).cache_shape(8)
+    side.register({f"model.layers.{i}.self_attn.attn": torch.zeros(shape) for i in range(LAYERS)}, "bogus")
+    try:
+        assert side.layout is None
+        assert side.disabled is not None
+        assert "ISA 'bogus'" in side.disabled
+        tokens = list(range(64))
+        side.cache.store(tokens, torch.randn(2, LAYERS, 64, HEADS * 32))
+        assert lease(side, "a", tokens) == 0  # every lookup a miss
+        statistics = side.cache.run_sync(side.server.statistics)
+        assert "ISA 'bogus'" in str(statistics["disabled"])
+        with torch.inference_mode():
+            side.start_load(StepPlan(loads=[Span("a", tokens, [1, 2], 0, 64)]))  # promised anyway
+            for name in names(side):
+                side.save_layer(name, StepPlan(saves=[Span("b", tokens, [3, 4], 0, 64)], finished=["b"]))
+                side.wait_for_layer(name)
+            side.save(StepPlan(saves=[Span("b", tokens, [3, 4], 0, 64)], finished=["b"]))
+        assert side.take_failed_blocks() == {1, 2}  # recomputed, never served from unknown bytes
+        assert side.take_finished_saves() == {"b"}  # vLLM may free the blocks
+        assert side.transfers.saved_bytes == 0
     finally:
         side.close()

@@ -96,7 +96,7 @@ class LMPlugConnector(KVConnectorBase_V1):
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         assert self._worker is not None
-        self._worker.register(kv_caches)
+        self._worker.register(kv_caches, _cpu_attention_isa(self._vllm_config, list(kv_caches)))
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         assert self._worker is not None
@@ -144,3 +144,21 @@ def _tensor_parallel_rank() -> int:
         return int(get_tensor_model_parallel_rank())
     except (AssertionError, ImportError, RuntimeError):
         return 0
+
+
+def _cpu_attention_isa(vllm_config: VllmConfig, layer_names: list[str]) -> str | None:
+    """The ISA vLLM's CPU attention uses for these layers (it decides their KV layout), else None."""
+    context = vllm_config.compilation_config.static_forward_context
+    for name in layer_names:
+        isa = getattr(context.get(name), "isa", None)
+        if isinstance(isa, str):
+            return isa
+    try:  # not set on the layers (another vLLM version): ask the function that picks it
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+        model = vllm_config.model_config
+        cache = vllm_config.cache_config
+        dtype = model.dtype if isinstance(model.dtype, torch.dtype) else getattr(torch, str(model.dtype))
+        return str(_get_attn_isa(dtype, cache.block_size, model.get_head_size(), cache.cache_dtype))
+    except Exception:  # not a CPU build, or the function changed: the worker assumes the 'cpu' layout
+        return None

@@ -113,6 +113,8 @@ class LookupServer:
         self._pending = 0
         self._warnings = ThrottledLog(logger)
         remote = {Capability.SHARED, Capability.PEER}
+        self.disabled: str | None = None
+        """Why lmplug is off in this engine (every lookup then answers 0), else None."""
         self._local = not any(remote & slot.tier.capabilities for slot in cache.pipeline.slots)
         """No tier's ``contains`` crosses the network (no shared or peer tier): lookups lease inline."""
 
@@ -165,6 +167,8 @@ class LookupServer:
         Asking again for the same tokens answers from the same lease (vLLM may ask more than
         once); other tokens under the same id start over.
         """
+        if self.disabled is not None:
+            return 0
         now = anyio.current_time()
         entry = self._entries.get(request_id)
         if entry is not None and np.array_equal(entry.tokens, tokens):
@@ -241,6 +245,7 @@ class LookupServer:
             return values[min(len(values) - 1, int(q * len(values)))] / 1000 if values else None
 
         return {
+            "disabled": self.disabled,
             "requests_with_leases": sum(1 for entry in self._entries.values() if entry.lease is not None),
             "leases": stats.leases,
             "allocator": dataclasses.asdict(stats.allocator),

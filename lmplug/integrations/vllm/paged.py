@@ -9,9 +9,19 @@ from the slots, on CPU and CUDA tensors alike (no per-token Python loops).
 Per-layer cache layouts (the logical shape of the tensor vLLM hands the connector; the
 physical stride order does not matter, indexing follows the strides):
 
-- ``cpu`` (vLLM's CPU attention, ISA ``vec``): ``[num_blocks, kv_heads, block_size,
-  2 * head_size]``, where each ``(block, head)`` slab holds K transposed as
+- ``cpu`` (vLLM's CPU attention, ISAs ``vec`` and ``vec16``): ``[num_blocks, kv_heads,
+  block_size, 2 * head_size]``, where each ``(block, head)`` slab holds K transposed as
   ``[head_size, block_size]`` followed by V as ``[block_size, head_size]``.
+- ``cpu-amx`` (vLLM's CPU attention, ISA ``amx``: bfloat16 on CPUs with AMX tiles): the
+  same tensor, but each slab holds K in tiles of 16 tokens with pairs of dimensions
+  interleaved, ``[block_size/16, head_size/2, 16, 2]``, then V in tiles of 16 dimensions
+  with pairs of tokens interleaved, ``[head_size/16, block_size/2, 16, 2]`` (the operand
+  layouts of AMX's bfloat16 dot products).
+
+vLLM picks the CPU ISA per machine, so the worker never assumes one: it writes sample KV
+with vLLM's own writer (the kernel its attention inserts new KV with) and uses the layout
+whose reads give that KV back (:func:`detect_cpu_layout`); on the CPU, loads go through
+that writer (:class:`CpuWriter`).
 - ``flash`` (FlashAttention and most CUDA backends): ``[2, num_blocks, block_size,
   kv_heads, head_size]``.
 - ``flashinfer``: ``[num_blocks, 2, block_size, kv_heads, head_size]``.
@@ -20,7 +30,7 @@ physical stride order does not matter, indexing follows the strides):
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -132,26 +142,37 @@ class PagedLayout(abc.ABC):
     def _block_planes(self, layer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Views ``(K, V)`` of ``layer`` as ``[blocks, block_size, heads, dim]`` (strided as the layout is)."""
 
-    def _blocks(self, placement: Placement, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole-block part of ``kv`` ``[2, n, hidden]`` as ``[count, block_size, heads, dim]`` K and V."""
-        shape = (placement.count, self.block_size, self.num_kv_heads, self.head_size)
-        part = kv.narrow(1, placement.lead, placement.count * self.block_size)
+    def _chunk_blocks(self, part: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``part`` ``[2, count * block_size, hidden]`` as ``[count, block_size, heads, dim]`` K and V."""
+        shape = (-1, self.block_size, self.num_kv_heads, self.head_size)
         return part[0].view(shape), part[1].view(shape)
+
+    def _write_blocks(self, layer: torch.Tensor, index: slice | torch.Tensor, part: torch.Tensor) -> None:
+        """Write ``part`` ``[2, count * block_size, hidden]`` into the blocks ``index`` selects."""
+        k, v = self._chunk_blocks(part)
+        k_planes, v_planes = self._block_planes(layer)
+        _put_blocks(k_planes, index, k)
+        _put_blocks(v_planes, index, v)
+
+    def _read_blocks(self, layer: torch.Tensor, index: slice | torch.Tensor, part: torch.Tensor) -> None:
+        """Copy the blocks ``index`` selects into ``part`` ``[2, count * block_size, hidden]``."""
+        k, v = self._chunk_blocks(part)
+        k_planes, v_planes = self._block_planes(layer)
+        k.copy_(k_planes[index])
+        v.copy_(v_planes[index])
+
+    def _whole(self, placement: Placement, kv: torch.Tensor) -> tuple[slice | torch.Tensor, torch.Tensor]:
+        """The index of ``placement``'s whole blocks and the part of ``kv`` ``[2, n, hidden]`` they hold."""
+        index = placement.run if placement.run is not None else placement.whole
+        assert index is not None
+        return index, kv.narrow(1, placement.lead, placement.count * self.block_size)
 
     def scatter_placed(self, layer: torch.Tensor, placement: Placement, kv: torch.Tensor) -> None:
         """Write ``kv`` ``[2, n, hidden]`` into one layer where ``placement`` says, whole blocks at a time."""
         if placement.head is not None:
             self.scatter_layer(layer, placement.head, kv[:, : placement.lead])
         if placement.count:
-            k, v = self._blocks(placement, kv)
-            k_planes, v_planes = self._block_planes(layer)
-            if placement.run is not None:
-                k_planes[placement.run].copy_(k)
-                v_planes[placement.run].copy_(v)
-            else:
-                assert placement.whole is not None
-                k_planes[placement.whole] = k
-                v_planes[placement.whole] = v
+            self._write_blocks(layer, *self._whole(placement, kv))
         if placement.tail is not None:
             self.scatter_layer(layer, placement.tail, kv[:, placement.lead + placement.count * self.block_size :])
 
@@ -160,14 +181,17 @@ class PagedLayout(abc.ABC):
         if placement.head is not None:
             self.gather_layer(layer, placement.head, out[:, : placement.lead])
         if placement.count:
-            k, v = self._blocks(placement, out)
-            k_planes, v_planes = self._block_planes(layer)
-            index = placement.run if placement.run is not None else placement.whole
-            assert index is not None
-            k.copy_(k_planes[index])
-            v.copy_(v_planes[index])
+            self._read_blocks(layer, *self._whole(placement, out))
         if placement.tail is not None:
             self.gather_layer(layer, placement.tail, out[:, placement.lead + placement.count * self.block_size :])
+
+
+def _put_blocks(planes: torch.Tensor, index: slice | torch.Tensor, value: torch.Tensor) -> None:
+    """``planes[index] = value`` for whole blocks: a copy into a slice, an index_put for scattered ids."""
+    if isinstance(index, slice):
+        planes[index].copy_(value)
+    else:
+        planes[index] = value
 
 
 class CpuLayout(PagedLayout):
@@ -197,6 +221,73 @@ class CpuLayout(PagedLayout):
     def _block_planes(self, layer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k_t, v = self._planes(layer)  # [blocks, heads, dim, size] (K transposed) and [blocks, heads, size, dim]
         return k_t.permute(0, 3, 1, 2), v.permute(0, 2, 1, 3)
+
+
+class CpuAmxLayout(CpuLayout):
+    """vLLM's CPU attention layout for ISA ``amx``: per (block, head), K in 16-token tiles with
+    dimension pairs interleaved, then V in 16-dimension tiles with token pairs interleaved."""
+
+    name = "cpu-amx"
+
+    def __init__(self, num_kv_heads: int, head_size: int, block_size: int) -> None:
+        super().__init__(num_kv_heads, head_size, block_size)
+        if block_size % 16 or head_size % 16:
+            raise KVShapeError(
+                f"the 'cpu-amx' layout needs block_size and head_size that are multiples of 16, "
+                f"not {block_size} and {head_size}"
+            )
+
+    def _tiles(self, layer: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """K ``[blocks, heads, size/16, dim/2, 16, 2]`` and V ``[blocks, heads, dim/16, size/2, 16, 2]``;
+        with ``dtype=torch.int32`` each interleaved pair is one element (the trailing 2 dropped)."""
+        blocks, heads, size, dim = layer.shape[0], self.num_kv_heads, self.block_size, self.head_size
+        pair = 1
+        if dtype is not None:
+            layer, pair = layer.view(dtype), 2
+        slab = layer.view(blocks, heads, 2, size * dim // pair)
+        k = slab[:, :, 0].view(blocks, heads, size // 16, dim // 2, 16, 2 // pair)
+        v = slab[:, :, 1].view(blocks, heads, dim // 16, size // 2, 16, 2 // pair)
+        return (k, v) if pair == 1 else (k.squeeze(-1), v.squeeze(-1))
+
+    def _k_v(self, layer: torch.Tensor, slots: Slots) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self._tiles(layer)
+        blocks, offsets = slots.blocks, slots.offsets
+        # Advanced indices around slices put the token dimension first.
+        k_of = k[blocks, :, offsets // 16, :, offsets % 16, :]  # [n, heads, dim/2, 2]
+        v_of = v[blocks, :, :, offsets // 2, :, offsets % 2]  # [n, heads, dim/16, 16]
+        shape = (len(slots), self.num_kv_heads, self.head_size)
+        return k_of.reshape(shape), v_of.reshape(shape)
+
+    def _put(self, layer: torch.Tensor, slots: Slots, k: torch.Tensor, v: torch.Tensor) -> None:
+        k_tiles, v_tiles = self._tiles(layer)
+        blocks, offsets = slots.blocks, slots.offsets
+        heads, dim = self.num_kv_heads, self.head_size
+        k_tiles[blocks, :, offsets // 16, :, offsets % 16, :] = k.reshape(len(slots), heads, dim // 2, 2)
+        v_tiles[blocks, :, :, offsets // 2, :, offsets % 2] = v.reshape(len(slots), heads, dim // 16, 16)
+
+    def _block_planes(self, layer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError("the 'cpu-amx' layout copies whole blocks through its tiles")
+
+    def _write_blocks(self, layer: torch.Tensor, index: slice | torch.Tensor, part: torch.Tensor) -> None:
+        count, size, heads, dim = part.shape[1] // self.block_size, self.block_size, self.num_kv_heads, self.head_size
+        k_tiles, v_tiles = self._tiles(layer)
+        k = part[0].view(count, size // 16, 16, heads, dim // 2, 2).permute(0, 3, 1, 4, 2, 5)
+        v = part[1].view(count, size // 2, 2, heads, dim // 16, 16).permute(0, 3, 4, 1, 5, 2)
+        _put_blocks(k_tiles, index, k)
+        _put_blocks(v_tiles, index, v)
+
+    def _read_blocks(self, layer: torch.Tensor, index: slice | torch.Tensor, part: torch.Tensor) -> None:
+        # Each interleaved pair read as one int32: K's pairs are a token's adjacent dimensions
+        # (one 4-byte move); V's are two tokens, split by truncation (the low half, the even
+        # token) and a shift (the high half, the odd token).
+        count, size, heads, dim = part.shape[1] // self.block_size, self.block_size, self.num_kv_heads, self.head_size
+        k_words, v_words = self._tiles(layer, torch.int32)
+        k_out = part[0].view(torch.int32).view(count, size // 16, 16, heads, dim // 2)
+        k_out.copy_(k_words[index].permute(0, 2, 4, 1, 3))
+        words = v_words[index].permute(0, 3, 1, 2, 4)  # [count, size/2, heads, dim/16, 16]
+        v_out = part[1].view(torch.int16).view(count, size // 2, 2, heads, dim // 16, 16)
+        v_out[:, :, 0].copy_(words)
+        v_out[:, :, 1].copy_(words.bitwise_right_shift(16))
 
 
 class FlashLayout(PagedLayout):
@@ -240,7 +331,9 @@ class FlashInferLayout(PagedLayout):
         return layer[:, 0], layer[:, 1]  # [blocks, size, heads, dim]
 
 
-LAYOUTS: dict[str, type[PagedLayout]] = {cls.name: cls for cls in (CpuLayout, FlashLayout, FlashInferLayout)}
+LAYOUTS: dict[str, type[PagedLayout]] = {
+    cls.name: cls for cls in (CpuLayout, CpuAmxLayout, FlashLayout, FlashInferLayout)
+}
 
 
 def layout_for(name: str, num_kv_heads: int, head_size: int, block_size: int) -> PagedLayout:
@@ -250,3 +343,67 @@ def layout_for(name: str, num_kv_heads: int, head_size: int, block_size: int) ->
     except KeyError:
         known = ", ".join(sorted(LAYOUTS))
         raise KVShapeError(f"unknown vLLM KV cache layout {name!r}; lmplug supports {known}") from None
+
+
+CPU_LAYOUTS: tuple[type[CpuLayout], ...] = (CpuLayout, CpuAmxLayout)
+
+
+def slot_tensor(block_ids: Sequence[int], start: int, end: int, block_size: int) -> torch.Tensor:
+    """The slots of tokens ``[start, end)`` of a request whose blocks are ``block_ids`` (int64, CPU)."""
+    positions = torch.arange(start, end, dtype=torch.int64)
+    return torch.tensor(block_ids, dtype=torch.int64)[positions // block_size] * block_size + positions % block_size
+
+
+class CpuWriter:
+    """vLLM's own CPU KV writer: the kernel its attention inserts new KV with, for one ISA.
+
+    ``op`` is ``torch.ops._C.cpu_attn_reshape_and_cache`` (key, value, key_cache,
+    value_cache, slot_mapping, isa, k_scale, v_scale, kv_cache_dtype). It lays K and V out
+    as that ISA's attention reads them, whatever the layout, so loads written through it
+    are right by construction.
+    """
+
+    def __init__(self, op: Callable[..., object], isa: str, num_kv_heads: int, head_size: int, block_size: int) -> None:
+        self.op = op
+        self.isa = isa
+        self.num_kv_heads = num_kv_heads
+        self.head_size = head_size
+        self.block_size = block_size
+
+    def write(self, layer: torch.Tensor, slots: torch.Tensor, kv: torch.Tensor) -> None:
+        """Write ``kv`` ``[2, n, kv_heads*head_size]`` into ``slots`` (int64 ``[n]``) of one layer."""
+        blocks, heads, dim = layer.shape[0], self.num_kv_heads, self.head_size
+        key_cache, value_cache = layer.view(blocks, heads, 2 * self.block_size, dim).chunk(2, dim=2)
+        n = int(slots.shape[0])
+        self.op(kv[0].view(n, heads, dim), kv[1].view(n, heads, dim), key_cache, value_cache, slots,
+                self.isa, 1.0, 1.0, "auto")  # fmt: skip
+
+
+def detect_cpu_layout(writer: CpuWriter, dtype: torch.dtype) -> CpuLayout:
+    """The CPU layout whose reads give back KV that ``writer`` wrote: sample KV over one whole
+    block and parts of two others, written by vLLM and gathered by each known layout."""
+    heads, dim, size = writer.num_kv_heads, writer.head_size, writer.block_size
+    start, end = size // 2 + 1, 3 * size - size // 4
+    generator = torch.Generator().manual_seed(0)
+    kv = torch.randn(2, end - start, heads * dim, generator=generator).to(dtype)
+    slots = torch.arange(start, end, dtype=torch.int64)
+    tried = []
+    for cls in CPU_LAYOUTS:
+        try:
+            layout = cls(heads, dim, size)
+        except KVShapeError:
+            continue
+        tried.append(cls.name)
+        layer = torch.zeros(layout.cache_shape(3), dtype=dtype)
+        try:
+            writer.write(layer, slots, kv)
+        except RuntimeError as exc:  # the kernel refuses this ISA, dtype or geometry
+            raise KVShapeError(f"vLLM's CPU KV writer (ISA {writer.isa!r}, {dtype}) failed: {exc}") from exc
+        out = torch.empty_like(kv)
+        layout.gather_placed(layer, Placement.of([0, 1, 2], start, end, size, layer.device), out)
+        if torch.equal(out, kv):
+            return layout
+    raise KVShapeError(
+        f"vLLM's CPU attention (ISA {writer.isa!r}, {dtype}, kv_heads={heads}, head_size={dim}, "
+        f"block_size={size}) lays KV out in a way lmplug does not know (tried {', '.join(tried)})"
+    )

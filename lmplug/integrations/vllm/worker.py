@@ -6,10 +6,11 @@ import dataclasses
 import logging
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
+from typing import cast
 
 import torch
 
@@ -17,9 +18,18 @@ from lmplug.core.config import LmplugConfig
 from lmplug.core.layout import KVLayout
 from lmplug.core.memory import KVChunk, empty_kv
 from lmplug.core.sync import SyncCache
+from lmplug.errors import KVShapeError
 from lmplug.integrations.vllm.copier import Copier
 from lmplug.integrations.vllm.lookup import LookupServer, socket_path
-from lmplug.integrations.vllm.paged import PagedLayout, Placement, layout_for
+from lmplug.integrations.vllm.paged import (
+    CpuLayout,
+    CpuWriter,
+    PagedLayout,
+    Placement,
+    detect_cpu_layout,
+    layout_for,
+    slot_tensor,
+)
 from lmplug.integrations.vllm.scheduler import Span, StepPlan
 
 logger = logging.getLogger("lmplug.vllm")
@@ -58,6 +68,8 @@ class _Piece:
 
     kv: torch.Tensor
     placement: Placement
+    slots: torch.Tensor | None = None
+    """Every token's slot, for vLLM's own CPU writer."""
 
 
 @dataclass(slots=True)
@@ -96,6 +108,10 @@ class WorkerSide:
         self.layers: list[torch.Tensor] = []
         self.index: dict[str, int] = {}
         self.layout: PagedLayout | None = None
+        self.writer: CpuWriter | None = None
+        """vLLM's CPU KV writer, which loads go through on the CPU (None elsewhere)."""
+        self.disabled: str | None = None
+        """Why lmplug is off in this engine (vLLM's KV layout unknown), else None."""
         self.failed_blocks: set[int] = set()
         self.finished_saves: set[str] = set()
         self._loads: list[_Piece] = []
@@ -113,23 +129,51 @@ class WorkerSide:
         self._save_jobs: list[Future[object]] = []
         self._storing: Future[None] | None = None
 
-    def register(self, kv_caches: Mapping[str, torch.Tensor]) -> None:
+    def register(self, kv_caches: Mapping[str, torch.Tensor], cpu_isa: str | None = None) -> None:
+        """Take vLLM's per-layer KV caches. ``cpu_isa`` is the ISA vLLM's CPU attention uses (its
+        KV layout depends on it): the layout is then found by writing sample KV with vLLM's own
+        writer. A layout lmplug does not know turns lmplug off in this engine (every lookup a
+        miss, nothing saved), with an error naming it; vLLM serves on."""
         names = sorted(kv_caches, key=_layer_order)
         self.layers = [kv_caches[name] for name in names]
         self.index = {name: position for position, name in enumerate(names)}
         model = self.config.model
         first = self.layers[0]
-        name = "cpu" if first.device.type == "cpu" else ("flash" if first.shape[0] == 2 else "flashinfer")
-        layout = layout_for(name, model.num_kv_heads, model.head_size, self.block_size)
-        for layer in self.layers:
-            layout.check(layer)
+        try:
+            if first.device.type == "cpu":
+                layout = self._cpu_layout(cpu_isa, first.dtype)
+            else:
+                name = "flash" if first.shape[0] == 2 else "flashinfer"
+                layout = layout_for(name, model.num_kv_heads, model.head_size, self.block_size)
+            for layer in self.layers:
+                layout.check(layer)
+        except KVShapeError as exc:
+            self.disabled = str(exc)
+            self.server.disabled = self.disabled
+            logger.error("lmplug is off in this engine, vLLM computes every prompt itself: %s", exc)
+            return
         self.layout = layout
         if first.device.type == "cuda":
             self._stream = torch.cuda.Stream(device=first.device)  # type: ignore[no-untyped-call]
             self._events = [torch.cuda.Event() for _ in self.layers]  # type: ignore[no-untyped-call]
         elif first.device.type == "cpu":
             self._copier = Copier()
-        logger.info("lmplug: %d KV layers in vLLM's %r layout", len(self.layers), name)
+        how = f", loads through vLLM's {self.writer.isa!r} writer" if self.writer is not None else ""
+        logger.info("lmplug: %d KV layers in vLLM's %r layout%s", len(self.layers), layout.name, how)
+
+    def _cpu_layout(self, isa: str | None, dtype: torch.dtype) -> PagedLayout:
+        model = self.config.model
+        op = _cpu_writer_op()
+        if op is None or isa is None:
+            # No vLLM CPU kernels (lmplug driven without vLLM), or vLLM did not say which ISA it uses.
+            log = logger.info if op is None else logger.warning
+            log("lmplug: vLLM's CPU attention ISA is unknown; assuming the 'cpu' layout (ISA vec), unverified")
+            return CpuLayout(model.num_kv_heads, model.head_size, self.block_size)
+        writer = CpuWriter(op, isa, model.num_kv_heads, model.head_size, self.block_size)
+        with torch.inference_mode(mode=False):
+            layout = detect_cpu_layout(writer, dtype)
+        self.writer = writer
+        return layout
 
     def _placement(self, block_ids: Sequence[int], start: int, end: int) -> Placement:
         return Placement.of(block_ids, start, end, self.block_size, self.layers[0].device)
@@ -148,7 +192,11 @@ class WorkerSide:
             except Exception:
                 logger.exception("lmplug could not take the step's leases; vLLM recomputes")
                 self._taken = _Taken({}, {}, [])
-        if plan.loads:
+        if plan.loads and self.layout is None:
+            size = self.block_size
+            for spec in plan.loads:  # lmplug is off here: whatever was promised is recomputed
+                self.failed_blocks.update(spec.block_ids[spec.start // size : -(-spec.end // size)])
+        elif plan.loads:
             device = self.layers[0].device
             total = sum(spec.end - spec.start for spec in plan.loads)
             staging = self._staging("load", total) if device.type != "cpu" else None
@@ -208,7 +256,8 @@ class WorkerSide:
                     assert self._stream is not None
                     with torch.cuda.stream(self._stream):
                         kv = staging.narrow(2, begin - spec.start, end - begin).copy_(kv, non_blocking=True)
-                self._loads.append(_Piece(kv, self._placement(spec.block_ids, begin, end)))
+                slots = slot_tensor(spec.block_ids, begin, end, self.block_size) if self.writer is not None else None
+                self._loads.append(_Piece(kv, self._placement(spec.block_ids, begin, end), slots))
             position += chunk.num_tokens
             if position >= loaded:
                 break
@@ -241,7 +290,10 @@ class WorkerSide:
         started = time.perf_counter()
         layer = self.layers[position]
         for piece in self._loads:
-            self.layout.scatter_placed(layer, piece.placement, piece.kv[:, position])
+            if piece.slots is not None and self.writer is not None:
+                self.writer.write(layer, piece.slots, piece.kv[:, position])
+            else:
+                self.layout.scatter_placed(layer, piece.placement, piece.kv[:, position])
         self.transfers.load_seconds += time.perf_counter() - started
 
     def _wait(self, job: Future[object]) -> bool:
@@ -314,7 +366,7 @@ class WorkerSide:
     def save_layer(self, layer_name: str, plan: StepPlan) -> None:
         """Called after ``layer_name``'s attention: gather this layer's newly computed KV."""
         position = self.index.get(layer_name)
-        if not plan.saves or position is None:
+        if not plan.saves or position is None or self.layout is None:
             return
         saves = self._save_buffers(plan)
         self._saved[position] = True
@@ -343,7 +395,7 @@ class WorkerSide:
     def _save(self, plan: StepPlan) -> None:
         self._finish_loads()
         taken, self._taken = self._taken, None
-        if not plan.saves:
+        if not plan.saves or self.layout is None:
             self._saves = None
             if taken is not None:
                 try:
@@ -413,3 +465,13 @@ class WorkerSide:
             self._copier.close()
         self.wait_saves()
         self.cache.close()
+
+
+def _cpu_writer_op() -> Callable[..., object] | None:
+    """vLLM's CPU KV writer kernel (``cpu_attn_reshape_and_cache``), or None where vLLM has none."""
+    try:
+        import vllm._custom_ops  # noqa: F401  (loads vLLM's kernels)
+
+        return cast("Callable[..., object]", torch.ops._C.cpu_attn_reshape_and_cache)
+    except (ImportError, AttributeError, RuntimeError):
+        return None
