@@ -10,7 +10,7 @@ and this one. A test (``tests/test_exports.py``) holds every plugin in ``plugins
   queue, counters, ``drain`` and statistics); :func:`leading` counts the leading keys a tier holds; a peer tier serves
   :class:`LocalTiers` (``TierContext.local_tiers()``) and follows them with a :class:`HoldingsListener`.
 - **Data:** :class:`ChunkKey`, :class:`KVChunk`, :class:`KVLayout`, :class:`ChunkAllocator` (and its
-  :class:`AllocatorStatistics`), :class:`KVBytes`, :func:`aligned_empty`, :data:`IO_ALIGNMENT`.
+  :class:`AllocatorStatistics`), :class:`KVBytes`, :func:`aligned_empty`, :func:`prefault`, :data:`IO_ALIGNMENT`.
 - **Bytes on disk or the wire:** :class:`ChunkHeader` (:data:`HEADER`), :func:`payload_checksum`,
   :func:`parts_checksum`, :func:`slice_parts`.
 - **Remote stores:** :class:`RemoteConnector`, :class:`RemoteScheme`, :class:`ChunkCodec`,
@@ -26,7 +26,7 @@ from lmplug.core.commands import CliCommand
 from lmplug.core.config import StrictModel, config_error
 from lmplug.core.keys import ChunkKey
 from lmplug.core.layout import KVLayout
-from lmplug.core.memory import IO_ALIGNMENT, AllocatorStatistics, ChunkAllocator, KVChunk, aligned_empty
+from lmplug.core.memory import IO_ALIGNMENT, AllocatorStatistics, ChunkAllocator, KVChunk, aligned_empty, prefault
 from lmplug.core.remote import ChunkCodec, PeerTransport, RawCodec, RemoteConnector, RemoteScheme
 from lmplug.core.reporting import ThrottledLog
 from lmplug.core.serde import HEADER, ChunkHeader, parts_checksum, payload_checksum, slice_parts
@@ -76,6 +76,7 @@ __all__ = [
     "WriteBehind",
     "WriteBehindTier",
     "aligned_empty",
+    "prefault",
     "config_error",
     "hookimpl",
     "leading",

@@ -11,7 +11,7 @@ import bisect
 
 import torch
 
-from lmplug.tierkit import AllocatorStatistics, KVChunk, KVLayout, aligned_empty
+from lmplug.tierkit import AllocatorStatistics, KVChunk, KVLayout, aligned_empty, prefault
 
 
 class HostPool:
@@ -27,6 +27,8 @@ class HostPool:
         self.capacity = capacity - capacity % alignment
         self.pinned = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.buffer = aligned_empty(self.capacity, pin_memory=self.pinned, alignment=max(alignment, 64))
+        # Mapped in the background: the first stores into the pool would otherwise run at page-fault speed.
+        self.prefaulting = prefault(self.buffer)
         # Chunks are carved from a typed view with as_strided: one tensor op instead of three.
         self._typed = self.buffer[: self.capacity - self.capacity % layout.itemsize].view(layout.dtype)
         self._base = self._typed.storage_offset()  # as_strided offsets count from the storage's start

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import itertools
+import sys
 
 import pytest
 import torch
@@ -77,3 +78,29 @@ def test_random_allocations_and_frees_keep_the_books_balanced(operations: list[t
     pool.check()
     assert pool.used_bytes == 0
     assert pool.largest_free == pool.capacity
+
+
+def _resident_pages(memory: torch.Tensor) -> int:
+    """How many of ``memory``'s pages are mapped (``/proc/self/pagemap``, bit 63 of each entry)."""
+    page = 4096
+    first, last = memory.data_ptr() // page, (memory.data_ptr() + memory.numel() - 1) // page
+    with open("/proc/self/pagemap", "rb") as pagemap:
+        pagemap.seek(first * 8)
+        entries = pagemap.read((last - first + 1) * 8)
+    return sum(entries[i + 7] >> 7 for i in range(0, len(entries), 8))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prefaulting is Linux-only (madvise)")
+def test_the_pool_is_mapped_in_the_background_without_touching_what_is_stored() -> None:
+    """Fresh memory fills at page-fault speed: the pool maps its pages up front, in a thread,
+    while stores may already be writing into it (contents are never changed)."""
+    pool = HostPool(LAYOUT, 64 * 2**20, pin_memory=False)
+    chunk = pool.allocate(16)
+    assert chunk is not None
+    chunk.tensor.fill_(3.5)  # a store racing the prefault
+    assert pool.prefaulting is not None
+    pool.prefaulting.join(timeout=30)
+    assert not pool.prefaulting.is_alive()
+    assert bool((chunk.tensor == 3.5).all())
+    pages = pool.buffer.numel() // 4096
+    assert _resident_pages(pool.buffer) >= pages - 1  # every page mapped (the first may be partial)
