@@ -62,18 +62,18 @@ def test_a_hit_becomes_a_load_and_never_covers_the_last_token() -> None:
     assert lookup.asked == [("a", 3 * CHUNK)]  # the whole prompt: its last chunk may match whole
 
 
-def test_a_whole_prompt_hit_loads_into_its_last_chunk_up_to_the_last_whole_block() -> None:
+def test_a_whole_prompt_hit_loads_into_its_last_chunk_up_to_the_last_token() -> None:
     lookup = FixedLookup(hit=10 * CHUNK)
-    side = SchedulerSide(lookup, CHUNK, save_partial_chunks=False, block_size=CHUNK // 2)
+    side = SchedulerSide(lookup, CHUNK, save_partial_chunks=False)
     req = request("a", 3 * CHUNK)
-    # Every chunk is held; vLLM computes the last token, so the last block: half of the last chunk loads.
-    assert side.num_new_matched_tokens(req, 0) == 3 * CHUNK - CHUNK // 2
-    side.after_alloc(req, [1, 2, 3, 4, 5, 6], 3 * CHUNK - CHUNK // 2)
+    # Every chunk is held; vLLM computes the last token: all of the last chunk but that token loads.
+    assert side.num_new_matched_tokens(req, 0) == 3 * CHUNK - 1
+    side.after_alloc(req, [1, 2, 3, 4, 5, 6], 3 * CHUNK - 1)
     new = SimpleNamespace(
         req_id="a", prompt_token_ids=req.prompt_token_ids, block_ids=([1, 2, 3, 4, 5, 6],), num_computed_tokens=40
     )
-    (load,) = side.build_step_plan(step([new], scheduled={"a": CHUNK // 2})).loads
-    assert (load.start, load.end) == (0, 3 * CHUNK - CHUNK // 2)
+    (load,) = side.build_step_plan(step([new], scheduled={"a": 1})).loads
+    assert (load.start, load.end) == (0, 3 * CHUNK - 1)
 
 
 def test_load_then_save_only_what_was_computed() -> None:
@@ -195,11 +195,11 @@ def test_a_load_starts_where_vllms_own_prefix_hit_ends() -> None:
     assert (load.start, load.end) == (2 * CHUNK, 4 * CHUNK)
 
 
-def test_loads_end_on_a_block_boundary() -> None:
-    """A load never ends inside one of vLLM's blocks: the partial block's tokens are recomputed."""
-    lookup = FixedLookup(624)
-    side = SchedulerSide(lookup, CHUNK, save_partial_chunks=True, block_size=128)
-    assert side.num_new_matched_tokens(request("a", 640), 0) == 512
-    assert side.num_new_matched_tokens(request("b", 640), 512) == 0  # vLLM's own blocks already cover it
-    short = SchedulerSide(FixedLookup(100), CHUNK, save_partial_chunks=True, block_size=128)
-    assert short.num_new_matched_tokens(request("c", 300), 0) == 0
+def test_loads_may_end_inside_a_block() -> None:
+    """Every held token is loaded, up to the last block's middle (the worker writes it token by
+    token where vLLM's kernel would): only the tokens lmplug lacks are recomputed."""
+    side = SchedulerSide(FixedLookup(624), CHUNK, save_partial_chunks=True)
+    assert side.num_new_matched_tokens(request("a", 640), 0) == 624
+    assert side.num_new_matched_tokens(request("b", 640), 512) == 112  # beyond vLLM's own blocks
+    short = SchedulerSide(FixedLookup(100), CHUNK, save_partial_chunks=True)
+    assert short.num_new_matched_tokens(request("c", 300), 0) == 100

@@ -68,7 +68,7 @@ class LMPlugConnector(KVConnectorBase_V1):
                 logger.info("lmplug: setting kv_load_failure_policy to 'recompute' (a cache miss is never fatal)")
                 object.__setattr__(transfer, "kv_load_failure_policy", "recompute")
             clients = [LookupClient(socket_path(engine_id, r)) for r in range(config.world_size)]
-            self._scheduler = SchedulerSide(clients, config.chunk_size, config.save_partial_chunks, block_size)
+            self._scheduler = SchedulerSide(clients, config.chunk_size, config.save_partial_chunks)
         else:
             self._worker = WorkerSide(config, engine_id, block_size, rank)
 

@@ -57,11 +57,9 @@ class SchedulerSide:
     ``lookups`` holds one channel per tensor-parallel rank: a request gets what every rank
     can supply (each rank caches its own shard of the KV).
 
-    Loads end on a boundary of vLLM's ``block_size``-token blocks: KV loaded into the first
-    part of a block that vLLM then completes came out wrong on vLLM's CPU build (measured on
-    SmolLM2: a load ending mid-block, into a block that held another request's KV, changed
-    the answer; the same load rounded down to the block was right). The tokens of the last,
-    partial block are recomputed.
+    A load may end inside one of vLLM's blocks: the worker writes it token by token where
+    vLLM's own kernel would (on AMX CPUs vLLM tiles K and V within a block, and a layout that
+    ignored that wrote a partial block's tokens over others that vLLM then computed).
     """
 
     def __init__(
@@ -69,10 +67,8 @@ class SchedulerSide:
         lookups: Sequence[Lookups] | Lookups,
         chunk_size: int,
         save_partial_chunks: bool,
-        block_size: int = 1,
     ) -> None:
         self.lookups: list[Lookups] = list(lookups) if isinstance(lookups, Sequence) else [lookups]
-        self.block_size = block_size
         self.chunk_size = chunk_size
         self.save_partial_chunks = save_partial_chunks
         self._hits: dict[str, tuple[int, int]] = {}
@@ -93,7 +89,6 @@ class SchedulerSide:
         if any(answer is None for answer in answers):
             return None  # lower tiers are being read: the request waits, holding no blocks
         hit = min(min(answer or 0 for answer in answers), len(tokens) - 1)
-        hit -= hit % self.block_size  # whole blocks only (see the class docstring)
         if hit <= num_computed_tokens:
             if any(answers):
                 self._plan.releases.append(request.request_id)
