@@ -6,6 +6,7 @@ vLLM calls the connector under ``torch.inference_mode()``, so these tests do too
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from collections.abc import Iterator
 
@@ -86,6 +87,7 @@ def test_saves_gather_layer_by_layer_and_loads_land_layer_by_layer(worker: Worke
         for name in names(worker):  # attention finishes with each layer in turn
             worker.save_layer(name, plan)
         worker.save(plan)
+        worker.wait_saves()
     assert worker.cache.lookup(tokens) == len(tokens)
     assert worker.transfers.saved_bytes == kv.numel() * 4
     statistics = worker.cache.run_sync(worker.server.statistics)  # what the lookup socket serves
@@ -161,7 +163,9 @@ def test_a_partial_tail_saved_at_finish_is_loaded_into_scattered_blocks(worker: 
         worker.start_load(StepPlan())
         plan = StepPlan(saves=[Span("f", tokens, blocks, 0, len(tokens))], finished=["f"])
         worker.save(plan)
+        worker.before_step()  # vLLM's next step: the gathers are done before its forward
     assert worker.take_finished_saves() == {"f"}
+    worker.wait_saves()
     longer = [*tokens, 1, 2, 3]
     assert lease(worker, "g", longer) == len(tokens)
     other = [30, 12, 31, 2]
@@ -172,6 +176,38 @@ def test_a_partial_tail_saved_at_finish_is_loaded_into_scattered_blocks(worker: 
         worker.save(StepPlan())
     assert torch.equal(read_back(worker, other, len(tokens)), kv)
     assert worker.take_failed_blocks() == set()
+
+
+def test_a_prefill_step_does_not_wait_for_its_gathers_and_the_next_forward_does(worker: WorkerSide) -> None:
+    """On the CPU, a prefill step's saves end on the copy thread while vLLM samples and schedules;
+    the next step waits for them before its forward may write into blocks that vLLM has handed to
+    others meanwhile (a preempted request's)."""
+    tokens = list(range(7000, 7000 + CHUNK + 9))
+    kv = torch.randn(2, LAYERS, len(tokens), HEADS * DIM)
+    blocks = [2, 4, 6]
+    write_kv(worker, blocks, kv)
+    assert worker._copier is not None
+    busy = threading.Event()
+    worker._copier.submit(busy.wait)  # the copy thread is still busy with earlier work
+    plan = StepPlan(saves=[Span("h", tokens, blocks, 0, len(tokens))])  # a prefill step: "h" runs on
+    with torch.inference_mode():
+        worker.start_load(StepPlan())
+        for name in names(worker):
+            worker.save_layer(name, plan)
+        worker.save(plan)  # returns without the gathers
+        next_step = threading.Thread(target=worker.before_step)
+        next_step.start()
+        next_step.join(timeout=0.2)
+        assert next_step.is_alive()  # the next forward waits for the gathers
+        busy.set()
+        next_step.join(timeout=10)
+        assert not next_step.is_alive()
+    for layer in worker.layers:
+        layer.zero_()  # the next forward reuses the blocks: what was saved is already out
+    worker.wait_saves()
+    held, count = worker.cache.retrieve(tokens)
+    assert count == len(tokens)
+    assert torch.equal(held, kv)
 
 
 def test_a_disk_only_stack_loads_through_the_lease(tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -94,6 +94,11 @@ class LMPlugConnector(KVConnectorBase_V1):
 
     # ---------------------------------------------------------------- worker role
 
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        if self._worker is not None:  # vLLM binds each step's metadata before its forward
+            self._worker.before_step()
+
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         assert self._worker is not None
         self._worker.register(kv_caches, _cpu_attention_isa(self._vllm_config, list(kv_caches)))

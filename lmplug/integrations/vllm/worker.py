@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
@@ -127,7 +128,10 @@ class WorkerSide:
         self._copier: Copier | None = None
         self._load_jobs: list[Future[object]] = []
         self._save_jobs: list[Future[object]] = []
+        self._finishing: Future[object] | None = None
+        """On the CPU, the copy thread's job that ends the last step's saves (see :meth:`before_step`)."""
         self._storing: Future[None] | None = None
+        self._finished_lock = threading.Lock()
 
     def register(self, kv_caches: Mapping[str, torch.Tensor], cpu_isa: str | None = None) -> None:
         """Take vLLM's per-layer KV caches. ``cpu_isa`` is the ISA vLLM's CPU attention uses (its
@@ -385,14 +389,19 @@ class WorkerSide:
 
     def save(self, plan: StepPlan) -> None:
         """After the forward: gather what was not gathered layer by layer, then store it and let
-        go of this step's leases, in one hand-off to the cache's loop."""
+        go of this step's leases, in one hand-off to the cache's loop. On the CPU a step that
+        finishes no request does not wait for its gathers: the copy thread ends them while vLLM
+        samples and schedules, and the next step waits for them before its forward
+        (:meth:`before_step`)."""
+        ending = False
         try:
-            self._save(plan)
+            ending = self._save(plan)
         finally:
-            # Saved or not, vLLM may free these requests' blocks now.
-            self.finished_saves.update(plan.finished)
+            if not ending:  # saved or not, vLLM may free these requests' blocks now
+                self._mark_finished(plan.finished)
 
-    def _save(self, plan: StepPlan) -> None:
+    def _save(self, plan: StepPlan) -> bool:
+        """Whether the copy thread ends the saves (and then reports ``plan.finished`` itself)."""
         self._finish_loads()
         taken, self._taken = self._taken, None
         if not plan.saves or self.layout is None:
@@ -402,25 +411,77 @@ class WorkerSide:
                     self.cache.run_sync(lambda: self._let_go(taken))
                 except Exception:
                     logger.exception("lmplug could not release the step's leases (they expire)")
-            return
+            return False
         started = time.perf_counter()
         saves = self._save_buffers(plan)
         self._saves = None
         jobs, self._save_jobs = self._save_jobs, []
+        missing = [position for position in range(len(self.layers)) if not self._saved[position]]
+        if self._copier is not None:
+            self._finishing = self._copier.submit(partial(self._end_saves, jobs, missing, saves, taken, plan.finished))
+            if plan.finished:
+                # A finished request's blocks go back to vLLM when this step reports it sent:
+                # end its save now, so vLLM frees them when it would without lmplug's thread
+                # (vLLM's reset_prefix_cache, right after a generate, needs them free).
+                self._wait_gathered()
+                self.transfers.save_wait_seconds += time.perf_counter() - started
+            return True
         gathered = all([self._wait(job) for job in jobs])
-        for position in range(len(self.layers)):
-            if not self._saved[position]:
-                self._gather(position, saves)
+        for position in missing:
+            self._gather(position, saves)
         if self.layers[0].is_cuda:
             torch.cuda.current_stream(self.layers[0].device).synchronize()
+        self._hand_over(saves, gathered, taken)
+        self.transfers.save_wait_seconds += time.perf_counter() - started
+        return False
+
+    def _end_saves(
+        self,
+        jobs: list[Future[object]],
+        missing: list[int],
+        saves: list[tuple[Span, Placement, torch.Tensor]],
+        taken: _Taken | None,
+        finished: list[str],
+    ) -> None:
+        """On the copy thread, after this step's gathers (one thread, jobs in order): gather the
+        layers vLLM never handed over, hand the KV to the cache, report the finished requests."""
+        try:
+            gathered = all([self._wait(job) for job in jobs])
+            for position in missing:
+                self._gather(position, saves)
+            self._hand_over(saves, gathered, taken)
+        finally:
+            self._mark_finished(finished)
+
+    def _hand_over(
+        self, saves: list[tuple[Span, Placement, torch.Tensor]], gathered: bool, taken: _Taken | None
+    ) -> None:
+        """The KV is out of vLLM's blocks: store it (and let go of the step's leases) on the
+        cache's loop, while vLLM goes on."""
         stored = [(spec, kv) for spec, _, kv in saves] if gathered else []  # never store KV not copied whole
         try:
-            # The KV is out of vLLM's blocks: the store into lmplug runs on while vLLM goes on.
             self._storing = self.cache.start_soon(self._store_all, stored, taken)
         except Exception:
             logger.exception("lmplug save failed; serving continues without it")
         self.transfers.saved_bytes += sum(kv.numel() * kv.element_size() for _, kv in stored)
-        self.transfers.save_wait_seconds += time.perf_counter() - started
+
+    def _mark_finished(self, request_ids: Sequence[str]) -> None:
+        if request_ids:
+            with self._finished_lock:
+                self.finished_saves.update(request_ids)
+
+    def before_step(self) -> None:
+        """Before each step's forward writes KV: the last step's gathers must be done, because
+        vLLM may have given those blocks to other requests (a preempted request's) since."""
+        if self._finishing is not None:
+            started = time.perf_counter()
+            self._wait_gathered()
+            self.transfers.save_wait_seconds += time.perf_counter() - started
+
+    def _wait_gathered(self) -> None:
+        finishing, self._finishing = self._finishing, None
+        if finishing is not None:
+            self._wait(finishing)
 
     async def _store_all(self, saves: list[tuple[Span, torch.Tensor]], taken: _Taken | None) -> None:
         if taken is not None:
@@ -434,7 +495,8 @@ class WorkerSide:
         self.transfers.save_seconds += time.perf_counter() - started
 
     def wait_saves(self) -> None:
-        """Wait until the stores of the last step's saves are done."""
+        """Wait until the last step's saves are out of vLLM's blocks and stored."""
+        self._wait_gathered()
         storing, self._storing = self._storing, None
         if storing is not None:
             try:
@@ -456,7 +518,8 @@ class WorkerSide:
 
     def take_finished_saves(self) -> set[str]:
         """Requests whose last save is done (vLLM may free their blocks now)."""
-        finished, self.finished_saves = self.finished_saves, set()
+        with self._finished_lock:
+            finished, self.finished_saves = self.finished_saves, set()
         return finished
 
     def close(self) -> None:
