@@ -21,6 +21,7 @@ from typing import Any, cast
 import torch
 
 from benchmarks import (
+    connector_copy,
     controller_index,
     cpu_throughput,
     disk_restart,
@@ -53,6 +54,7 @@ MODULES: tuple[ModuleType, ...] = (
     fuzz_lm,
     remote_codecs,
     p2p_transfer,
+    connector_copy,
     vllm_ttft,
     vllm_chat,
 )

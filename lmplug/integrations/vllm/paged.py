@@ -98,6 +98,9 @@ class PagedLayout(abc.ABC):
     """One of vLLM's per-layer KV cache layouts."""
 
     name: str
+    loads_through_writer = False
+    """Whether loads on the CPU go through vLLM's own writer (:class:`CpuWriter`), faster than
+    this layout's scatter (measured by the ``connector_copy`` benchmark)."""
 
     def __init__(self, num_kv_heads: int, head_size: int, block_size: int) -> None:
         self.num_kv_heads = num_kv_heads
@@ -228,6 +231,7 @@ class CpuAmxLayout(CpuLayout):
     dimension pairs interleaved, then V in 16-dimension tiles with token pairs interleaved."""
 
     name = "cpu-amx"
+    loads_through_writer = True  # its own scatter interleaves V's token pairs element by element
 
     def __init__(self, num_kv_heads: int, head_size: int, block_size: int) -> None:
         super().__init__(num_kv_heads, head_size, block_size)

@@ -176,7 +176,8 @@ class WorkerSide:
         writer = CpuWriter(op, isa, model.num_kv_heads, model.head_size, self.block_size)
         with torch.inference_mode(mode=False):
             layout = detect_cpu_layout(writer, dtype)
-        self.writer = writer
+        if layout.loads_through_writer:
+            self.writer = writer
         return layout
 
     def _placement(self, block_ids: Sequence[int], start: int, end: int) -> Placement:
