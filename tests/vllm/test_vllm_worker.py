@@ -328,7 +328,8 @@ def test_kv_vllm_wrote_in_two_steps_comes_back_exact(
     """vLLM's own kernel writes a prompt's KV in two steps that split a block (as chunked prefill
     does) and lmplug saves after each: what lmplug holds is the KV itself, token by token (not
     this machine's ISA-specific bytes, which another engine, a peer or a remote tier would
-    misread), and a load into other blocks (through that kernel where the worker loads with it) gives every token back."""
+    misread), and a load into other blocks (through that kernel where the worker loads with it)
+    gives every token back."""
     dim, block = 32, 32
     side = _side(tmp_path, monkeypatch, dtype, dim, block)
     torch_dtype = getattr(torch, dtype)
