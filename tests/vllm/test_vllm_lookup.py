@@ -163,3 +163,29 @@ def test_a_peer_tier_is_asked_off_the_schedulers_path(tmp_path: Path, backend: s
                     controller.process.send_signal(signal.SIGCONT)
     finally:
         controller.stop()
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_client_that_never_releases_cannot_hold_more_than_the_limit(tmp_path: Path, backend: str) -> None:
+    """Leases under ever new request ids are bounded: past the limit a lookup is a miss (counted
+    and logged), and room comes back when leases are released or expire."""
+    config = make_config(chunk_size=CHUNK, lease_timeout=2.0)
+    path = tmp_path / "lookup.sock"
+    tokens = list(range(2 * CHUNK))
+    with lmplug.SyncCache(config, backend=backend) as cache:  # type: ignore[arg-type]
+        cache.store(tokens, reference_kv(tokens, config))
+        server = LookupServer(cache.async_cache, path, max_requests=3)
+        cache.start_background(server.serve)
+        client = LookupClient(path, timeout=5)
+        assert [client.lookup(f"r{i}", tokens) for i in range(3)] == [2 * CHUNK] * 3
+        assert client.lookup("r3", tokens) == 0  # full: a miss, never an error
+        assert client.lookup("r0", tokens) == 2 * CHUNK  # a held request is answered as before
+        stats = client.statistics()
+        assert stats["requests_with_leases"] == 3
+        assert stats["lookups"]["refused_full"] == 1  # type: ignore[index]
+        client.release("r0")
+        assert client.lookup("r4", tokens) == 2 * CHUNK  # released: room again
+        time.sleep(2.3)  # the leases expire (nobody released them)
+        assert client.lookup("r5", tokens) == 2 * CHUNK  # expired leases make room
+        assert client.statistics()["requests_with_leases"] == 1
+        client.close()

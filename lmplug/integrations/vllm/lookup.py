@@ -61,6 +61,9 @@ LOOKUP_WAIT = 0.002
 memory answer at once: what host memory holds, or pending while lower tiers are read."""
 LOAD_DEADLINE = 2.0
 """How long a request may wait for lower tiers; after that it is answered with what has arrived."""
+MAX_REQUESTS = 4096
+"""How many request ids may hold a lookup (and its lease) at once; a lookup beyond it is a miss,
+so that a client that never releases cannot pin all of host memory or grow the table forever."""
 
 
 def socket_path(engine_id: str, rank: int = 0) -> Path:
@@ -98,6 +101,7 @@ class LookupServer:
         *,
         wait: float = LOOKUP_WAIT,
         deadline: float = LOAD_DEADLINE,
+        max_requests: int = MAX_REQUESTS,
     ) -> None:
         self.cache = cache
         self.path = path
@@ -105,6 +109,8 @@ class LookupServer:
         """Adds entries to :meth:`statistics` (the worker's transfer counters)."""
         self.wait = wait
         self.deadline = deadline
+        self.max_requests = max_requests
+        self._refused = 0
         self._entries: dict[str, _Entry] = {}
         self._task_group: TaskGroup | None = None
         self._latencies: deque[int] = deque(maxlen=4096)  # the scheduler's round trips, in µs
@@ -175,6 +181,14 @@ class LookupServer:
             return self._answer(request_id, entry, now)
         self.release(request_id)
         self._lookups += 1
+        if len(self._entries) >= self.max_requests and not self._make_room():
+            self._refused += 1
+            self._warnings.report(
+                "full",
+                "lmplug lookup channel: %d requests hold lookups (the limit); answering a miss until some are released",
+                len(self._entries),
+            )
+            return 0
         entry = self._entries[request_id] = _Entry(tokens.copy(), now + self.deadline)
         group = self._task_group
         if group is None:
@@ -189,6 +203,13 @@ class LookupServer:
             with anyio.move_on_after(self.wait):
                 await entry.done.wait()
         return self._answer(request_id, entry, anyio.current_time())
+
+    def _make_room(self) -> bool:
+        """Forget answered lookups whose lease is gone (expired): whether there is room now."""
+        for request_id, entry in list(self._entries.items()):
+            if entry.done.is_set() and (entry.lease is None or not entry.lease.active):
+                self.release(request_id)
+        return len(self._entries) < self.max_requests
 
     def _answer(self, request_id: str, entry: _Entry, now: float) -> int | None:
         answer = entry.answer(now)
@@ -252,6 +273,7 @@ class LookupServer:
             "tiers": [dataclasses.asdict(tier) for tier in stats.tiers],
             "lookups": {
                 "count": self._lookups,
+                "refused_full": self._refused,
                 "pending_answers": self._pending,
                 "samples": len(latencies),
                 "p50_ms": quantile(0.5, latencies),
