@@ -17,11 +17,12 @@ import h11
 from anyio.abc import ByteStream
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from lmplug_controller import PROTOCOL_VERSION
+from lmplug_controller import PROTOCOL_VERSION, httpserver
+from lmplug_controller.httpserver import HttpError, Response
 from lmplug_controller.protocol import ProtocolError, parse_hex_keys
 from lmplug_controller.server import CommandTimeout, Controller, UnknownInstance
 
-__all__ = ["HttpError", "serve_connection"]
+__all__ = ["serve_connection"]
 
 MAX_BODY = 16 << 20
 """Longest request body (a lookup of 512 keys is about 26 KB)."""
@@ -29,81 +30,24 @@ IDLE_SECONDS = 60.0
 """A kept-alive connection with no new request for this long is closed."""
 _JSON = "application/json"
 
-Reply = tuple[int, str, bytes]
-
-
-class HttpError(Exception):
-    """An error answer: its status and a message naming the problem."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
 
 async def serve_connection(controller: Controller, stream: ByteStream) -> None:
     """Answer the requests of one connection (keep-alive) until it closes or idles."""
-    connection = h11.Connection(h11.SERVER)
-    async with stream:
-        try:
-            while True:
-                request: tuple[h11.Request, bytes] | None = None
-                with anyio.move_on_after(IDLE_SECONDS):
-                    request = await _read_request(connection, stream)
-                if request is None:
-                    return
-                try:
-                    status, kind, body = await _answer(controller, *request)
-                except HttpError as exc:
-                    status, kind, body = _json(exc.status, {"error": exc.message})
-                await _send(connection, stream, status, kind, body)
-                if connection.our_state is not h11.DONE or connection.their_state is not h11.DONE:
-                    return
-                connection.start_next_cycle()
-        except HttpError as exc:  # while reading: the request is unusable
-            if connection.our_state is h11.SEND_RESPONSE:
-                await _send(connection, stream, *_json(exc.status, {"error": exc.message}))
-        except h11.RemoteProtocolError as exc:
-            if connection.our_state is h11.SEND_RESPONSE:
-                await _send(connection, stream, *_json(400, {"error": f"bad HTTP request: {exc}"}))
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, OSError):
-            return
+    await httpserver.serve_connection(
+        stream,
+        functools.partial(_answer, controller),
+        error=lambda status, message: _json(status, {"error": message}),
+        max_body=MAX_BODY,
+        idle_seconds=IDLE_SECONDS,
+    )
 
 
-async def _read_request(connection: h11.Connection, stream: ByteStream) -> tuple[h11.Request, bytes] | None:
-    request: h11.Request | None = None
-    body = bytearray()
-    while True:
-        event = connection.next_event()
-        if event is h11.NEED_DATA:
-            try:
-                data = await stream.receive(65536)
-            except anyio.EndOfStream:
-                data = b""
-            connection.receive_data(data)
-        elif isinstance(event, h11.Request):
-            request = event
-        elif isinstance(event, h11.Data):
-            body += event.data
-            if len(body) > MAX_BODY:
-                raise HttpError(413, f"the body is longer than {MAX_BODY} bytes")
-        elif isinstance(event, h11.EndOfMessage):
-            assert request is not None  # h11 gives the Request before its EndOfMessage
-            return request, bytes(body)
-        else:  # ConnectionClosed, or PAUSED
-            return None
+def _reply(status: int, kind: str, body: bytes) -> Response:
+    return Response(status, [("content-type", kind), ("cache-control", "no-store")], body)
 
 
-async def _send(connection: h11.Connection, stream: ByteStream, status: int, kind: str, body: bytes) -> None:
-    headers = [("content-type", kind), ("content-length", str(len(body))), ("cache-control", "no-store")]
-    data = connection.send(h11.Response(status_code=status, headers=headers))
-    data += connection.send(h11.Data(data=body)) if body else b""
-    data += connection.send(h11.EndOfMessage())
-    await stream.send(data)
-
-
-def _json(status: int, value: Any) -> Reply:
-    return status, _JSON, json.dumps(value, separators=(",", ":")).encode()
+def _json(status: int, value: Any) -> Response:
+    return _reply(status, _JSON, json.dumps(value, separators=(",", ":")).encode())
 
 
 # ---------------------------------------------------------------------- routing
@@ -111,17 +55,17 @@ def _json(status: int, value: Any) -> Reply:
 Handler = Callable[[Controller, dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
-async def _answer(controller: Controller, request: h11.Request, body: bytes) -> Reply:
+async def _answer(controller: Controller, request: h11.Request, body: bytes) -> Response:
     method = request.method.decode()
     path = urllib.parse.urlsplit(request.target.decode()).path
     if method == "GET" and path in ("/", "/index.html"):
-        return 200, "text/html; charset=utf-8", _dashboard()
+        return _reply(200, "text/html; charset=utf-8", _dashboard())
     if method == "GET" and path == "/healthz":
         return _json(200, {"ok": True, "workers": len(controller.index.workers())})
     _authorize(controller, request)
     if method == "GET":
         if path == "/metrics":
-            return 200, CONTENT_TYPE_LATEST, generate_latest(controller.registry)
+            return _reply(200, CONTENT_TYPE_LATEST, generate_latest(controller.registry))
         if path == "/v1/endpoints":
             return _json(200, _endpoints(controller))
         if path == "/v1/instances":
