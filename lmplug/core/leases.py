@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import threading
 from collections.abc import Callable
 from types import TracebackType
 
@@ -25,7 +26,7 @@ class Lease:
     and sets :attr:`ready` when nothing more will come.
     """
 
-    __slots__ = ("_chunks", "_on_release", "deadline", "lease_id", "num_tokens", "ready")
+    __slots__ = ("_chunks", "_on_release", "_owner", "_route", "deadline", "lease_id", "num_tokens", "ready")
 
     def __init__(
         self,
@@ -40,6 +41,8 @@ class Lease:
         self.deadline = deadline
         self._chunks = chunks
         self._on_release = on_release
+        self._owner = threading.get_ident()  # the cache's loop thread: chunk counts live there
+        self._route: Callable[[Lease], None] | None = None
         self.ready = anyio.Event()
         """Set once the lease will not grow any more (promotion finished, failed or was cut short)."""
         for chunk in chunks:
@@ -67,8 +70,23 @@ class Lease:
         self._chunks.extend(chunks)
         self.num_tokens += num_tokens
 
+    def route_releases(self, route: Callable[[Lease], None]) -> None:
+        """Release through ``route`` when :meth:`release` is called from another thread than the
+        cache's loop (``SyncCache`` hands its leases out so: ``route`` runs the release on the loop)."""
+        self._route = route
+
     def release(self) -> None:
-        """Unpin and release every chunk. Idempotent."""
+        """Unpin and release every chunk. Idempotent. On the cache's loop thread; from another
+        thread, through the route :class:`lmplug.SyncCache` gave the lease, else an error."""
+        if threading.get_ident() != self._owner:
+            if self._chunks is None:
+                return
+            if self._route is None:
+                raise RuntimeError(
+                    "a lease is released on the cache's event-loop thread (from other threads: SyncCache.release)"
+                )
+            self._route(self)
+            return
         chunks = self._chunks
         self.ready.set()
         if chunks is None:

@@ -7,7 +7,8 @@ their calls are serialised on the loop.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+import contextlib
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from types import TracebackType
@@ -91,13 +92,31 @@ class SyncCache:
             raise CacheClosedError("the SyncCache is not open (use `with lmplug.SyncCache(config) as cache`)")
         return self._portal
 
+    @contextlib.contextmanager
+    def _closing_is_closed(self, portal: BlockingPortal) -> Iterator[None]:
+        """A call that reaches the portal as another thread closes it is a :class:`CacheClosedError`
+        too, not the portal's own error."""
+        try:
+            yield
+        except RuntimeError as exc:
+            if self._portal is not portal:
+                raise CacheClosedError("the SyncCache was closed during the call") from exc
+            raise
+
+    def _call(self, function: Callable[..., Awaitable[T]], *args: object) -> T:
+        portal = self._portal_or_raise()
+        with self._closing_is_closed(portal):
+            return portal.call(function, *args)
+
     def run_sync(self, function: Callable[[], T]) -> T:
         """Run ``function()`` on the cache's loop thread (to touch cache internals safely)."""
-        return self._portal_or_raise().call(function)
+        portal = self._portal_or_raise()
+        with self._closing_is_closed(portal):
+            return portal.call(function)
 
     def call(self, function: Callable[..., Awaitable[T]], *args: object) -> T:
         """Run ``await function(*args)`` on the cache's loop thread and return its result."""
-        return self._portal_or_raise().call(function, *args)
+        return self._call(function, *args)
 
     def start_soon(self, function: Callable[..., Awaitable[T]], *args: object) -> Future[T]:
         """Start ``await function(*args)`` on the cache's loop thread without waiting for it; its future.
@@ -116,31 +135,34 @@ class SyncCache:
         self._background.append(future)
 
     def lookup(self, tokens: object) -> int:
-        return self._portal_or_raise().call(self._cache.lookup, tokens)
+        return self._call(self._cache.lookup, tokens)
 
     def store(self, tokens: object, kv: torch.Tensor, *, start: int = 0) -> int:
-        portal = self._portal_or_raise()
-        return portal.call(lambda: self._cache.store(tokens, kv, start=start))
+        return self._call(lambda: self._cache.store(tokens, kv, start=start))
 
     def retrieve(self, tokens: object, *, out: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
-        portal = self._portal_or_raise()
-        return portal.call(lambda: self._cache.retrieve(tokens, out=out))
+        return self._call(lambda: self._cache.retrieve(tokens, out=out))
 
     def lease(self, tokens: object, *, ttl: float | None = None) -> Lease:
-        portal = self._portal_or_raise()
-        return portal.call(lambda: self._cache.lease(tokens, ttl=ttl))
+        """A lease; ``lease.release()`` may be called from any thread (it is routed to the loop)."""
+        lease = self._call(lambda: self._cache.lease(tokens, ttl=ttl))
+        lease.route_releases(self._release_on_loop)
+        return lease
+
+    def _release_on_loop(self, lease: Lease) -> None:
+        with contextlib.suppress(CacheClosedError):  # closing released every lease already
+            self.run_sync(lease.release)
 
     def release(self, lease: Lease) -> None:
         """Release a lease (on the cache's loop, where its chunks live)."""
-        self._portal_or_raise().call(lease.release)
+        self.run_sync(lease.release)
 
     def evict(self, tokens: object, *, tiers: Sequence[str] | None = None) -> dict[str, int]:
-        portal = self._portal_or_raise()
-        return portal.call(lambda: self._cache.evict(tokens, tiers=tiers))
+        return self._call(lambda: self._cache.evict(tokens, tiers=tiers))
 
     def drain(self) -> None:
         """Wait until every write-behind tier has finished the writes accepted so far."""
-        self._portal_or_raise().call(self._cache.drain)
+        self._call(self._cache.drain)
 
     def statistics(self) -> CacheStatistics:
-        return self._portal_or_raise().call(self._cache.statistics)
+        return self.run_sync(self._cache.statistics)
