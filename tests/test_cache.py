@@ -384,3 +384,48 @@ async def test_store_from_a_chunk_boundary(config: dict[str, Any]) -> None:
             await cache.store(tokens, kv[:, :, 5:], start=5)
         with pytest.raises(TokenCountMismatch):
             await cache.store(tokens, kv, start=CHUNK)
+
+
+async def test_many_leases_with_mixed_time_outs_race_releases_retrieves_and_evicts(config: dict[str, Any]) -> None:
+    """Hundreds of leases with time-outs from 0 to 100 ms, released early or left to expire,
+    while other tasks retrieve and evict the same prompts: every pin goes, the table and its
+    deadline heap shrink back, and every retrieve serves the right KV."""
+    import random
+
+    rng = random.Random(20261206)
+    prompts = [prompt(100 + index, 2 * CHUNK) for index in range(8)]
+    async with lmplug.open_cache(config) as cache:
+        for tokens in prompts:
+            assert await cache.store(tokens, reference_kv(tokens, config)) == 2 * CHUNK
+        leases = []
+        wrong: list[int] = []
+
+        async def lease_and_maybe_release(index: int) -> None:
+            lease = await cache.lease(prompts[index % len(prompts)], ttl=rng.random() / 10)
+            leases.append(lease)
+            if index % 3 == 0:
+                await anyio.sleep(rng.random() / 20)
+                lease.release()  # may race its own expiry
+
+        async def retrieve_and_evict(index: int) -> None:
+            tokens = prompts[index % len(prompts)]
+            out, count = await cache.retrieve(tokens)
+            if not torch.equal(out, reference_kv(tokens, config)[:, :, :count]):
+                wrong.append(index)
+            if index % 5 == 0:
+                await cache.evict(tokens)  # pinned chunks stay; the rest go
+                await cache.store(tokens, reference_kv(tokens, config))
+
+        async with anyio.create_task_group() as group:
+            for index in range(400):
+                group.start_soon(lease_and_maybe_release, index)
+                group.start_soon(retrieve_and_evict, index)
+                if index % 50 == 0:
+                    await anyio.sleep(0.01)
+        await anyio.sleep(0.5)  # every time-out (100 ms at most) has passed
+        assert cache.statistics().leases == 0
+        assert wrong == []
+        assert not any(lease.active for lease in leases)
+        assert cache.statistics().tiers[0].pinned == 0
+        assert len(cache._leases._deadlines) <= 64  # released leases' deadlines do not pile up
+        assert cache.metrics.counts.expired_leases > 0  # some did expire rather than being released

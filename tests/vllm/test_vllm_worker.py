@@ -152,6 +152,27 @@ def test_a_miss_leaves_vllms_kv_untouched(worker: WorkerSide) -> None:
     assert worker.take_failed_blocks() == {1, 2, 3, 4}
 
 
+def test_a_lease_that_expires_before_the_load_is_recomputed_and_writes_nothing(worker: WorkerSide) -> None:
+    """The scheduler's lookup leased the chunks, but the lease ran out before the worker's load
+    (a step delayed past the lease time-out): the blocks are recomputed, vLLM's KV is untouched."""
+    tokens = list(range(3500, 3500 + 2 * CHUNK))
+    worker.cache.store(tokens, torch.randn(2, LAYERS, 2 * CHUNK, HEADS * DIM))
+    assert lease(worker, "x", tokens) == 2 * CHUNK
+    leases = worker.cache.async_cache._leases
+    assert worker.cache.run_sync(lambda: leases.expire(float("inf"))) == 1  # the time-out passes
+    for layer in worker.layers:
+        layer.normal_()
+    before = [layer.clone() for layer in worker.layers]
+    with torch.inference_mode():
+        worker.start_load(StepPlan(loads=[Span("x", tokens, [1, 2, 3, 4], 0, 2 * CHUNK)]))
+        for name in names(worker):
+            worker.wait_for_layer(name)
+        worker.save(StepPlan())
+    assert all(torch.equal(a, b) for a, b in zip(before, worker.layers, strict=True))
+    assert worker.take_failed_blocks() == {1, 2, 3, 4}
+    assert worker.cache.statistics().tiers[0].pinned == 0
+
+
 def test_a_partial_tail_saved_at_finish_is_loaded_into_scattered_blocks(worker: WorkerSide) -> None:
     """The rest of a finished request (a partial chunk) is saved, reported as sent, and a longer
     prompt loads it back, whole blocks and odd tokens alike, into blocks that are not consecutive."""
