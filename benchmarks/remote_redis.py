@@ -4,24 +4,29 @@ Geometry: chunk_size 256 tokens, bfloat16, 8 KV heads of 128 (hidden 1024), so o
 ``num_layers`` MiB; the number of layers picks the chunk size (2, 8, 32 MiB). The stack has one
 tier, ``type: remote`` at a redis-server this benchmark starts on a free loopback port
 (``--save "" --appendonly no``: memory only) and stops afterwards, with the tier's default
-settings (``writers: 4``, ``readers: 8``): a user's store and retrieve run with those, so they are
-what is measured (on this 2-core machine ``writers: 1``/``readers: 1`` measured the same within
-the noise). One sample moves one prompt of 64 MiB (8 MiB with ``--quick``): several chunks.
+settings (``writers: 4``, ``readers: 8``, the connector's pool of 16 connections): a user's store
+and retrieve run with those, so they are what is measured. One sample moves one prompt of 64 MiB
+(8 MiB with ``--quick``) of random (``randn``) KV: several chunks.
 
 - store: ``store`` plus ``tier.drain()`` (the write-behind queue empty: every chunk SET on the
   server, after the tier's EXISTS check) of chunks the server does not hold; they are evicted
   (UNLINKed) again after each sample, outside the timed section.
 - retrieve: ``retrieve(tokens, out=preallocated)`` of chunks that are on the server and not in
   the write queue (stored and drained once, before sampling): GET, checksum verification and
-  the copy into ``out``.
-- references, same server, same process, same run: a plain ``redis.Redis`` client (redis-py
-  defaults: hiredis parser and packer) in a worker thread doing one ``SET`` per chunk of
-  ``bytes`` of the chunk's size (a distinct buffer per chunk, so the CPU cache does not flatter
-  it), one after another, to keys the server does not hold (UNLINKed after each sample,
-  untimed, as the tier's are), and one ``GET`` per chunk of keys stored once (the returned
-  bytes are dropped: no copy anywhere). The tier moves a header too, checks EXISTS before each write,
-  verifies every read and copies into ``out``, so the reference is the floor of what redis-py
-  and the server do for the same payload.
+  the copy into ``out``. ``out`` is overwritten before and compared with the stored KV after
+  every sample, untimed.
+- references, same server, same process, same run, at the tier's concurrency: a ``redis.Redis``
+  client (redis-py defaults: hiredis parser and packer) on a blocking pool of the connector's
+  16 connections, with random values of its own (one distinct ``bytes`` per chunk, so the CPU
+  cache does not flatter it, and none shared with the tier's). "redis-py SET": the chunks cut
+  into contiguous batches of at most 8, at least 4 of them (the tier's writers each take up to
+  8 queued chunks and send them as one pipeline), one pipeline (a single ``SET`` for a batch of
+  one) per batch, ``writers`` (4) threads at once, to keys the server does not hold (UNLINKed
+  after each sample, untimed, as the tier's are). "redis-py GET": one ``GET`` per chunk of keys
+  stored once, ``readers`` (8) threads at once; the values are compared with what was SET after
+  each sample, untimed. The tier moves a header too, checks EXISTS before each batch, verifies
+  every read and copies into ``out``, so the reference is the floor of what redis-py and the
+  server do for the same payload at the same concurrency.
 
 Both sides depend on process state beyond the connector: the core's chunk copies run through
 torch's intra-op thread pool (with 2 threads on 2 busy cores a 2 MiB copy can take ~8 ms instead
@@ -40,6 +45,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -56,13 +62,16 @@ from benchmarks.tier_cases import (
     HEAD_SIZE,
     KV_HEADS,
     Case,
+    checked,
     only_tier,
     retrieve_case,
     store_case,
     thread_case,
+    write_groups,
 )
 from lmplug.testing import free_port
-from lmplug_remote.tier import RemoteTier
+from lmplug_remote.redis.options import RedisOptions
+from lmplug_remote.tier import RemoteTier, RemoteTierConfig
 
 NAME = "remote_redis"
 SUMMARY = "L4 remote tier on redis: store/retrieve MiB/s vs same-run raw redis-py SET/GET (target >= 0.7x)"
@@ -70,6 +79,11 @@ SUMMARY = "L4 remote tier on redis: store/retrieve MiB/s vs same-run raw redis-p
 TARGET = Target(">=", 0.7, relative=True)
 SAMPLE_BYTES = 64 * MiB  # moved per sample (one prompt), per direction
 SAMPLE_BYTES_QUICK = 8 * MiB
+# The tier's concurrency, which the reference runs at: its defaults, read from the tier.
+WRITERS: int = RemoteTierConfig.model_fields["writers"].default
+READERS: int = RemoteTierConfig.model_fields["readers"].default
+WRITE_BATCH = 8  # chunks one writer takes from the queue at most (lmplug_remote.tier's _WRITE_BATCH)
+CONNECTIONS: int = RedisOptions.model_fields["max_connections"].default
 
 
 # ---------------------------------------------------------------------------- the server
@@ -126,38 +140,60 @@ def _config(num_layers: int, port: int) -> dict[str, Any]:
 
 
 class _RawClient:
-    """The reference: redis-py's defaults, one SET / GET per chunk, one after another.
+    """The reference: redis-py's defaults at the tier's concurrency (see the module docstring).
 
     SETs go to keys the server does not hold (deleted again after each sample, untimed), as the
     tier's store samples do: a server that replaces a value of the same size reuses its memory, one
     that stores a new key must take fresh memory (2 MiB SETs measured ~1.4x faster as overwrites).
     """
 
-    def __init__(self, port: int, chunks: int, chunk_bytes: int) -> None:
-        self.client = redis.Redis(port=port)
-        self.values = [np.full(chunk_bytes, index + 1, dtype=np.uint8).tobytes() for index in range(chunks)]
+    def __init__(self, port: int, chunks: int, chunk_bytes: int, seed: int) -> None:
+        random = np.random.default_rng(seed)
+        self.values = [random.bytes(chunk_bytes) for _ in range(chunks)]
         self.written = [f"bench/raw/new/{index}" for index in range(chunks)]
         self.held = [f"bench/raw/held/{index}" for index in range(chunks)]
+        self.groups = write_groups(chunks, WRITERS, WRITE_BATCH)
+        pool = redis.BlockingConnectionPool(port=port, max_connections=CONNECTIONS)  # type: ignore[no-untyped-call]
+        self.client = redis.Redis(connection_pool=pool)
+        self.setters = ThreadPoolExecutor(WRITERS, thread_name_prefix="bench-raw-set")
+        self.getters = ThreadPoolExecutor(READERS, thread_name_prefix="bench-raw-get")
+        self.got: list[Any] = [None] * chunks
         for name, value in zip(self.held, self.values, strict=True):
             self.client.set(name, value)
 
+    def _set_group(self, group: range) -> None:
+        if len(group) == 1:
+            self.client.set(self.written[group[0]], self.values[group[0]])
+            return
+        with self.client.pipeline(transaction=False) as pipe:  # the tier's batches go out pipelined too
+            for index in group:
+                pipe.set(self.written[index], self.values[index])
+            pipe.execute()
+
     def set(self) -> float:
         start = time.perf_counter()
-        for name, value in zip(self.written, self.values, strict=True):
-            self.client.set(name, value)
+        for future in [self.setters.submit(self._set_group, group) for group in self.groups]:
+            future.result()
         elapsed = time.perf_counter() - start
         self.client.unlink(*self.written)
         return elapsed
 
+    def _get(self, index: int) -> None:
+        self.got[index] = self.client.get(self.held[index])
+
     def get(self) -> float:
         start = time.perf_counter()
-        for name, value in zip(self.held, self.values, strict=True):
-            got = self.client.get(name)
-            if not isinstance(got, bytes) or len(got) != len(value):
-                raise RuntimeError(f"raw GET of {name} returned {type(got).__name__}")
-        return time.perf_counter() - start
+        for _ in self.getters.map(self._get, range(len(self.held))):
+            pass
+        elapsed = time.perf_counter() - start
+        got, self.got = self.got, [None] * len(self.held)
+        if got != self.values:
+            raise RuntimeError("a raw GET returned other bytes than were SET")
+        return elapsed
 
     def close(self) -> None:
+        self.setters.shutdown()
+        self.getters.shutdown()
         self.client.close()
 
 
@@ -171,15 +207,15 @@ async def _measure_size(chunk_mib: int, settings: Settings, backend: Backend, po
     sample_bytes = chunks * chunk_bytes
     num_tokens = chunks * CHUNK_TOKENS
     shape = (2, num_layers, num_tokens, KV_HEADS * HEAD_SIZE)
-    kv = torch.ones(shape, dtype=torch.bfloat16)
-    out = torch.zeros(shape, dtype=torch.bfloat16)
+    kv = torch.randn(shape, generator=torch.Generator().manual_seed(chunk_mib)).to(torch.bfloat16)
+    out = torch.empty(shape, dtype=torch.bfloat16)
     if kv.nbytes != sample_bytes:
         raise RuntimeError(f"geometry error: a prompt is {kv.nbytes} bytes, expected {sample_bytes}")
     # `stored` is stored by every store sample (and evicted after it, untimed); `held` is stored
     # once and retrieved by every retrieve sample.
     stored = np.arange(num_tokens, dtype=np.int32)
     held = stored + num_tokens
-    raw = await anyio.to_thread.run_sync(_RawClient, port, chunks, chunk_bytes)
+    raw = await anyio.to_thread.run_sync(_RawClient, port, chunks, chunk_bytes, 1000 + chunk_mib)
     try:
         async with lmplug.open_cache(_config(num_layers, port)) as cache:
             tier = only_tier(cache, RemoteTier)
@@ -191,14 +227,12 @@ async def _measure_size(chunk_mib: int, settings: Settings, backend: Backend, po
                 "raw set": thread_case(raw.set),
                 "store": store_case(cache, only_tier(cache, RemoteTier), stored, kv),
                 "raw get": thread_case(raw.get),
-                "retrieve": retrieve_case(cache, held, out),
+                "retrieve": checked(retrieve_case(cache, held, out), out, kv),
             }
             stats = await sample_async(cases, settings)
             counters = tier.statistics()
             if counters.errors or counters.skipped_writes:
                 raise RuntimeError(f"remote tier: {counters.errors} errors, {counters.skipped_writes} skipped writes")
-            if not torch.equal(out, kv):
-                raise RuntimeError("retrieve returned other bytes than were stored")
     finally:
         await anyio.to_thread.run_sync(raw.close)
 

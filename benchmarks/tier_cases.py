@@ -18,6 +18,9 @@ CHUNK_TOKENS = 256
 KV_HEADS = 8
 HEAD_SIZE = 128
 Case = Callable[[], Awaitable[float]]
+POISON = 0xFF
+"""Written over every read's destination before the read: 0xFFFF is a bfloat16 NaN, equal to
+nothing, so a value the read left alone fails the comparison after it."""
 TierT = TypeVar("TierT", bound=tierkit.Tier)
 
 
@@ -105,6 +108,27 @@ def retrieve_case(
         return watch.elapsed
 
     return retrieve
+
+
+def checked(retrieve: Case, out: torch.Tensor, kv: torch.Tensor) -> Case:
+    """``retrieve`` (into ``out``), with ``out`` overwritten before it and compared with ``kv`` after it, untimed."""
+
+    async def case() -> float:
+        out.view(torch.uint8).fill_(POISON)
+        elapsed = await retrieve()
+        if not torch.equal(out, kv):
+            raise RuntimeError("retrieve returned other bytes than were stored")
+        return elapsed
+
+    return case
+
+
+def write_groups(count: int, writers: int, batch: int) -> list[range]:
+    """Chunks ``0..count`` cut into contiguous groups of at most ``batch``, at least ``writers`` of
+    them where there are that many chunks: the batches a write-behind tier's ``writers`` (each
+    taking up to ``batch`` queued chunks) can write at once, evenly filled."""
+    groups = min(count, max(writers, -(-count // batch)))
+    return [range(count * index // groups, count * (index + 1) // groups) for index in range(groups)]
 
 
 def thread_case(function: Callable[[], float]) -> Case:
