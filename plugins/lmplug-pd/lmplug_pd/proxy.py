@@ -122,6 +122,7 @@ class Proxy:
         """``http://host:port`` once serving."""
         self._prefills = itertools.cycle(config.prefill)
         self._decodes = itertools.cycle(config.decode)
+        self._model_sources = itertools.cycle(config.decode)  # apart, so /v1/models leaves the pairs alone
         self._client: httpx.AsyncClient | None = None
         self._active = 0
         self._idle: anyio.Event | None = None
@@ -146,7 +147,8 @@ class Proxy:
                 async with listener, anyio.create_task_group() as accepting:
                     address = listener.extra(SocketAttribute.local_address)
                     assert isinstance(address, tuple)
-                    self.url = f"http://{address[0]}:{address[1]}"
+                    host = f"[{address[0]}]" if ":" in str(address[0]) else address[0]
+                    self.url = f"http://{host}:{address[1]}"
                     accepting.start_soon(listener.serve, self._serve_connection, connections)
                     logger.info("lmplug-pd-proxy: serving on %s", self.url)
                     task_status.started(self.url)
@@ -218,7 +220,8 @@ class Proxy:
         if path == "/v1/models":  # what clients ask first; any decode instance serves the same models
             self._enter()
             try:
-                return await self._decode_leg(next(self._decodes), "GET", path, None, _forwarded(request), self._leave)
+                source = next(self._model_sources)
+                return await self._decode_leg(source, "GET", path, None, _forwarded(request), self._leave)
             except BaseException:
                 self._leave()
                 raise
@@ -302,9 +305,12 @@ class Proxy:
         request = self._client.build_request(
             method, instance + path, content=content, headers=headers, timeout=self._timeout(self.config.decode_timeout)
         )
+        started = time.monotonic()
         try:
             response = await self._client.send(request, stream=True)
         except httpx.HTTPError as exc:
+            if path in GENERATE_ROUTES:
+                self.metrics.decode_seconds.labels(instance).observe(time.monotonic() - started)
             kind = _kind(exc)
             self.metrics.upstream_errors.labels(instance, "decode", kind).inc()
             message = f"decode instance {instance} {_failure(self.config, kind, exc)}"
