@@ -15,7 +15,7 @@ import pytest
 
 from lmplug_server import protocol
 from lmplug_server.protocol import ErrorCode, ItemStatus, Op
-from lmplug_server.testing import LM_TOKEN, LmServerProcess, WireClient, read_exactly
+from lmplug_server.testing import LM_TOKEN, LmServerProcess, ServerFactory, WireClient, read_exactly
 
 SENTINEL = os.urandom(100_000)
 
@@ -182,3 +182,54 @@ async def test_a_wrong_token_is_refused_and_disconnected(lm_auth_server: LmServe
     with raw(lm_auth_server) as sock:
         sock.sendall(protocol.encode_auth(1, b"not-the-token"))
         assert read_error(sock).code is ErrorCode.AUTH_FAILED
+
+
+def _tagged(key: int, writer: int, size: int) -> bytes:
+    """A value that says which key and writer it belongs to, in every 8 bytes of it."""
+    return struct.pack("<II", key, writer) * (size // 8)
+
+
+async def test_a_hundred_clients_racing_on_the_same_keys_under_memory_pressure(
+    lm_servers: ServerFactory, anyio_backend: str
+) -> None:
+    """100 clients PUT, GET and DELETE the same 12 keys over the wire on a 1 MiB server that must
+    evict to take them (values of 64-192 KiB): every GET is a miss or one whole value that some
+    writer PUT under that key, never a mix or another key's; the server evicts, stays up, and
+    once the crowd leaves nothing is reserved and no connection is left open."""
+    server = lm_servers("--capacity", "1MiB", start=False)
+    server.env["LMPLUG_SERVER_BACKEND"] = anyio_backend
+    server.start()
+    failures: list[str] = []
+    gets = {"hit": 0, "miss": 0}
+
+    async def client(writer: int) -> None:
+        async with WireClient.connect(server.port) as connector:
+            for round_ in range(12):
+                key = (writer + round_) % 12
+                name = f"race-{key}"
+                size = 65_536 * (1 + (writer + round_) % 3)
+                if round_ % 3 == 0:
+                    await connector.put(name, _tagged(key, writer, size))
+                elif round_ % 3 == 1:
+                    value = await connector.get(name)
+                    if value is None:
+                        gets["miss"] += 1
+                        continue
+                    gets["hit"] += 1
+                    owner_key, owner = struct.unpack_from("<II", value)
+                    if owner_key != key or value != _tagged(key, owner, len(value)) or len(value) % 65_536:
+                        failures.append(f"{name}: {len(value)} bytes, tagged key {owner_key} writer {owner}")
+                else:
+                    await connector.delete([name])
+
+    async with anyio.create_task_group() as group:
+        for writer in range(100):
+            group.start_soon(client, writer)
+    assert failures == []
+    assert gets["hit"] > 0  # the race is real: values were read back while others wrote
+    async with WireClient.connect(server.port) as connector:
+        stats = await connector.stats()
+    assert stats["evictions"] > 0  # 1 MiB held less than what was written
+    assert stats["memory"]["reserved"] == 0
+    assert stats["memory"]["used"] <= stats["memory"]["capacity"]
+    assert stats["connections"]["open"] == 1  # this one
