@@ -61,10 +61,14 @@ async def _measure_size(chunk_mib: int, chunks_per_call: int, settings: Settings
     # DRAM, as it does under an engine, instead of from the CPU cache for the small sizes only.
     prompts = max(1, -(-(WORKING_SET_QUICK if settings.quick else WORKING_SET) // call_bytes))
     shape = (2, num_layers, num_tokens, KV_HEADS * HEAD_SIZE)
-    # Written, not just allocated: reading never-touched pages would read the shared zero page.
-    sources = [torch.ones(shape, dtype=torch.bfloat16) for _ in range(prompts)]
+    # Random values, written (reading never-touched pages would read the shared zero page), so a
+    # retrieve that moved nothing, or the wrong chunk, cannot pass the check below; the memcpy
+    # reference copies into destinations of its own, never into the retrieve's.
+    generator = torch.Generator().manual_seed(chunk_mib)
+    sources = [torch.randn(shape, generator=generator).to(torch.bfloat16) for _ in range(prompts)]
     outs = [torch.zeros(shape, dtype=torch.bfloat16) for _ in range(prompts)]
-    pairs = list(zip(outs, sources, strict=True))
+    copies = [torch.zeros(shape, dtype=torch.bfloat16) for _ in range(prompts)]
+    pairs = list(zip(copies, sources, strict=True))
     byte_pairs = [(out.view(torch.uint8).numpy(), kv.view(torch.uint8).numpy()) for out, kv in pairs]
     # The copies a chunked store cannot avoid, without the cache: each chunk's slice of the source
     # into its own contiguous chunk-sized buffer (carved from `outs`, as the pool carves its buffer).
@@ -133,6 +137,12 @@ async def _measure_size(chunk_mib: int, chunks_per_call: int, settings: Settings
             settings,
         )
         evictions = sum(tier.evictions for tier in cache.statistics().tiers)
+        for out in outs:
+            out.zero_()
+        await retrieve()  # untimed: every retrieve must have written exactly its prompt's KV
+        for index, (out, kv) in enumerate(zip(outs, sources, strict=True)):
+            if not torch.equal(out, kv):
+                raise RuntimeError(f"retrieve of prompt {index} did not return the KV stored for it")
 
     # Only our own evict() calls may have evicted: (warmup + repeats) rounds of `prompts` stores.
     expected = (settings.warmup + settings.repeats) * prompts * chunks_per_call

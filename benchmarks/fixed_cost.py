@@ -48,7 +48,7 @@ async def _measure(cache: lmplug.Cache, chunks: int, settings: Settings, backend
     layout = cache.layout
     held = np.arange(num_tokens, dtype=np.int32) + 1_000_000 * chunks  # stored once, kept
     fresh = held + 500_000  # stored and evicted again by every store sample
-    kv = torch.ones(layout.shape(num_tokens), dtype=layout.dtype)
+    kv = torch.randn(layout.shape(num_tokens), generator=torch.Generator().manual_seed(chunks)).to(layout.dtype)
     out = torch.zeros_like(kv)
     chunk_out = torch.zeros(layout.shape(CHUNK_TOKENS), dtype=layout.dtype)
     if await cache.store(held, kv) != num_tokens:
@@ -88,6 +88,9 @@ async def _measure(cache: lmplug.Cache, chunks: int, settings: Settings, backend
     stats = await sample_async(
         {"keys": keys, "copy": copy, "lookup": lookup, "store": store, "retrieve": retrieve}, settings
     )
+    out.zero_()
+    if (await cache.retrieve(held, out=out))[1] != num_tokens or not torch.equal(out, kv):  # untimed check
+        raise RuntimeError("retrieve did not return the KV stored")
     per_chunk = {name: value.scaled(1e6 / chunks) for name, value in stats.items()}
     per_chunk["copy"] = stats["copy"].scaled(1e6)  # already per chunk
     label = f"{chunks} chunk{'s' if chunks > 1 else ''}/call [{backend}]"
