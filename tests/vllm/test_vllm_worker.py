@@ -58,6 +58,15 @@ def names(worker: WorkerSide) -> list[str]:
     return sorted(worker.index, key=worker.index.__getitem__)
 
 
+def load_step(worker: WorkerSide, load: Span) -> None:
+    """One step of vLLM's that loads ``load``: every attention layer asks for its KV, nothing is saved."""
+    with torch.inference_mode():
+        worker.start_load(StepPlan(loads=[load]))
+        for name in names(worker):
+            worker.wait_for_layer(name)
+        worker.save(StepPlan())
+
+
 def write_kv(worker: WorkerSide, block_ids: list[int], kv: torch.Tensor) -> None:
     """Put ``kv`` ``[2, layers, n, hidden]`` into vLLM's blocks, as its forward would have computed it."""
     assert worker.layout is not None
@@ -128,11 +137,7 @@ def test_undelivered_promises_are_reported(worker: WorkerSide) -> None:
     tokens = list(range(900, 900 + 2 * CHUNK))
     worker.cache.store(tokens[:CHUNK], torch.randn(2, LAYERS, CHUNK, HEADS * DIM))
     assert lease(worker, "d", tokens) == CHUNK
-    with torch.inference_mode():
-        worker.start_load(StepPlan(loads=[Span("d", tokens, [1, 2, 3, 4], 0, 2 * CHUNK)]))
-        for name in names(worker):
-            worker.wait_for_layer(name)
-        worker.save(StepPlan())
+    load_step(worker, Span("d", tokens, [1, 2, 3, 4], 0, 2 * CHUNK))
     assert worker.take_failed_blocks() == {3, 4}  # the second chunk was promised but is not there
 
 
@@ -143,11 +148,7 @@ def test_a_miss_leaves_vllms_kv_untouched(worker: WorkerSide) -> None:
     before = [layer.clone() for layer in worker.layers]
     tokens = list(range(3000, 3000 + 2 * CHUNK))
     assert lease(worker, "e", tokens) == 0
-    with torch.inference_mode():
-        worker.start_load(StepPlan(loads=[Span("e", tokens, [1, 2, 3, 4], 0, 2 * CHUNK)]))
-        for name in names(worker):
-            worker.wait_for_layer(name)
-        worker.save(StepPlan())
+    load_step(worker, Span("e", tokens, [1, 2, 3, 4], 0, 2 * CHUNK))
     assert all(torch.equal(a, b) for a, b in zip(before, worker.layers, strict=True))
     assert worker.take_failed_blocks() == {1, 2, 3, 4}
 
@@ -163,11 +164,7 @@ def test_a_lease_that_expires_before_the_load_is_recomputed_and_writes_nothing(w
     for layer in worker.layers:
         layer.normal_()
     before = [layer.clone() for layer in worker.layers]
-    with torch.inference_mode():
-        worker.start_load(StepPlan(loads=[Span("x", tokens, [1, 2, 3, 4], 0, 2 * CHUNK)]))
-        for name in names(worker):
-            worker.wait_for_layer(name)
-        worker.save(StepPlan())
+    load_step(worker, Span("x", tokens, [1, 2, 3, 4], 0, 2 * CHUNK))
     assert all(torch.equal(a, b) for a, b in zip(before, worker.layers, strict=True))
     assert worker.take_failed_blocks() == {1, 2, 3, 4}
     assert worker.cache.statistics().tiers[0].pinned == 0
@@ -190,11 +187,7 @@ def test_a_partial_tail_saved_at_finish_is_loaded_into_scattered_blocks(worker: 
     longer = [*tokens, 1, 2, 3]
     assert lease(worker, "g", longer) == len(tokens)
     other = [30, 12, 31, 2]
-    with torch.inference_mode():
-        worker.start_load(StepPlan(loads=[Span("g", longer[: len(tokens)], other, 0, len(tokens))]))
-        for name in names(worker):
-            worker.wait_for_layer(name)
-        worker.save(StepPlan())
+    load_step(worker, Span("g", longer[: len(tokens)], other, 0, len(tokens)))
     assert torch.equal(read_back(worker, other, len(tokens)), kv)
     assert worker.take_failed_blocks() == set()
 
