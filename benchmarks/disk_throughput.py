@@ -85,7 +85,9 @@ from benchmarks.tier_cases import (
     CHUNK_TOKENS,
     HEAD_SIZE,
     KV_HEADS,
+    POISON,
     Case,
+    checked,
     only_tier,
     retrieve_case,
     store_case,
@@ -101,7 +103,6 @@ SUMMARY = "L3 disk store/retrieve MiB/s vs same-run in-process O_DIRECT at the t
 TARGET = Target(">=", 0.8, relative=True)
 SAMPLE_BYTES = 64 * MiB  # moved per sample (one prompt), per direction
 SAMPLE_BYTES_QUICK = 32 * MiB
-POISON = 0xFF
 """Written over every read's destination before the read: 0xFFFF is a bfloat16 NaN, equal to
 nothing, so a value the read left alone fails the comparison after it."""
 REPO = Path(__file__).resolve().parents[1]
@@ -337,19 +338,6 @@ class _FileFloor:
 # ---------------------------------------------------------------------------- cases
 
 
-def _checked(retrieve: Case, out: torch.Tensor, kv: torch.Tensor) -> Case:
-    """``retrieve`` (into ``out``), with ``out`` overwritten before it and compared with ``kv`` after it, untimed."""
-
-    async def case() -> float:
-        out.view(torch.uint8).fill_(POISON)
-        elapsed = await retrieve()
-        if not torch.equal(out, kv):
-            raise RuntimeError("retrieve returned other bytes than were stored")
-        return elapsed
-
-    return case
-
-
 # ---------------------------------------------------------------------------- one chunk size
 
 
@@ -434,14 +422,14 @@ async def _measure_size(
                 )
             cases["reference read"] = thread_case(reference.read)
             aligned = lmplug.empty_kv(direct.layout, num_tokens)
-            cases["retrieve"] = _checked(retrieve_case(direct, held, aligned), aligned, kv)
-            cases["retrieve unaligned"] = _checked(retrieve_case(direct, held, out), out, kv)
+            cases["retrieve"] = checked(retrieve_case(direct, held, aligned), aligned, kv)
+            cases["retrieve unaligned"] = checked(retrieve_case(direct, held, out), out, kv)
             if extras:
                 cases["floor read"] = thread_case(floor.read)
                 buffered = retrieve_case(
                     caches["buffered"], held, out, before=_dropper(only_tier(caches["buffered"], DiskTier))
                 )
-                cases["retrieve buffered"] = _checked(buffered, out, kv)
+                cases["retrieve buffered"] = checked(buffered, out, kv)
                 cases["dd read"] = thread_case(lambda: _dd(f"if={dd_read}", "of=/dev/null", block, "iflag=direct"))
             stats = await sample_async(cases, settings)
 
