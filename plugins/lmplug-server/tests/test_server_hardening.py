@@ -184,6 +184,44 @@ async def test_a_wrong_token_is_refused_and_disconnected(lm_auth_server: LmServe
         assert read_error(sock).code is ErrorCode.AUTH_FAILED
 
 
+BEFORE_AUTH = {
+    "PUT": protocol.encode_keyed_request(Op.PUT, 1, [b"sneaky"], [0], [5]) + b"value",
+    "DELETE": protocol.encode_keyed_request(Op.DELETE, 1, [b"authed"]),
+    "EXISTS": protocol.encode_keyed_request(Op.EXISTS, 1, [b"authed"]),
+    "STATS": protocol.encode_simple(Op.STATS, 1),
+    "HEALTH": protocol.encode_simple(Op.HEALTH, 1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BEFORE_AUTH))
+async def test_every_request_before_auth_is_refused(lm_auth_server: LmServerProcess, name: str) -> None:
+    with raw(lm_auth_server) as sock:
+        sock.sendall(BEFORE_AUTH[name])
+        assert read_error(sock).code is ErrorCode.AUTH_REQUIRED
+    async with WireClient.connect(lm_auth_server.port, LM_TOKEN.encode()) as client:
+        assert await client.get("sneaky") is None  # nothing was written
+
+
+@pytest.mark.parametrize(
+    "token", [b"", LM_TOKEN.encode()[:-1], LM_TOKEN.encode() + b"x", LM_TOKEN.encode().upper(), b"\0" * len(LM_TOKEN)]
+)
+async def test_near_miss_tokens_are_refused(lm_auth_server: LmServerProcess, token: bytes) -> None:
+    """An empty token, a prefix or an extension of the right one, another case, zeros: all refused."""
+    assert token != LM_TOKEN.encode()
+    with raw(lm_auth_server) as sock:
+        sock.sendall(protocol.encode_auth(1, token))
+        assert read_error(sock).code is ErrorCode.AUTH_FAILED
+
+
+async def test_a_request_pipelined_behind_a_failed_auth_is_never_run(lm_auth_server: LmServerProcess) -> None:
+    with raw(lm_auth_server) as sock:
+        put = protocol.encode_keyed_request(Op.PUT, 2, [b"pipelined"], [0], [5]) + b"value"
+        sock.sendall(protocol.encode_auth(1, b"wrong") + put)
+        assert read_error(sock).code is ErrorCode.AUTH_FAILED  # and the connection is closed
+    async with WireClient.connect(lm_auth_server.port, LM_TOKEN.encode()) as client:
+        assert await client.get("pipelined") is None
+
+
 def _tagged(key: int, writer: int, size: int) -> bytes:
     """A value that says which key and writer it belongs to, in every 8 bytes of it."""
     return struct.pack("<II", key, writer) * (size // 8)
