@@ -8,6 +8,7 @@ The real connectors (redis, s3, lm://) are tested against real servers.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -105,3 +106,39 @@ def two_tier_config(url: str, **remote: Any) -> dict[str, Any]:
 def remote_tier(cache: lmplug.Cache) -> Any:
     """The cache's remote tier object."""
     return next(slot.tier for slot in cache.pipeline.slots if slot.tier.context.type == "remote")
+
+
+def leaks(cache: lmplug.Cache) -> list[str]:
+    """What the open ``cache`` holds that nothing owns: active leases, pinned chunks, writes queued
+    or in flight, and chunk memory beyond what the host-memory tiers hold."""
+    stats = cache.statistics()
+    found = [f"{stats.leases} leases active"] if stats.leases else []
+    held_bytes = held_chunks = 0
+    for slot in cache.pipeline.slots:
+        tier = slot.tier.statistics()
+        if tier.pending_writes:
+            found.append(f"tier {tier.name!r}: {tier.pending_writes} writes queued or in flight")
+        if tier.pinned:
+            found.append(f"tier {tier.name!r}: {tier.pinned} chunks pinned")
+        if lmplug.tierkit.Capability.PROVIDES_ALLOCATOR in slot.tier.capabilities:
+            held_bytes += tier.used_bytes
+            held_chunks += tier.chunks
+    allocator = stats.allocator
+    if (allocator.used_bytes, allocator.allocations) != (held_bytes, held_chunks):
+        found.append(
+            f"the allocator hands out {allocator.used_bytes} bytes in {allocator.allocations} chunks; "
+            f"the host-memory tiers hold {held_bytes} bytes in {held_chunks}"
+        )
+    return found
+
+
+async def assert_nothing_leaked(cache: lmplug.Cache, within: float = 10.0) -> None:
+    """After a fault: the writes accepted so far finish or are given up, then (both within
+    ``within`` s, as background work settles) :func:`leaks` finds nothing."""
+    deadline = time.monotonic() + within
+    with anyio.fail_after(within):  # a stuck write never drains
+        await cache.drain()
+    while found := leaks(cache):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"leaked after {within:g} s: {'; '.join(found)}")
+        await anyio.sleep(0.05)

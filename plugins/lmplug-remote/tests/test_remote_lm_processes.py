@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -20,10 +21,11 @@ from lmplug.testing import make_config, reference_kv
 from lmplug_remote.lm import LmOptions
 from lmplug_remote.lm.connector import LmConnector
 from lmplug_server import protocol
+from lmplug_server.fuzzing import check_server
 from lmplug_server.protocol import ItemStatus, Op
 from lmplug_server.testing import LmServerProcess, ServerFactory, read_exactly
 
-from remote_testing import remote_tier
+from remote_testing import assert_nothing_leaked, remote_tier
 
 CHUNK = 16
 
@@ -125,36 +127,108 @@ def test_sigterm_finishes_the_request_in_flight_then_exits(lm_servers: ServerFac
         pass
 
 
+class WireCalls:
+    """Wraps a connector's calls in place to count those on the wire now."""
+
+    def __init__(self, connector: Any) -> None:
+        self.in_flight = 0
+        for name in ("exists", "get_into", "put_many", "delete"):
+            setattr(connector, name, self._counted(getattr(connector, name)))
+
+    def _counted(self, call: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def counted(*args: Any) -> Any:
+            self.in_flight += 1
+            try:
+                return await call(*args)
+            finally:
+                self.in_flight -= 1
+
+        return counted
+
+
+async def wait_for(condition: Callable[[], bool]) -> None:
+    """Returns as soon as ``condition()`` holds, without a checkpoint after it does."""
+    while not condition():  # noqa: ASYNC110 (polling counters the tasks keep, not an event)
+        await anyio.sleep(0.001)
+
+
+def prompt(seed: int) -> list[int]:
+    return [(seed * 7919 + i * 31) % 30_000 for i in range(3 * CHUNK)]
+
+
 async def test_kill_9_during_a_workload_then_restart_on_the_same_port(lm_servers: ServerFactory) -> None:
+    """SIGKILL while four tasks store and retrieve through the server, with calls on the wire:
+    every KV served before, during and after the outage is right (a miss is fine), the server
+    restarted on the same port serves hits again, and neither the cache nor the server leaks."""
     server = lm_servers("--capacity", "64MiB")
     config = remote_config(
         server.url,
         timeout="1s",
         write_timeout="2s",
         breaker={"failures": 2, "cooldown": "50ms", "max_cooldown": "200ms"},
+        connector={"connections": 32},  # more than the tier's readers and writers: no call waits for one
     )
-    prompts = [[(seed * 7919 + i * 31) % 30_000 for i in range(3 * CHUNK)] for seed in range(40)]
+    phase = ["up"]  # what the server is doing now: up, down, restarted
+    served: dict[str, list[int]] = {"up": [], "down": [], "restarted": []}  # tokens per retrieve, by when stored
+    wrong: list[str] = []
+    stop = anyio.Event()
 
     async with lmplug.open_cache(config) as cache:
         tier = remote_tier(cache)
+        calls = WireCalls(tier.connector)
 
-        async def round_trip(tokens: list[int]) -> int:
-            await cache.store(tokens, reference_kv(tokens, config))
-            await tier.drain()
-            await cache.evict(tokens, tiers=["cpu"])  # the next retrieve must come from the server
-            kv, count = await cache.retrieve(tokens)
-            assert torch.equal(kv, reference_kv(tokens, config)[:, :, :count])  # never wrong data
-            return count
+        async def worker(number: int) -> None:
+            stored: list[tuple[list[int], str]] = []
+            for seed in range(number * 100_000, (number + 1) * 100_000):
+                if stop.is_set():
+                    return
+                tokens = prompt(seed)
+                await cache.store(tokens, reference_kv(tokens, config))
+                stored.append((tokens, phase[0]))
+                if len(stored) >= 3:  # one stored two rounds ago: written by now, or on the way
+                    old, when = stored[-3]
+                    await cache.evict(old, tiers=["cpu"])  # so that it comes from the remote tier
+                    kv, count = await cache.retrieve(old)
+                    if not torch.equal(kv, reference_kv(old, config)[:, :, :count]):
+                        wrong.append(f"worker {number}, seed {seed - 2}: wrong KV in the {count} tokens served")
+                    served[when].append(count)
+
+        def hits(when: str) -> int:
+            return sum(count == 3 * CHUNK for count in served[when])
 
         with anyio.fail_after(120):  # a hang fails the test instead of the session
-            for tokens in prompts[:10]:
-                assert await round_trip(tokens) == len(tokens)
-            await anyio.to_thread.run_sync(server.kill)
-            for tokens in prompts[10:20]:
-                assert await round_trip(tokens) == 0  # misses, quickly, while the server is gone
-            await anyio.to_thread.run_sync(server.start)  # same port
-            hits = 0
-            for tokens in prompts[20:40]:
-                await anyio.sleep(0.05)  # let the breaker's cooldown pass
-                hits += await round_trip(tokens) == len(tokens)
-            assert hits >= 15  # back to hits once the breaker has probed the restarted server
+            async with anyio.create_task_group() as group:
+                for number in range(4):
+                    group.start_soon(worker, number)
+                await wait_for(lambda: hits("up") >= 8)  # the workload is flowing
+                await wait_for(lambda: calls.in_flight > 0)
+                in_flight = calls.in_flight
+                assert server.process is not None
+                server.process.send_signal(signal.SIGKILL)  # no await since the count: those calls are on the wire
+                phase[0] = "down"
+                await anyio.to_thread.run_sync(server.kill)  # reaped
+                await wait_for(lambda: len(served["down"]) >= 8)  # the workload goes on against the dead server
+                await anyio.to_thread.run_sync(server.start)  # same port, empty
+                phase[0] = "restarted"
+                await wait_for(lambda: hits("restarted") >= 8)  # hits again once the breaker has probed the new one
+                stop.set()
+
+            assert wrong == []  # never wrong data, whatever the timing of the kill
+            assert in_flight >= 1, "no call was on the wire at the kill"
+            assert hits("down") < len(served["down"])  # the kill did cost misses
+
+            # What the restarted server holds comes back from it, not from the write-behind queue.
+            for seed in range(1_000_000, 1_000_004):
+                tokens, kv = prompt(seed), reference_kv(prompt(seed), config)
+                count = 0
+                while count < len(tokens):  # a write queued in the outage may trip the breaker once more
+                    await cache.evict(tokens)  # so that the store below writes it again
+                    await cache.store(tokens, kv)
+                    await tier.drain()
+                    await cache.evict(tokens, tiers=["cpu"])
+                    got, count = await cache.retrieve(tokens)
+                    assert torch.equal(got, kv[:, :, :count])
+                    if count < len(tokens):
+                        await anyio.sleep(0.05)
+            await assert_nothing_leaked(cache)
+    await check_server(server.port, None, {})  # nothing reserved, no connection left open but the check's
