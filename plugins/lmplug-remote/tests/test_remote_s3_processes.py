@@ -15,7 +15,7 @@ import torch
 import lmplug
 from lmplug.testing import make_config, reference_kv
 
-from remote_testing import remote_tier
+from remote_testing import assert_nothing_leaked, remote_tier
 from s3_servers import S3_BUCKET, SeaweedS3, running_seaweed
 
 ENGINE = """
@@ -138,3 +138,4 @@ async def test_killed_server_costs_misses_then_hits_again(own_s3_server: Seaweed
                     assert hit == 48
                     assert torch.equal(kv, reference_kv(tokens, config))
             assert tier.statistics().errors >= 1
+            await assert_nothing_leaked(cache)  # the outage left no write, lease or chunk memory behind
