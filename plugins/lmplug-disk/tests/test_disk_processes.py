@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -69,25 +67,43 @@ def _start(script: str, config: dict[str, Any], **kwargs: Any) -> subprocess.Pop
     return process
 
 
-async def test_kill_9_during_writes_leaves_a_consistent_cache(tmp_path: Path) -> None:
-    config = big_config(tmp_path, fsync="always")  # fsync before rename: writes take long enough to catch
+def temporaries(path: Path) -> list[Path]:
+    """The files of chunk writes in flight (renamed into place once written)."""
+    return list(path.glob("lmplug-*/??/*.tmp"))
+
+
+def kill_9_in_the_middle_of_a_write(path: Path, config: dict[str, Any]) -> list[Path]:
+    """Start a writer and SIGKILL it once 40 chunks are on disk and a write is in flight; the
+    temporaries the kill left: those writes were cut off (none when the write seen just before
+    the kill finished first)."""
     writer = _start(WRITER, config)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        # Kill once enough chunks are written and a write is in flight (its temporary file exists).
-        if len(chunk_files(tmp_path)) >= 40 and list(tmp_path.glob("lmplug-*/??/*.tmp")):
+    try:
+        deadline = time.monotonic() + 60
+        while len(chunk_files(path)) < 40 or not temporaries(path):
+            if time.monotonic() > deadline:
+                pytest.fail("within 60 s, no 40 chunks on disk with a write in flight: nothing to kill in the middle")
+            time.sleep(0.001)
+    finally:
+        writer.kill()
+        writer.wait()
+        writer.stdout.close()  # type: ignore[union-attr]
+    return temporaries(path)
+
+
+async def test_kill_9_during_writes_leaves_a_consistent_cache(tmp_path: Path) -> None:
+    for attempt in range(3):  # the write seen in flight may finish between the look and the kill
+        path = tmp_path / f"attempt-{attempt}"
+        config = big_config(path, fsync="always")  # fsync before rename: writes take long enough to catch
+        if kill_9_in_the_middle_of_a_write(path, config):
             break
-        time.sleep(0.001)
-    os.kill(writer.pid, signal.SIGKILL)
-    writer.wait()
-    writer.stdout.close()  # type: ignore[union-attr]
-    temporaries = list(tmp_path.glob("lmplug-*/??/*.tmp"))
-    files_left = len(chunk_files(tmp_path))
+    else:
+        pytest.fail("each of 3 kills came after the write in flight had finished")
+    files_left = len(chunk_files(path))
     assert files_left >= 40
     async with lmplug.open_cache(config) as cache:
         stats = cache.statistics().tiers[0]
-        assert stats.chunks == len(chunk_files(tmp_path)) <= files_left
-        assert not list(tmp_path.glob("lmplug-*/??/*.tmp"))  # crash leftovers are gone
+        assert stats.chunks == len(chunk_files(path)) <= files_left
+        assert not temporaries(path)  # the writes the kill cut off left nothing behind
         served = 0
         for seed in range(stats.chunks // 4 + 8):
             tokens = prompt(seed, 4)
@@ -95,7 +111,6 @@ async def test_kill_9_during_writes_leaves_a_consistent_cache(tmp_path: Path) ->
             assert torch.equal(kv, reference_kv(tokens, config)[:, :, :count])
             served += count // 16
         assert served >= stats.chunks - 8  # all but the last few stored prompts read back whole
-    print(f"killed with {len(temporaries)} partial files; {files_left} chunk files survived")
 
 
 async def test_a_second_process_on_the_same_directory_is_refused(tmp_path: Path) -> None:
