@@ -1,7 +1,8 @@
 """lmplug-server against bad peers: broken frames, limits, auth, disconnects and a crowd.
 
 Every abuse goes to the session's server over a raw socket; afterwards a well-behaved
-client still reads back exactly what it stored before and stores and reads new data.
+client still reads back exactly what it stored before and stores and reads new data, and the
+server holds no memory reserved and no connection open for the abuser.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import anyio
 import pytest
 
 from lmplug_server import protocol
+from lmplug_server.fuzzing import check_server
 from lmplug_server.protocol import ErrorCode, ItemStatus, Op
 from lmplug_server.testing import LM_TOKEN, LmServerProcess, ServerFactory, WireClient, read_exactly
 
@@ -49,12 +51,15 @@ def sentinel(lm_server: LmServerProcess) -> str:
 
 
 async def check_well_behaved_client(server: LmServerProcess, sentinel: str) -> None:
+    """After an abuse: a client reads the sentinel back and stores and reads new data, and the
+    abuser left nothing behind (no memory reserved, no connection open but the check's)."""
     async with WireClient.connect(server.port) as client:
         assert await client.get(sentinel) == SENTINEL
         fresh = os.urandom(50_000)
         assert await client.put(f"after-{sentinel}", fresh) is ItemStatus.OK
         assert await client.get(f"after-{sentinel}") == fresh
         await client.health()
+    await check_server(server.port, None, {sentinel.encode(): SENTINEL})
 
 
 def header(opcode: int, count: int = 0, body_length: int = 0, *, magic: bytes = b"LMKV", version: int = 1) -> bytes:
