@@ -16,6 +16,7 @@ import lmplug
 from lmplug.testing import free_port
 from lmplug_remote.lm import LmOptions
 from lmplug_remote.lm.connector import LmConnector
+from lmplug_server.fuzzing import check_server
 from lmplug_server.protocol import Limits
 from lmplug_server.server import ServerConfig
 from lmplug_server.testing import LM_TOKEN, LmServerProcess, serving
@@ -50,6 +51,7 @@ async def test_a_value_larger_than_the_servers_capacity_is_named() -> None:
             with pytest.raises(lmplug.TierUnavailable, match="larger than the server's whole capacity"):
                 await client.put("huge", [memoryview(bytes((1 << 20) + 1))], None)
             assert await client.exists(["huge"]) == [False]
+        await check_server(server.address[1], None, {})  # nothing reserved for it, no connection left open
 
 
 async def test_a_get_larger_than_the_buffers_is_corrupt_chunk_and_sends_nothing(lm_server: LmServerProcess) -> None:
@@ -114,6 +116,8 @@ async def test_a_call_cancelled_mid_frame_drops_its_connection(lm_server: LmServ
         assert await client.get_into("after-cancel", [memoryview(buffer)]) == 2
         assert buffer == b"ok"
         assert client.statistics()["connections_opened"] == 2
+    # The server gave back what it reserved for the cut-off value, and closed its connection.
+    await check_server(lm_server.port, None, {b"after-cancel": b"ok"})
 
 
 @pytest.mark.parametrize("url", ["lm://", "lm://host:99999", "lm://host/path", "lm://user:pw@host", "redis://host"])
