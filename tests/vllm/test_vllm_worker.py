@@ -224,6 +224,28 @@ def test_a_prefill_step_does_not_wait_for_its_gathers_and_the_next_forward_does(
     assert torch.equal(held, kv)
 
 
+def test_steps_saving_back_to_back_keep_each_others_kv(worker: WorkerSide) -> None:
+    """Five steps save five prompts in a row, each while the stores of the steps before it may
+    still run (steps take the two save buffers in turn): every prompt is stored whole and right."""
+    prompts = [list(range(20_000 + 1000 * index, 20_000 + 1000 * index + CHUNK + 7 * index)) for index in range(5)]
+    kvs = [torch.randn(2, LAYERS, len(tokens), HEADS * DIM) for tokens in prompts]
+    with torch.inference_mode():
+        for index, (tokens, kv) in enumerate(zip(prompts, kvs, strict=True)):
+            blocks = list(range(6 * index + 1, 6 * index + 1 + -(-len(tokens) // BLOCK)))
+            write_kv(worker, blocks, kv)
+            plan = StepPlan(saves=[Span(f"s{index}", tokens, blocks, 0, len(tokens))])
+            worker.before_step()
+            worker.start_load(StepPlan())
+            for name in names(worker):
+                worker.save_layer(name, plan)
+            worker.save(plan)
+        worker.wait_saves()
+    for tokens, kv in zip(prompts, kvs, strict=True):
+        held, count = worker.cache.retrieve(tokens)
+        assert count == len(tokens)
+        assert torch.equal(held, kv)
+
+
 def test_a_disk_only_stack_loads_through_the_lease(tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
     """No host-memory tier: the lookup reads the files in the background (pending until then) and the
     load writes the lease's chunks into vLLM's blocks."""

@@ -130,7 +130,10 @@ class WorkerSide:
         self._save_jobs: list[Future[object]] = []
         self._finishing: Future[object] | None = None
         """On the CPU, the copy thread's job that ends the last step's saves (see :meth:`before_step`)."""
-        self._storing: Future[None] | None = None
+        self._storing: list[Future[None] | None] = [None, None]
+        """The store of each of the two save buffers' KV, which steps take in turn: a step's
+        first gather waits for the store two steps back, not for the last one."""
+        self._slot = 0
         self._finished_lock = threading.Lock()
 
     def register(self, kv_caches: Mapping[str, torch.Tensor], cpu_isa: str | None = None) -> None:
@@ -357,8 +360,10 @@ class WorkerSide:
 
     def _save_buffers(self, plan: StepPlan) -> list[tuple[Span, Placement, torch.Tensor]]:
         if self._saves is None:
-            self.wait_saves()  # the staging buffer is free once the last step's store read it
-            staging = self._staging("save", sum(spec.end - spec.start for spec in plan.saves))
+            self._slot ^= 1
+            self._wait_gathered()
+            self._wait_stored(self._slot)  # this buffer is free once the store two steps back read it
+            staging = self._staging(f"save-{self._slot}", sum(spec.end - spec.start for spec in plan.saves))
             self._saves = []
             offset = 0
             for spec in plan.saves:
@@ -419,7 +424,9 @@ class WorkerSide:
         jobs, self._save_jobs = self._save_jobs, []
         missing = [position for position in range(len(self.layers)) if not self._saved[position]]
         if self._copier is not None:
-            self._finishing = self._copier.submit(partial(self._end_saves, jobs, missing, saves, taken, plan.finished))
+            self._finishing = self._copier.submit(
+                partial(self._end_saves, jobs, missing, saves, taken, plan.finished, self._slot)
+            )
             if plan.finished:
                 # A finished request's blocks go back to vLLM when this step reports it sent:
                 # end its save now, so vLLM frees them when it would without lmplug's thread
@@ -432,7 +439,7 @@ class WorkerSide:
             self._gather(position, saves)
         if self.layers[0].is_cuda:
             torch.cuda.current_stream(self.layers[0].device).synchronize()
-        self._hand_over(saves, gathered, taken)
+        self._hand_over(saves, gathered, taken, self._slot)
         self.transfers.save_wait_seconds += time.perf_counter() - started
         return False
 
@@ -443,6 +450,7 @@ class WorkerSide:
         saves: list[tuple[Span, Placement, torch.Tensor]],
         taken: _Taken | None,
         finished: list[str],
+        slot: int,
     ) -> None:
         """On the copy thread, after this step's gathers (one thread, jobs in order): gather the
         layers vLLM never handed over, hand the KV to the cache, report the finished requests."""
@@ -450,18 +458,18 @@ class WorkerSide:
             gathered = all([self._wait(job) for job in jobs])
             for position in missing:
                 self._gather(position, saves)
-            self._hand_over(saves, gathered, taken)
+            self._hand_over(saves, gathered, taken, slot)
         finally:
             self._mark_finished(finished)
 
     def _hand_over(
-        self, saves: list[tuple[Span, Placement, torch.Tensor]], gathered: bool, taken: _Taken | None
+        self, saves: list[tuple[Span, Placement, torch.Tensor]], gathered: bool, taken: _Taken | None, slot: int
     ) -> None:
         """The KV is out of vLLM's blocks: store it (and let go of the step's leases) on the
         cache's loop, while vLLM goes on."""
         stored = [(spec, kv) for spec, _, kv in saves] if gathered else []  # never store KV not copied whole
         try:
-            self._storing = self.cache.start_soon(self._store_all, stored, taken)
+            self._storing[slot] = self.cache.start_soon(self._store_all, stored, taken)
         except Exception:
             logger.exception("lmplug save failed; serving continues without it")
         self.transfers.saved_bytes += sum(kv.numel() * kv.element_size() for _, kv in stored)
@@ -496,9 +504,13 @@ class WorkerSide:
         self.transfers.save_seconds += time.perf_counter() - started
 
     def wait_saves(self) -> None:
-        """Wait until the last step's saves are out of vLLM's blocks and stored."""
+        """Wait until the last steps' saves are out of vLLM's blocks and stored."""
         self._wait_gathered()
-        storing, self._storing = self._storing, None
+        for slot in range(len(self._storing)):
+            self._wait_stored(slot)
+
+    def _wait_stored(self, slot: int) -> None:
+        storing, self._storing[slot] = self._storing[slot], None
         if storing is not None:
             try:
                 storing.result()
