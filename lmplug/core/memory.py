@@ -141,20 +141,32 @@ _MADV_POPULATE_WRITE = 23  # Linux 5.14+: map pages as a write would, leaving th
 _PREFAULT_STEP = 64 * 2**20
 
 
-def prefault(memory: torch.Tensor) -> threading.Thread | None:
+class Prefault:
+    """The thread that maps a buffer's pages; :meth:`stop` ends it at its next step."""
+
+    def __init__(self, memory: torch.Tensor) -> None:
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(
+            target=_populate, args=(memory, self.stopped), name="lmplug-prefault", daemon=True
+        )
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
+def prefault(memory: torch.Tensor) -> Prefault | None:
     """Map the pages of ``memory`` (host memory, contiguous) in a background thread, so that
     copies into it never stop on page faults (fresh memory fills at about 1 GB/s, a tenth of a
     copy). Contents are left as they are, so the memory may be in use meanwhile. Linux only
     (``madvise(MADV_POPULATE_WRITE)``); elsewhere, or on an older kernel, pages are mapped on
-    first use as usual. Returns the thread, or None when there is nothing to do."""
+    first use as usual. Returns the running :class:`Prefault`, or None when there is nothing to do."""
     if not sys.platform.startswith("linux") or memory.is_cuda or memory.is_pinned() or not memory.numel():
         return None  # pinned memory is mapped when it is pinned
-    thread = threading.Thread(target=_populate, args=(memory,), name="lmplug-prefault", daemon=True)
-    thread.start()
-    return thread
+    return Prefault(memory)
 
 
-def _populate(memory: torch.Tensor) -> None:
+def _populate(memory: torch.Tensor, stopped: threading.Event) -> None:
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
         libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -162,7 +174,7 @@ def _populate(memory: torch.Tensor) -> None:
         start = memory.data_ptr()
         end = start + memory.numel() * memory.element_size()
         address = -(-start // page) * page
-        while address < end:  # in steps, so that the thread holds no lock of the kernel for long
+        while address < end and not stopped.is_set():  # in steps: no kernel lock held long, and stoppable
             size = min(_PREFAULT_STEP, end - address)
             if libc.madvise(address, size, _MADV_POPULATE_WRITE) != 0:
                 logging.getLogger("lmplug").debug("prefault stopped: errno %d", ctypes.get_errno())

@@ -189,6 +189,8 @@ class CpuTier(Tier):
         )
 
     async def aclose(self) -> None:
+        if self.pool.prefaulting is not None:
+            self.pool.prefaulting.stop()  # the pool is done with: no need to map the rest
         index, self._index = self._index, {}
         for key, chunk in index.items():
             self._policy.removed(key)

@@ -99,8 +99,18 @@ def test_the_pool_is_mapped_in_the_background_without_touching_what_is_stored() 
     assert chunk is not None
     chunk.tensor.fill_(3.5)  # a store racing the prefault
     assert pool.prefaulting is not None
-    pool.prefaulting.join(timeout=30)
-    assert not pool.prefaulting.is_alive()
+    pool.prefaulting.thread.join(timeout=30)
+    assert not pool.prefaulting.thread.is_alive()
     assert bool((chunk.tensor == 3.5).all())
     pages = pool.buffer.numel() // 4096
     assert _resident_pages(pool.buffer) >= pages - 1  # every page mapped (the first may be partial)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prefaulting is Linux-only (madvise)")
+def test_stopping_the_prefault_ends_its_thread() -> None:
+    """A cache closed right after it opened does not go on mapping the rest of its pool."""
+    pool = HostPool(LAYOUT, 512 * 2**20, pin_memory=False)
+    assert pool.prefaulting is not None
+    pool.prefaulting.stop()
+    pool.prefaulting.thread.join(timeout=10)
+    assert not pool.prefaulting.thread.is_alive()
