@@ -588,10 +588,10 @@ class Report:
             f"{own} of {count} answers identical to vLLM serving the same prefixes from its own cache "
             f"(uncapped: it never evicts), {same} of {count} to vLLM alone ({prompts} of {count} prompts identical "
             "token for token)",
-            "vLLM's own cache and lmplug reuse the same KV, bit for bit, from the same vLLM block on. vLLM alone "
-            "recomputes what its capped cache evicted, in other prefill steps, and bf16 rounds those differently: "
-            "where its logits tie (bf16 logits tie often), greedy decoding can pick the other token, and "
-            "vLLM's own cache parts from it there just as lmplug does.",
+            "lmplug reuses every token it holds, to the middle of a vLLM block; vLLM's own cache stops at its last "
+            "whole block and recomputes the rest, and vLLM alone recomputes what its capped cache evicted. KV "
+            "computed in other prefill steps rounds differently in bf16: where logits tie (bf16 logits tie often), "
+            "greedy decoding can pick the other token, so the three part only at such ties.",
         ]
         return "\n".join(lines)
 

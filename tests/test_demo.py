@@ -76,7 +76,8 @@ def test_vllm_chat_demo_shows_the_cache_at_work(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "time to first token (mean)" in result.stdout
     assert "10 of 10 prompts identical token for token" in result.stdout
-    # The same KV from the same block on as vLLM's own cache: the same greedy answers, every one.
+    # The same greedy answers as vLLM's own cache (they may part only at a bf16 tie, on the partial
+    # block lmplug reuses and vLLM recomputes; none here).
     assert "10 of 10 answers identical to vLLM serving the same prefixes from its own cache" in result.stdout
     assert (tmp_path / "ttft.png").stat().st_size > 10_000
     data = json.loads((tmp_path / "results.json").read_text())
