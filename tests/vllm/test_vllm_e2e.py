@@ -188,7 +188,9 @@ def test_preemption_aborts_and_partial_prompts_leak_nothing(model_dir: Path, tmp
     rounds = {tag: report[tag] for tag in ("first", "second", "third")}
     assert sorted(rounds["second"]["outputs"]) == ["second-1", "second-2", "second-4", "second-6", "second-7"]
     third = rounds["third"]["outputs"]
-    assert [third[f"third-{i}"]["cached"] for i in range(6)] == [4 * CHUNK] * 6  # claimed from lmplug
+    # Claimed from lmplug: the four whole chunks, or every token but the last (1100 - 1) where the
+    # partial chunk saved when the earlier request finished was already stored.
+    assert all(4 * CHUNK <= third[f"third-{i}"]["cached"] <= 1100 - 1 for i in range(6)), third
     assert third["third-6"]["cached"] == 0  # shorter than a chunk: nothing to reuse
 
     # Every finished request, in every round, generates what vLLM alone generates for its prompt.
