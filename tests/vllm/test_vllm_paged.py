@@ -157,6 +157,26 @@ def test_check_names_the_expected_shape() -> None:
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("name", NAMES)
+def test_block_copies_move_bits_not_values(name: str) -> None:
+    """The CPU layouts' block reads split 16-bit pairs out of 32-bit words: every bit pattern
+    (negative zero, NaNs with payloads, the sign bit) comes out exactly as vLLM holds it."""
+    layout = layout_for(name, HEADS, DIM, BLOCK)
+    generator = torch.Generator().manual_seed(1)
+    layer = torch.randint(-(2**15), 2**15, layout.cache_shape(BLOCKS), dtype=torch.int16, generator=generator)
+    layer.view(-1)[:4] = torch.tensor([-(2**15), 0x7FC1, -1, 0x7F80], dtype=torch.int16)  # -0, NaNs, +inf
+    layer = layer.view(torch.bfloat16)
+    cpu = torch.device("cpu")
+    for block_ids in ([0, 1, 2], [5, 0, 3]):
+        positions = torch.arange(0, len(block_ids) * BLOCK)
+        slots = Slots.of(torch.tensor(block_ids)[positions // BLOCK] * BLOCK + positions % BLOCK, BLOCK, cpu)
+        expected = torch.empty(2, len(positions), HEADS * DIM, dtype=torch.bfloat16)
+        layout.gather_layer(layer, slots, expected)  # indexing, token by token
+        out = torch.full_like(expected, 7.0)
+        layout.gather_placed(layer, Placement.of(block_ids, 0, len(positions), BLOCK, cpu), out)
+        assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", ["flash", "flashinfer"])
 def test_cuda_round_trip(name: str) -> None:

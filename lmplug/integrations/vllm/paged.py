@@ -30,9 +30,11 @@ that writer (:class:`CpuWriter`).
 from __future__ import annotations
 
 import abc
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from lmplug.errors import KVShapeError
@@ -161,8 +163,9 @@ class PagedLayout(abc.ABC):
         """Copy the blocks ``index`` selects into ``part`` ``[2, count * block_size, hidden]``."""
         k, v = self._chunk_blocks(part)
         k_planes, v_planes = self._block_planes(layer)
-        k.copy_(k_planes[index])
-        v.copy_(v_planes[index])
+        ids = _block_index(index, layer.device)
+        torch.index_select(k_planes, 0, ids, out=k)
+        torch.index_select(v_planes, 0, ids, out=v)
 
     def _whole(self, placement: Placement, kv: torch.Tensor) -> tuple[slice | torch.Tensor, torch.Tensor]:
         """The index of ``placement``'s whole blocks and the part of ``kv`` ``[2, n, hidden]`` they hold."""
@@ -187,6 +190,42 @@ class PagedLayout(abc.ABC):
             self._read_blocks(layer, *self._whole(placement, out))
         if placement.tail is not None:
             self.gather_layer(layer, placement.tail, out[:, placement.lead + placement.count * self.block_size :])
+
+
+def _block_index(index: slice | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Block ids as an index tensor: ``index_select`` gathers blocks through a strided view
+    straight into its ``out`` in one pass (indexing with ``[]`` copies the blocks first)."""
+    if isinstance(index, slice):
+        return torch.arange(index.start, index.stop, dtype=torch.int64, device=device)
+    return index
+
+
+def _pair_words(rows: int, width: int, device: torch.device) -> torch.Tensor:
+    """A buffer for ``rows * width`` int32 pairs to be split by :func:`_split_pairs`: one
+    spare word at the end, which its reads of the last high half may touch."""
+    return torch.empty(rows * width + 1, dtype=torch.int32, device=device)
+
+
+def _split_pairs(words: torch.Tensor, rows: int, width: int, out: torch.Tensor) -> None:
+    """Split ``words`` (from :func:`_pair_words`; ``rows * width`` int32, each a pair of
+    16-bit values) into ``out`` ``[rows, 2, width]`` (int16): the low halves of a row to
+    ``out[row, 0]``, the high halves to ``out[row, 1]`` (on a little-endian machine, the
+    low half is the pair's first value in memory).
+
+    On the CPU, one pass: numpy reads the int32 at byte offsets 0 and 2 of each word (the
+    latter unaligned, its high half from the next word) and keeps the low 16 bits of each.
+    Elsewhere: a truncating copy, a shift in place, a truncating copy.
+    """
+    if words.device.type == "cpu":
+        both = np.ndarray(
+            (rows, 2, width), dtype=np.int32, buffer=words.numpy(), strides=(4 * width, 2, 4)
+        )  # fmt: skip
+        np.copyto(out.numpy(), both, casting="unsafe")  # int32 -> int16 keeps the low half
+        return
+    flat = words[: rows * width].view(rows, width)
+    out[:, 0].copy_(flat)
+    torch.bitwise_right_shift(flat, 16, out=flat)
+    out[:, 1].copy_(flat)
 
 
 def _put_blocks(planes: torch.Tensor, index: slice | torch.Tensor, value: torch.Tensor) -> None:
@@ -224,6 +263,25 @@ class CpuLayout(PagedLayout):
     def _block_planes(self, layer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k_t, v = self._planes(layer)  # [blocks, heads, dim, size] (K transposed) and [blocks, heads, size, dim]
         return k_t.permute(0, 3, 1, 2), v.permute(0, 2, 1, 3)
+
+    def _read_blocks(self, layer: torch.Tensor, index: slice | torch.Tensor, part: torch.Tensor) -> None:
+        # K is transposed: two adjacent tokens of a dimension are read as one int32, so the
+        # transposing gather moves 4 bytes at a time; the pairs are then split into the
+        # even and the odd token's rows.
+        if layer.element_size() != 2 or sys.byteorder != "little":
+            super()._read_blocks(layer, index, part)
+            return
+        count, size, heads, dim = part.shape[1] // self.block_size, self.block_size, self.num_kv_heads, self.head_size
+        blocks = layer.shape[0]
+        ids = _block_index(index, layer.device)
+        k_words = (
+            layer.view(torch.int32).view(blocks, heads, 2, size * dim // 2)[:, :, 0].view(blocks, heads, dim, size // 2)
+        )
+        rows, width = count * size // 2, heads * dim
+        words = _pair_words(rows, width, layer.device)
+        torch.index_select(k_words.permute(0, 3, 1, 2), 0, ids, out=words[:-1].view(count, size // 2, heads, dim))
+        _split_pairs(words, rows, width, part[0].view(torch.int16).view(rows, 2, width))
+        torch.index_select(self._planes(layer)[1].permute(0, 2, 1, 3), 0, ids, out=self._chunk_blocks(part)[1])
 
 
 class CpuAmxLayout(CpuLayout):
@@ -282,16 +340,20 @@ class CpuAmxLayout(CpuLayout):
 
     def _read_blocks(self, layer: torch.Tensor, index: slice | torch.Tensor, part: torch.Tensor) -> None:
         # Each interleaved pair read as one int32: K's pairs are a token's adjacent dimensions
-        # (one 4-byte move); V's are two tokens, split by truncation (the low half, the even
-        # token) and a shift (the high half, the odd token).
+        # (one 4-byte move); V's are two tokens, split into the even and the odd token's rows.
+        if layer.element_size() != 2:
+            raise KVShapeError(f"the 'cpu-amx' layout holds 16-bit KV, not {layer.dtype}")
         count, size, heads, dim = part.shape[1] // self.block_size, self.block_size, self.num_kv_heads, self.head_size
+        ids = _block_index(index, layer.device)
         k_words, v_words = self._tiles(layer, torch.int32)
         k_out = part[0].view(torch.int32).view(count, size // 16, 16, heads, dim // 2)
-        k_out.copy_(k_words[index].permute(0, 2, 4, 1, 3))
-        words = v_words[index].permute(0, 3, 1, 2, 4)  # [count, size/2, heads, dim/16, 16]
-        v_out = part[1].view(torch.int16).view(count, size // 2, 2, heads, dim // 16, 16)
-        v_out[:, :, 0].copy_(words)
-        v_out[:, :, 1].copy_(words.bitwise_right_shift(16))
+        torch.index_select(k_words.permute(0, 2, 4, 1, 3), 0, ids, out=k_out)
+        rows, width = count * size // 2, heads * dim
+        words = _pair_words(rows, width, layer.device)
+        torch.index_select(
+            v_words.permute(0, 3, 1, 2, 4), 0, ids, out=words[:-1].view(count, size // 2, heads, dim // 16, 16)
+        )
+        _split_pairs(words, rows, width, part[1].view(torch.int16).view(rows, 2, width))
 
 
 class FlashLayout(PagedLayout):
