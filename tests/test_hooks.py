@@ -275,6 +275,33 @@ async def test_a_tier_that_answers_retrieve_into_out_of_range_is_a_miss(third_pa
         assert 'lmplug_tier_errors_total{operation="retrieve",tier="top"} 1.0' in text
 
 
+async def test_hook_lmplug_push(third_party_plugins: Path) -> None:
+    """Cache.push sends the leading cached chunks, the trailing partial one included, through the
+    tier that can push; a failing push is 0 and reported, a cache without such a tier is told so."""
+    from lmplug_memo import PUSHED  # type: ignore[import-not-found]
+
+    config = make_config(
+        [{"type": "cpu", "capacity": "1MiB"}, {"type": "memo-push", "name": "pd"}], chunk_size=CHUNK,
+        save_partial_chunks=True,
+    )  # fmt: skip
+    async with lmplug.open_cache(config) as cache:
+        prompt = tokens(13, 3)[: 2 * CHUNK + 5]
+        kv = reference_kv(prompt, config)
+        await cache.store(prompt, kv)
+        assert await cache.push(prompt, destination="decode-0", transfer_id="t1", timeout=5.0) == 2 * CHUNK + 5
+        keys = cache.keys(prompt)
+        assert list(PUSHED["decode-0"]) == keys
+        assert torch.equal(torch.cat([PUSHED["decode-0"][key] for key in keys], dim=2), kv)
+        # Only what is cached goes: the prompt's third chunk extended is not.
+        longer = prompt + [7] * 20
+        assert await cache.push(longer, destination="decode-1", transfer_id="t2", timeout=5.0) == 2 * CHUNK
+        assert await cache.push(prompt, destination="unreachable", transfer_id="t3", timeout=5.0) == 0
+        assert 'lmplug_tier_errors_total{operation="push",tier="pd"} 1.0' in cache.metrics.render().decode()
+    async with lmplug.open_cache(make_config([{"type": "cpu", "capacity": "1MiB"}], chunk_size=CHUNK)) as cache:
+        with pytest.raises(lmplug.ConfigError, match="no tier of this cache can push"):
+            await cache.push(prompt, destination="decode-0", transfer_id="t4", timeout=5.0)
+
+
 async def test_hook_lmplug_store(stack: dict[str, Any]) -> None:
     """Write-all: every tier gets the chunks."""
     async with lmplug.open_cache(stack) as cache:

@@ -24,7 +24,7 @@ def test_entry_point_plugins_are_found_with_their_distribution(third_party_plugi
     host = PluginHost.from_environment({})
     memo = host.plugins["memo"]
     assert (memo.distribution, memo.version, memo.error) == ("lmplug-memo", "0.1.0", None)
-    assert memo.tier_types == ("memo", "memo-into", "memo-behind")
+    assert memo.tier_types == ("memo", "memo-into", "memo-behind", "memo-push")
     assert "lmplug_register_tier_types" in memo.hooks
     assert host.plugins["cpu"].distribution == "lmplug-cpu"
     assert "memo" in host.tier_types

@@ -377,6 +377,23 @@ class Cache:
             keys += [key for key, _ in self._partials_at(array, keys[:full], position) if key not in keys]
         return await self.pipeline.evict(keys, None if tiers is None else set(tiers)) if keys else {}
 
+    async def push(self, tokens: object, *, destination: str, transfer_id: str, timeout: float) -> int:
+        """Send the KV of the leading cached chunks of ``tokens`` to another instance: how many
+        leading tokens it holds afterwards (0 when nothing went).
+
+        The keys are those a lookup of ``tokens`` there tries first: every whole chunk and the
+        trailing partial chunk as it stands (store ``tokens`` itself first, so that chunk exists
+        here). Goes through the first tier that declares :attr:`Capability.PUSH` (``lmplug-pd``'s
+        ``pd`` tier), within ``timeout`` seconds; :class:`~lmplug.errors.ConfigError` when the
+        cache has none.
+        """
+        self._check_open()
+        keys, sizes = self._candidates(canonical_tokens(tokens))
+        if not keys:
+            return 0
+        pushed = await self.pipeline.push(keys, destination, transfer_id, timeout)
+        return sum(sizes[:pushed])
+
     async def drain(self) -> None:
         """Wait until every write-behind tier has finished the writes accepted so far."""
         self._check_open()

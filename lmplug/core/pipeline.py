@@ -34,7 +34,7 @@ from lmplug.core.layout import KVLayout
 from lmplug.core.memory import ChunkAllocator, KVChunk
 from lmplug.core.tier import Capability, Tier, TierStatistics
 from lmplug.core.transfer import copy_from_chunks
-from lmplug.errors import CorruptChunk, PluginContractError
+from lmplug.errors import ConfigError, CorruptChunk, PluginContractError
 from lmplug.hooks.specs import DATA_PATH_HOOKS, OPTIONAL_DATA_PATH_HOOKS, make_plugin_manager
 
 logger = logging.getLogger("lmplug.pipeline")
@@ -58,6 +58,8 @@ class TierSlot:
     """Bound only for tiers that declare :attr:`Capability.RETRIEVE_INTO`."""
     held_keys: Callable[[], Awaitable[list[ChunkKey]]] | None = None
     """Bound only for tiers that declare :attr:`Capability.LISTS_KEYS`."""
+    push: Callable[[Sequence[ChunkKey], str, str, float], Awaitable[int]] | None = None
+    """Bound only for tiers that declare :attr:`Capability.PUSH`."""
 
 
 def bind_tier(name: str, tier: Tier) -> TierSlot:
@@ -370,6 +372,25 @@ class Pipeline:
                 self._report_failure(slot, "evict", exc)
                 dropped[slot.name] = 0
         return dropped
+
+    async def push(self, keys: Sequence[ChunkKey], destination: str, transfer_id: str, timeout: float) -> int:
+        """Push ``keys`` through the first tier that declares :attr:`Capability.PUSH`: how many
+        leading chunks the destination holds. A tier that fails is reported and counts as 0."""
+        for slot in self.slots:
+            if slot.push is None:
+                continue
+            try:
+                pushed = await slot.push(keys, destination, transfer_id, timeout)
+            except Exception as exc:
+                self._report_failure(slot, "push", exc)
+                return 0
+            if not isinstance(pushed, int) or isinstance(pushed, bool) or not 0 <= pushed <= len(keys):
+                self._report_failure(
+                    slot, "push", PluginContractError(f"lmplug_push answered {pushed!r} for {len(keys)} keys")
+                )
+                return 0
+            return pushed
+        raise ConfigError("no tier of this cache can push chunks (a tier declaring Capability.PUSH, e.g. 'pd')")
 
     def local_tiers(self, exclude: Tier) -> LocalView:
         """The tiers that hold chunks in this instance (not :attr:`Capability.PEER` nor

@@ -65,6 +65,9 @@ class Capability(enum.Enum):
     PEER = "peer"
     """The tier fetches chunks from other instances of the engine. What this instance serves to
     its peers never comes from such a tier (no fetch loops between instances)."""
+    PUSH = "push"
+    """The tier implements ``lmplug_push``: it sends chunks this instance holds to another
+    instance (``Cache.push``; the PD sender)."""
 
 
 @dataclass(frozen=True, slots=True)

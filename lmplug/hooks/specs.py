@@ -292,9 +292,39 @@ async def lmplug_held_keys() -> list[ChunkKey]:
     """
 
 
+@hookspec
+async def lmplug_push(keys: Sequence[ChunkKey], destination: str, transfer_id: str, timeout: float) -> int:
+    """Send the chunks of ``keys`` that this instance holds to another instance, which admits them.
+
+    Optional: implemented by tiers that declare :attr:`lmplug.tierkit.Capability.PUSH` (the PD
+    sender of ``lmplug-pd``: a prefill instance hands a prompt's KV to a decode instance).
+    The tier reads the chunks from the cache's local tiers (:meth:`TierContext.local_tiers`).
+
+    :param keys: chunk keys of one token sequence, in order (the last may be a partial chunk's).
+    :param destination: where to send them, in the form the tier's documentation gives (for
+        ``lmplug-pd``, the ``host:port`` of the decode instance's receiver).
+    :param transfer_id: the caller's id for this transfer (unique; the receiver refuses one it
+        has seen), named in logs and statistics on both sides.
+    :param timeout: seconds the whole push may take; then it stops.
+    :returns: ``n`` such that the destination now holds the chunks of ``keys[:n]``, verified
+        (``0`` when nothing was sent: no chunk held here, the destination unreachable, full or
+        refusing). A failure never raises: it is a shorter push, and the destination computes
+        the rest itself.
+
+    **Call pattern:** awaited through ``Cache.push`` on the first tier that declares
+    :attr:`~lmplug.tierkit.Capability.PUSH`, off the engine's critical path.
+    **Colour:** async, implemented by tier objects (optional, see above).
+    **Process:** the process that opened the cache.
+    """
+
+
 DATA_PATH_HOOKS = ("lmplug_contains", "lmplug_retrieve", "lmplug_store", "lmplug_evict", "lmplug_transfer")
 """The async hooks every tier object implements."""
-OPTIONAL_DATA_PATH_HOOKS = {"lmplug_retrieve_into": "RETRIEVE_INTO", "lmplug_held_keys": "LISTS_KEYS"}
+OPTIONAL_DATA_PATH_HOOKS = {
+    "lmplug_retrieve_into": "RETRIEVE_INTO",
+    "lmplug_held_keys": "LISTS_KEYS",
+    "lmplug_push": "PUSH",
+}
 """The async hooks a tier object implements exactly when it declares the named
 :class:`lmplug.tierkit.Capability` (and must not implement otherwise)."""
 
