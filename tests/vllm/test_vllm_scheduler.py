@@ -129,7 +129,7 @@ def test_finished_and_aborted_requests_release_their_lease() -> None:
     side, lookup = planner(hit=2 * CHUNK)
     req = request("a", 4 * CHUNK)
     side.num_new_matched_tokens(req, 0)
-    assert side.finished(req, []) is False  # aborted before allocation: nothing to save
+    assert side.finished(req, []) == (False, None)  # aborted before allocation: nothing to save
     # Released at once over the lookup channel: no later step may come to carry it.
     assert lookup.released == ["a"]
     assert side.build_step_plan(step()).releases == []
@@ -163,7 +163,7 @@ def test_a_finished_request_saves_the_rest_of_its_prompt_and_its_answer() -> Non
     plan = side.build_step_plan(step([new], scheduled={"a": 2 * CHUNK + 5}))
     assert [(s.start, s.end) for s in plan.saves] == [(0, 2 * CHUNK)]
     req.num_computed_tokens = 2 * CHUNK + 5 + 19  # the last answer token was sampled, never fed
-    assert side.finished(req, [1, 2, 3, 4]) is True  # vLLM keeps the blocks for one more step
+    assert side.finished(req, [1, 2, 3, 4]) == (True, None)  # vLLM keeps the blocks for one more step
     # A new turn of the same conversation waits one step for that save.
     follow_up = request("b", 4 * CHUNK)
     assert side.num_new_matched_tokens(follow_up, 0) is None
@@ -181,7 +181,7 @@ def test_without_partial_chunks_a_finished_request_frees_its_blocks_at_once() ->
     side.num_new_matched_tokens(req, 0)
     side.after_alloc(req, [1, 2], 0)
     req.num_computed_tokens = 2 * CHUNK + 24
-    assert side.finished(req, [1, 2, 3, 4]) is False
+    assert side.finished(req, [1, 2, 3, 4]) == (False, None)
 
 
 def test_a_load_starts_where_vllms_own_prefix_hit_ends() -> None:
@@ -203,3 +203,149 @@ def test_loads_may_end_inside_a_block() -> None:
     assert side.num_new_matched_tokens(request("b", 640), 512) == 112  # beyond vLLM's own blocks
     short = SchedulerSide(FixedLookup(100), CHUNK, save_partial_chunks=True)
     assert short.num_new_matched_tokens(request("c", 300), 0) == 100
+
+
+# ---------------------------------------------------------------------- prefill/decode (PD)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class GrowingLookup(FixedLookup):
+    """The decode instance's cache while a push arrives: the hit grows as the test says."""
+
+    def lookup(self, request_id: str, tokens: list[int]) -> int | None:
+        self.asked.append((request_id, len(tokens)))
+        return min(self.hit or 0, len(tokens))
+
+
+def pd_request(request_id: str, length: int, pd: Any, computed: int = 0, output: int = 0) -> Any:
+    req = request(request_id, length, computed, output)
+    req.kv_transfer_params = {"lmplug": {"pd": pd}, "other": 1}
+    return req
+
+
+def test_a_decode_request_waits_for_its_pushed_kv_then_loads_all_but_the_last_token() -> None:
+    clock = Clock()
+    lookup = GrowingLookup(0)
+    side = SchedulerSide(lookup, CHUNK, save_partial_chunks=True, clock=clock)
+    length = 3 * CHUNK + 5
+    req = pd_request("d", length, {"role": "decode", "xfer_id": "x1", "prefill": "p", "wait_ms": 2000})
+    assert side.num_new_matched_tokens(req, 0) is None  # nothing arrived yet: vLLM asks again
+    assert lookup.asked == [("d", length - 1)]  # what the prefill pushes: the prompt but its last token
+    clock.now += 0.001
+    assert side.num_new_matched_tokens(req, 0) is None  # asked again too soon: no lookup
+    assert len(lookup.asked) == 1
+    clock.now += 0.01
+    lookup.hit = 2 * CHUNK  # part of the push is in
+    assert side.num_new_matched_tokens(req, 0) is None
+    assert lookup.released == ["d"]  # each new ask starts from a fresh lookup
+    clock.now += 0.01
+    lookup.hit = length - 1
+    assert side.num_new_matched_tokens(req, 0) == length - 1
+    side.after_alloc(req, [1, 2, 3, 4], length - 1)
+    assert side.finished(req, [1, 2, 3, 4]) == (
+        False, {"lmplug": {"pd": {"xfer_id": "x1", "status": "loaded", "loaded_tokens": length - 1}}}
+    )  # fmt: skip
+
+
+def test_a_decode_request_stops_waiting_after_wait_ms_and_computes_the_rest() -> None:
+    clock = Clock()
+    lookup = GrowingLookup(CHUNK)
+    side = SchedulerSide(lookup, CHUNK, save_partial_chunks=True, clock=clock)
+    req = pd_request("d", 3 * CHUNK, {"role": "decode", "xfer_id": "x2", "prefill": "p", "wait_ms": 50})
+    assert side.num_new_matched_tokens(req, 0) is None
+    clock.now += 0.051  # the push never completes (a prefill killed mid-transfer)
+    assert side.num_new_matched_tokens(req, 0) == CHUNK  # the verified prefix loads; vLLM computes the rest
+    side.after_alloc(req, [1, 2], CHUNK)
+    assert side.finished(req, [1, 2])[1] == {
+        "lmplug": {"pd": {"xfer_id": "x2", "status": "partial", "loaded_tokens": CHUNK}}
+    }
+    lookup.hit = 0
+    other = pd_request("e", 3 * CHUNK, {"role": "decode", "xfer_id": "x3", "prefill": "p", "wait_ms": 0})
+    assert side.num_new_matched_tokens(other, 0) == 0  # wait_ms 0: never waits
+    assert side.finished(other, [])[1] == {
+        "lmplug": {"pd": {"xfer_id": "x3", "status": "recomputed", "loaded_tokens": 0}}
+    }
+
+
+def test_a_prefill_saves_its_prompt_but_the_last_token_and_pushes_it() -> None:
+    side, lookup = planner(hit=0, partial=True)
+    length = 2 * CHUNK + 7
+    pd = {"role": "prefill", "xfer_id": "x4", "decode": "127.0.0.1:7301", "deadline_ms": 3000}
+    req = pd_request("p", length, pd)
+    assert side.num_new_matched_tokens(req, 0) == 0
+    assert lookup.asked == [("p", length)]  # a prefill looks up as any request does
+    side.after_alloc(req, [1, 2, 3], 0)
+    new = SimpleNamespace(
+        req_id="p", prompt_token_ids=req.prompt_token_ids, block_ids=([1, 2, 3],), num_computed_tokens=0
+    )
+    (save,) = side.build_step_plan(step([new], scheduled={"p": length})).saves
+    assert (save.start, save.end) == (0, 2 * CHUNK)  # whole chunks as they are computed
+    done = pd_request("p", length, pd, computed=length, output=1)
+    keep, params = side.finished(done, [1, 2, 3])
+    assert keep is True  # the blocks stay until the tail is saved
+    assert params == {"lmplug": {"pd": {"xfer_id": "x4", "status": "pushing", "tokens": length - 1}}}
+    plan = side.build_step_plan(step())
+    (tail,) = plan.saves
+    assert (tail.start, tail.end, len(tail.tokens)) == (2 * CHUNK, length - 1, length - 1)
+    (push,) = plan.pushes
+    assert (push.tokens, push.destination, push.transfer_id, push.timeout) == (
+        list(range(length - 1)), "127.0.0.1:7301", "x4", 3.0
+    )  # fmt: skip
+    assert plan.finished == ["p"]
+
+
+def test_a_prefill_whose_prompt_is_saved_whole_pushes_without_keeping_blocks() -> None:
+    side, _ = planner(hit=0, partial=True)
+    length = 2 * CHUNK + 1  # the prompt but its last token is two whole chunks, saved as computed
+    pd = {"role": "prefill", "xfer_id": "x5", "decode": "d:1"}
+    req = pd_request("p", length, pd)
+    side.num_new_matched_tokens(req, 0)
+    side.after_alloc(req, [1, 2, 3], 0)
+    new = SimpleNamespace(
+        req_id="p", prompt_token_ids=req.prompt_token_ids, block_ids=([1, 2, 3],), num_computed_tokens=0
+    )
+    side.build_step_plan(step([new], scheduled={"p": length}))
+    assert side.finished(pd_request("p", length, pd, computed=length, output=1), [1, 2, 3])[0] is False
+    plan = side.build_step_plan(step())
+    assert plan.saves == []
+    assert [push.transfer_id for push in plan.pushes] == ["x5"]
+    assert plan.pushes[0].timeout == 10.0  # deadline_ms defaults to 10 s
+
+
+def test_an_aborted_prefill_pushes_nothing() -> None:
+    side, _ = planner(hit=0, partial=True)
+    pd = {"role": "prefill", "xfer_id": "x6", "decode": "d:1"}
+    req = pd_request("p", 3 * CHUNK, pd)
+    side.num_new_matched_tokens(req, 0)
+    side.after_alloc(req, [1, 2, 3], 0)
+    aborted = pd_request("p", 3 * CHUNK, pd, computed=CHUNK)
+    assert side.finished(aborted, [1, 2, 3]) == (
+        False,
+        {"lmplug": {"pd": {"xfer_id": "x6", "status": "skipped", "tokens": 0}}},
+    )
+    assert side.build_step_plan(step()).pushes == []
+
+
+def test_malformed_pd_params_are_ignored_with_a_warning(caplog: Any) -> None:
+    side, lookup = planner(hit=CHUNK, partial=True)
+    for index, pd in enumerate(
+        [
+            "prefill",
+            {"role": "both", "xfer_id": "x"},
+            {"role": "decode", "xfer_id": ""},
+            {"role": "decode", "xfer_id": "x", "wait_ms": -1},
+            {"role": "decode", "xfer_id": "x", "wait_ms": True},
+            {"role": "prefill", "xfer_id": "x"},  # no decode endpoint
+        ]
+    ):
+        req = pd_request(f"r{index}", 2 * CHUNK, pd)
+        assert side.num_new_matched_tokens(req, 0) == CHUNK  # served as any other request
+        assert lookup.asked[-1] == (f"r{index}", 2 * CHUNK)
+    assert caplog.text.count("ignoring kv_transfer_params.lmplug.pd") == 6

@@ -89,8 +89,9 @@ class LMPlugConnector(KVConnectorBase_V1):
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         assert self._scheduler is not None
-        # True: keep the blocks until the worker has saved the rest of the request's KV.
-        return self._scheduler.finished(request, block_ids), None
+        # True: keep the blocks until the worker has saved the rest of the request's KV. The
+        # params (PD requests) go into the response's kv_transfer_params.
+        return self._scheduler.finished(request, block_ids)
 
     # ---------------------------------------------------------------- worker role
 

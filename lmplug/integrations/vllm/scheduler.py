@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from lmplug.integrations.vllm.pd import PDParams, finished_params, pd_params
+
+logger = logging.getLogger("lmplug.vllm")
+
+DECODE_POLL_SECONDS = 0.005
+"""How often a decode request waiting for its pushed KV asks the caches again (vLLM itself
+asks every step, about every millisecond while nothing else runs)."""
 
 
 class Lookups(Protocol):
@@ -32,6 +42,17 @@ class Span:
     end: int
 
 
+@dataclass(frozen=True, slots=True)
+class Push:
+    """Send the cached KV of ``tokens`` to another instance (a PD prefill's prompt, to its decode)."""
+
+    request_id: str
+    tokens: list[int]
+    destination: str
+    transfer_id: str
+    timeout: float
+
+
 @dataclass(slots=True)
 class StepPlan:
     """What the worker does in one step (the connector metadata's payload)."""
@@ -42,6 +63,8 @@ class StepPlan:
     finished: list[str] = field(default_factory=list)
     """Requests whose last save is in ``saves``: vLLM keeps their blocks until the worker reports
     them sent (after the save), then frees them."""
+    pushes: list[Push] = field(default_factory=list)
+    """Pushes to start once this step's saves are stored."""
 
 
 @dataclass(slots=True)
@@ -67,14 +90,20 @@ class SchedulerSide:
         lookups: Sequence[Lookups] | Lookups,
         chunk_size: int,
         save_partial_chunks: bool,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.lookups: list[Lookups] = list(lookups) if isinstance(lookups, Sequence) else [lookups]
         self.chunk_size = chunk_size
         self.save_partial_chunks = save_partial_chunks
+        self.clock = clock
         self._hits: dict[str, tuple[int, int]] = {}
         """request id -> (vLLM's own computed tokens when asked, tokens lmplug holds)."""
         self._requests: dict[str, _Request] = {}
         self._plan = StepPlan()
+        self._waits: dict[str, tuple[float, float]] = {}
+        """PD decode requests waiting for their KV: request id -> (first asked, next ask)."""
+        self._decodes: dict[str, tuple[str, int]] = {}
+        """PD decode requests: request id -> (transfer id, tokens lmplug loads)."""
 
     def num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> int | None:
         """Tokens beyond ``num_computed_tokens`` that lmplug will load; ``None``: ask again next step."""
@@ -83,20 +112,56 @@ class SchedulerSide:
             return 0
         if self._saving_a_prefix_of(tokens):
             return None  # the KV of an earlier turn is saved this coming step: wait for it
-        # The whole prompt is looked up, so that its last chunk can match whole; vLLM computes at
-        # least the last token itself, so the load stops short of it, inside that chunk.
-        answers = [lookup.lookup(request.request_id, tokens) for lookup in self.lookups]
+        request_id = request.request_id
+        pd = pd_params(request)
+        decode = pd if pd is not None and pd.role == "decode" else None
+        if decode is not None:
+            # What the prefill pushes: the prompt but its last token, partial last chunk included.
+            wanted = tokens[:-1]
+            waiting = self._waits.get(request_id)
+            if waiting is not None:
+                if self.clock() < waiting[1]:
+                    return None
+                for lookup in self.lookups:  # a lookup answers from its first lease: ask afresh
+                    lookup.release(request_id)
+        else:
+            # The whole prompt is looked up, so that its last chunk can match whole; vLLM computes
+            # at least the last token itself, so the load stops short of it, inside that chunk.
+            wanted = tokens
+        answers = [lookup.lookup(request_id, wanted) for lookup in self.lookups]
         if any(answer is None for answer in answers):
             return None  # lower tiers are being read: the request waits, holding no blocks
         hit = min(min(answer or 0 for answer in answers), len(tokens) - 1)
+        if decode is not None:
+            if self._awaits_transfer(request_id, decode, hit, len(tokens) - 1):
+                return None
+            self._decodes[request_id] = (decode.xfer_id, 0)
         if hit <= num_computed_tokens:
             if any(answers):
-                self._plan.releases.append(request.request_id)
+                self._plan.releases.append(request_id)
             return 0
         # vLLM sets request.num_computed_tokens only after update_state_after_alloc: the load
         # starts where vLLM's own prefix hit ends, as it was when it asked.
-        self._hits[request.request_id] = (num_computed_tokens, hit)
+        self._hits[request_id] = (num_computed_tokens, hit)
         return hit - num_computed_tokens
+
+    def _awaits_transfer(self, request_id: str, decode: PDParams, hit: int, wanted: int) -> bool:
+        """Whether a PD decode request goes on waiting for the KV its prefill pushes: until the
+        caches hold all of it, or ``wait`` seconds after it first asked (then it computes the rest)."""
+        now = self.clock()
+        first = self._waits.get(request_id, (now, now))[0]
+        if hit >= wanted:
+            self._waits.pop(request_id, None)
+            return False
+        if now - first < decode.seconds:
+            self._waits[request_id] = (first, now + DECODE_POLL_SECONDS)
+            return True
+        self._waits.pop(request_id, None)
+        logger.info(
+            "lmplug PD transfer %s: %d of %d prompt tokens arrived within %.1f s; the rest is computed here",
+            decode.xfer_id, hit, wanted, decode.seconds,
+        )  # fmt: skip
+        return False
 
     def _saving_a_prefix_of(self, tokens: list[int]) -> bool:
         """Whether a request's final save waiting for the next step starts with ``tokens``' first chunk."""
@@ -112,6 +177,8 @@ class SchedulerSide:
             end = start + num_external_tokens
             self._plan.loads.append(Span(request_id, tokens[:end], list(block_ids), start, end))
             saved = end - end % self.chunk_size
+            if request_id in self._decodes:
+                self._decodes[request_id] = (self._decodes[request_id][0], end)
         else:
             if hit:
                 self._plan.releases.append(request_id)
@@ -149,26 +216,62 @@ class SchedulerSide:
             self._plan.saves.append(Span(request_id, state.tokens[:end], list(state.block_ids), start, end))
             state.saved = end
 
-    def finished(self, request: Any, block_ids: Sequence[int]) -> bool:
+    def finished(self, request: Any, block_ids: Sequence[int]) -> tuple[bool, dict[str, Any] | None]:
         """The request finished or was aborted: its lease goes now, not with a later step (there may be none).
 
-        Returns whether vLLM must keep its blocks for a last save: every token whose KV was
-        computed (the prompt and the answer, all but the last token) that is not saved yet,
-        including a trailing partial chunk, is saved in the next step.
+        Returns whether vLLM must keep its blocks for a last save, and the ``kv_transfer_params``
+        of its response (PD requests only). Every token whose KV was computed (the prompt and
+        the answer, all but the last token) that is not saved yet, including a trailing partial
+        chunk, is saved in the next step. A PD prefill saves its prompt but the last token
+        instead, and pushes it to its decode instance once stored.
         """
         request_id = request.request_id
         state = self._requests.pop(request_id, None)
         self._hits.pop(request_id, None)
+        self._waits.pop(request_id, None)
         for lookup in self.lookups:
             lookup.release(request_id)
+        decode = self._decodes.pop(request_id, None)
+        if decode is not None:
+            xfer_id, loaded = decode
+            wanted = max(len(request.prompt_token_ids or ()) - 1, 0)
+            status = "loaded" if loaded >= wanted else "partial" if loaded else "recomputed"
+            return False, finished_params(xfer_id, status=status, loaded_tokens=loaded)
+        pd = pd_params(request)
+        if pd is not None and pd.role == "prefill":
+            return self._finish_prefill(request, state, list(block_ids), pd)
         if state is None or not self.save_partial_chunks:
-            return False
+            return False, None
         all_tokens = list(getattr(request, "all_token_ids", None) or state.tokens)
-        computed = int(request.num_computed_tokens) - int(getattr(request, "num_in_flight_tokens", 0) or 0)
-        computed = min(computed, len(all_tokens) - 1)  # the last token was sampled, never fed: no KV
+        computed = self._computed(request, all_tokens)
         if computed <= state.saved:
-            return False
+            return False, None
         start = state.saved - state.saved % self.chunk_size
         self._plan.saves.append(Span(request_id, all_tokens[:computed], list(block_ids), start, computed))
         self._plan.finished.append(request_id)
-        return True
+        return True, None
+
+    @staticmethod
+    def _computed(request: Any, all_tokens: list[int]) -> int:
+        """Tokens of the request whose KV is in vLLM's blocks (the last token was sampled, never fed)."""
+        computed = int(request.num_computed_tokens) - int(getattr(request, "num_in_flight_tokens", 0) or 0)
+        return min(computed, len(all_tokens) - 1)
+
+    def _finish_prefill(
+        self, request: Any, state: _Request | None, block_ids: list[int], pd: PDParams
+    ) -> tuple[bool, dict[str, Any] | None]:
+        """A PD prefill ended: save the prompt but its last token and push it to the decode instance."""
+        request_id = request.request_id
+        prompt = list(request.prompt_token_ids or ())
+        wanted = len(prompt) - 1
+        all_tokens = list(getattr(request, "all_token_ids", None) or prompt)
+        if state is None or wanted < 1 or self._computed(request, all_tokens) < wanted:
+            return False, finished_params(pd.xfer_id, status="skipped", tokens=0)  # aborted before its prompt was done
+        assert pd.destination is not None
+        self._plan.pushes.append(Push(request_id, prompt[:wanted], pd.destination, pd.xfer_id, pd.seconds))
+        keep = wanted > state.saved
+        if keep:
+            start = state.saved - state.saved % self.chunk_size
+            self._plan.saves.append(Span(request_id, prompt[:wanted], block_ids, start, wanted))
+            self._plan.finished.append(request_id)
+        return keep, finished_params(pd.xfer_id, status="pushing", tokens=wanted)

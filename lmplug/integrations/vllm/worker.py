@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import re
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import cast
 
+import anyio
 import torch
 
 from lmplug.core.config import LmplugConfig
@@ -31,7 +33,7 @@ from lmplug.integrations.vllm.paged import (
     layout_for,
     slot_tensor,
 )
-from lmplug.integrations.vllm.scheduler import Span, StepPlan
+from lmplug.integrations.vllm.scheduler import Push, Span, StepPlan
 
 logger = logging.getLogger("lmplug.vllm")
 _LAYER_NUMBER = re.compile(r"\.(\d+)\.")
@@ -56,6 +58,12 @@ class TransferCounters:
     """Time spent gathering and storing saved KV."""
     save_wait_seconds: float = 0.0
     """Time the step waited for its saves after the forward."""
+    pushes: int = 0
+    """PD pushes started (a prefill's prompt KV sent to its decode instance)."""
+    pushed_tokens: int = 0
+    """Tokens the decode instances hold after those pushes."""
+    short_pushes: int = 0
+    """Pushes that delivered less than the prompt asked (dead, full or refusing decode; a timeout)."""
 
     def statistics(self) -> dict[str, object]:
         """The counters, by name."""
@@ -417,6 +425,8 @@ class WorkerSide:
                     self.cache.run_sync(lambda: self._let_go(taken))
                 except Exception:
                     logger.exception("lmplug could not release the step's leases (they expire)")
+            if plan.pushes and self.layout is not None:
+                self._start_pushes(plan.pushes, [future for future in self._storing if future is not None])
             return False
         started = time.perf_counter()
         saves = self._save_buffers(plan)
@@ -425,7 +435,7 @@ class WorkerSide:
         missing = [position for position in range(len(self.layers)) if not self._saved[position]]
         if self._copier is not None:
             self._finishing = self._copier.submit(
-                partial(self._end_saves, jobs, missing, saves, taken, plan.finished, self._slot)
+                partial(self._end_saves, jobs, missing, saves, taken, plan.finished, self._slot, plan.pushes)
             )
             if plan.finished:
                 # A finished request's blocks go back to vLLM when this step reports it sent:
@@ -439,7 +449,7 @@ class WorkerSide:
             self._gather(position, saves)
         if self.layers[0].is_cuda:
             torch.cuda.current_stream(self.layers[0].device).synchronize()
-        self._hand_over(saves, gathered, taken, self._slot)
+        self._hand_over(saves, gathered, taken, self._slot, plan.pushes)
         self.transfers.save_wait_seconds += time.perf_counter() - started
         return False
 
@@ -451,6 +461,7 @@ class WorkerSide:
         taken: _Taken | None,
         finished: list[str],
         slot: int,
+        pushes: list[Push],
     ) -> None:
         """On the copy thread, after this step's gathers (one thread, jobs in order): gather the
         layers vLLM never handed over, hand the KV to the cache, report the finished requests."""
@@ -458,21 +469,65 @@ class WorkerSide:
             gathered = all([self._wait(job) for job in jobs])
             for position in missing:
                 self._gather(position, saves)
-            self._hand_over(saves, gathered, taken, slot)
+            self._hand_over(saves, gathered, taken, slot, pushes)
         finally:
             self._mark_finished(finished)
 
     def _hand_over(
-        self, saves: list[tuple[Span, Placement, torch.Tensor]], gathered: bool, taken: _Taken | None, slot: int
+        self,
+        saves: list[tuple[Span, Placement, torch.Tensor]],
+        gathered: bool,
+        taken: _Taken | None,
+        slot: int,
+        pushes: list[Push],
     ) -> None:
         """The KV is out of vLLM's blocks: store it (and let go of the step's leases) on the
-        cache's loop, while vLLM goes on."""
+        cache's loop, while vLLM goes on; then push what a PD prefill asked to."""
         stored = [(spec, kv) for spec, _, kv in saves] if gathered else []  # never store KV not copied whole
         try:
             self._storing[slot] = self.cache.start_soon(self._store_all, stored, taken)
         except Exception:
             logger.exception("lmplug save failed; serving continues without it")
         self.transfers.saved_bytes += sum(kv.numel() * kv.element_size() for _, kv in stored)
+        if pushes:
+            self._start_pushes(pushes, [future for future in self._storing if future is not None])
+
+    def _start_pushes(self, pushes: list[Push], stores: list[Future[None]]) -> None:
+        """Push each PD prefill's prompt KV to its decode instance once ``stores`` are done, on the
+        cache's loop, off vLLM's path (a push's stall never holds a step)."""
+        for push in pushes:
+            try:
+                self.cache.start_soon(self._push, push, stores)
+            except Exception:
+                logger.exception(
+                    "lmplug PD transfer %s could not start; the decode computes the prompt", push.transfer_id
+                )
+
+    async def _push(self, push: Push, stores: list[Future[None]]) -> None:
+        """Send ``push.tokens``' KV (stored by the step that planned the push, or before) to the decode."""
+        deadline = anyio.current_time() + push.timeout
+        if not all(future.done() for future in stores):  # this prompt's saves are being stored (a few ms)
+            await anyio.to_thread.run_sync(partial(concurrent.futures.wait, stores, timeout=push.timeout))
+        self.transfers.pushes += 1
+        pushed = 0
+        try:
+            pushed = await self.cache.async_cache.push(
+                push.tokens,
+                destination=push.destination,
+                transfer_id=push.transfer_id,
+                timeout=max(deadline - anyio.current_time(), 0.001),
+            )
+        except Exception:
+            logger.exception("lmplug PD transfer %s to %s failed", push.transfer_id, push.destination)
+        self.transfers.pushed_tokens += pushed
+        if pushed < len(push.tokens):
+            self.transfers.short_pushes += 1
+            logger.warning(
+                "lmplug PD transfer %s: the decode instance %s holds %d of %d prompt tokens; it computes the rest",
+                push.transfer_id, push.destination, pushed, len(push.tokens),
+            )  # fmt: skip
+        else:
+            logger.info("lmplug PD transfer %s: %d tokens pushed to %s", push.transfer_id, pushed, push.destination)
 
     def _mark_finished(self, request_ids: Sequence[str]) -> None:
         if request_ids:

@@ -44,8 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--decode",
         action="append",
         required=True,
-        metavar=instances,
-        help="decode instances (vLLM's http://HOST:PORT); comma-separated or repeated",
+        metavar="URL[=RECEIVER][,...]",
+        help="decode instances (vLLM's http://HOST:PORT), each with its PD receiver (HOST:PORT of the "
+        "'pd' tier in its lmplug stack) after '=', where prefills push the KV; comma-separated or repeated",
     )
     parser.add_argument("--host", default=_DEFAULTS.host, help=f"address to listen on (default {_DEFAULTS.host})")
     parser.add_argument(
@@ -84,7 +85,8 @@ def config_from_arguments(args: argparse.Namespace) -> ProxyConfig:
     """:class:`ValueError` for values out of range."""
     return ProxyConfig(
         prefill=_instances(args.prefill),
-        decode=_instances(args.decode),
+        decode=_instances([value.split("=", 1)[0] for part in args.decode for value in part.split(",")]),
+        receivers=_receivers(args.decode),
         host=args.host,
         port=args.port,
         connect_timeout=args.connect_timeout,
@@ -95,6 +97,12 @@ def config_from_arguments(args: argparse.Namespace) -> ProxyConfig:
         max_body=args.max_body,
         drain_timeout=args.drain_timeout,
     )
+
+
+def _receivers(values: Sequence[str]) -> dict[str, str]:
+    """The PD receivers given as ``URL=HOST:PORT``, by the decode instance's base URL."""
+    pairs = (entry.split("=", 1) for value in values for entry in value.split(",") if "=" in entry)
+    return {base_url(url.strip()): receiver.strip() for url, receiver in pairs}
 
 
 def _instances(values: Sequence[str]) -> tuple[str, ...]:

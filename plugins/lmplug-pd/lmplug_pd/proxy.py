@@ -18,7 +18,7 @@ import logging
 import time
 import urllib.parse
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from typing import Any
 
 import anyio
@@ -78,11 +78,15 @@ class ProxyConfig:
 
     Times are seconds. ``push_deadline`` and ``decode_wait`` are sent to the instances (as
     ``deadline_ms`` and ``wait_ms``): how long the prefill may push the KV, and how long the decode
-    waits for it before computing the prompt itself.
+    waits for it before computing the prompt itself. ``receivers`` maps a decode instance's URL to
+    its PD receiver (``HOST:PORT`` of the ``pd`` tier in its lmplug stack), where the prefill
+    pushes; a decode instance without one is told not to wait (``wait_ms: 0``): it computes the
+    prompt itself.
     """
 
     prefill: tuple[str, ...]
     decode: tuple[str, ...]
+    receivers: Mapping[str, str] = dataclasses.field(default_factory=dict)
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     connect_timeout: float = 5.0
@@ -100,6 +104,12 @@ class ProxyConfig:
             for url in urls:
                 if base_url(url) != url:
                     raise ValueError(f"{role} instance {url!r}: write it as {base_url(url)!r}")
+        for url, receiver in self.receivers.items():
+            if url not in self.decode:
+                raise ValueError(f"receiver {receiver!r} is for {url!r}, which is not a decode instance")
+            host, _, port = receiver.rpartition(":")
+            if not host or "/" in host or not port.isdigit() or not 0 < int(port) <= 65535:
+                raise ValueError(f"decode instance {url}: its PD receiver must be HOST:PORT, not {receiver!r}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, not {self.port}")
         for name in ("connect_timeout", "prefill_timeout", "decode_timeout", "push_deadline", "decode_wait"):
@@ -232,10 +242,12 @@ class Proxy:
         prefill, decode = next(self._prefills), next(self._decodes)
         xfer_id = uuid.uuid4().hex
         try:
+            receiver = self.config.receivers.get(decode)
             to_prefill = prefill_body(
-                payload, xfer_id=xfer_id, decode=decode, deadline_ms=_ms(self.config.push_deadline)
+                payload, xfer_id=xfer_id, decode=receiver or decode, deadline_ms=_ms(self.config.push_deadline)
             )
-            to_decode = decode_body(payload, xfer_id=xfer_id, prefill=prefill, wait_ms=_ms(self.config.decode_wait))
+            wait_ms = _ms(self.config.decode_wait) if receiver else 0  # no receiver: no KV will come
+            to_decode = decode_body(payload, xfer_id=xfer_id, prefill=prefill, wait_ms=wait_ms)
         except ParamsError as exc:
             raise HttpError(400, str(exc)) from None
         headers = [*_forwarded(request), ("content-type", "application/json")]

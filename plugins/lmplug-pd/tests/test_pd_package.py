@@ -45,6 +45,10 @@ def test_lmplug_gets_a_pd_proxy_command() -> None:
     config = config_from_arguments(args)
     assert config.prefill == ("http://a:1", "http://b:2")
     assert config.decode == ("http://c:3", "http://d:4")
+    assert config.receivers == {}
+    args = parser.parse_args(["--prefill", "http://a:1", "--decode", "http://c:3=10.0.0.3:7301,http://d:4/"])
+    config = config_from_arguments(args)
+    assert (config.decode, config.receivers) == (("http://c:3", "http://d:4"), {"http://c:3": "10.0.0.3:7301"})
 
 
 @pytest.mark.parametrize(
@@ -55,6 +59,9 @@ def test_lmplug_gets_a_pd_proxy_command() -> None:
         ({"decode_timeout": 0}, "decode_timeout"),
         ({"port": 70000}, "port"),
         ({"max_body": 0}, "max_body"),
+        ({"receivers": {"http://x:1": "h:1"}}, "is not a decode instance"),
+        ({"receivers": {"http://d:1": "http://h:1"}}, "must be HOST:PORT"),
+        ({"receivers": {"http://d:1": "h:0"}}, "must be HOST:PORT"),
     ],
 )
 def test_the_config_refuses_values_out_of_range(changes: dict[str, object], words: str) -> None:

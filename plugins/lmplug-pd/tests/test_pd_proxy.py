@@ -31,11 +31,15 @@ CHAT = {
 XFER_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
+RECEIVER = "127.0.0.1:7301"
+"""The decode's PD receiver as the proxy is told it (nothing listens: the doubles never push)."""
+
+
 @pytest.fixture
 async def one_pair() -> AsyncIterator[tuple[Proxy, Upstream, Upstream]]:
     async with (
         running_upstreams("prefill", "decode") as (prefill, decode),
-        open_proxy(fast_config([prefill.url], [decode.url])) as proxy,
+        open_proxy(fast_config([prefill.url], [decode.url], receivers={decode.url: RECEIVER})) as proxy,
     ):
         yield proxy, prefill, decode
 
@@ -70,7 +74,7 @@ async def test_the_prefill_gets_one_token_and_the_decode_the_original_body(
     assert sent == {**COMPLETION, "max_tokens": 1, "stream": False}
     xfer_id = pd["xfer_id"]
     assert XFER_ID.match(xfer_id)
-    assert pd == {"role": "prefill", "xfer_id": xfer_id, "decode": decode.url, "deadline_ms": 10000}
+    assert pd == {"role": "prefill", "xfer_id": xfer_id, "decode": RECEIVER, "deadline_ms": 10000}
     assert to_prefill.headers["x-request-id"] == f"{xfer_id}-p"
 
     sent = to_decode.body
@@ -144,8 +148,23 @@ async def test_requests_go_round_robin_over_two_prefills_and_two_decodes() -> No
         assert [received.body["prompt"] for received in decode.received] == prompts
         for received in decode.received:  # each decode was told which prefill pushes to it
             assert pd_params(received.body)["prefill"] == prefill.url  # type: ignore[index]
-        for received in prefill.received:
+        for received in prefill.received:  # no receiver given: the decode is told not to wait
             assert pd_params(received.body)["decode"] == decode.url  # type: ignore[index]
+        assert [pd_params(received.body)["wait_ms"] for received in decode.received] == [0, 0]  # type: ignore[index]
+
+
+async def test_the_prefill_pushes_to_the_decodes_receiver_and_the_decode_waits_for_it() -> None:
+    async with running_upstreams("p0", "d0") as (p0, d0):
+        config = fast_config([p0.url], [d0.url], receivers={d0.url: "127.0.0.1:7301"}, decode_wait=3.0)
+        async with open_proxy(config) as proxy, client(proxy.url or "") as http:
+            answer = await http.post("/v1/completions", json={**COMPLETION, "prompt": "q"})
+            assert answer.status_code == 200
+    prefill = pd_params(p0.received[0].body)
+    decode = pd_params(d0.received[0].body)
+    assert prefill is not None
+    assert decode is not None
+    assert (prefill["role"], prefill["decode"]) == ("prefill", "127.0.0.1:7301")
+    assert (decode["role"], decode["wait_ms"], decode["xfer_id"]) == ("decode", 3000, prefill["xfer_id"])
 
 
 async def test_a_prefill_that_is_down_costs_only_a_full_prefill_on_the_decode() -> None:
