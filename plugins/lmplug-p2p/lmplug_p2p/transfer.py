@@ -65,6 +65,7 @@ __all__ = [
     "TransferServer",
     "Transport",
     "TransportSettings",
+    "chunk_payload",
     "format_endpoint",
     "open_transport",
     "parse_endpoint",
@@ -102,9 +103,9 @@ def format_endpoint(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _payload(chunk: KVChunk, layout: KVLayout) -> list[memoryview] | None:
-    """The chunk's payload as memoryviews of its own memory, or ``None`` when it is not
-    ``layout``'s KV in host memory."""
+def chunk_payload(chunk: KVChunk, layout: KVLayout) -> list[memoryview] | None:
+    """The chunk's payload as memoryviews of its own memory (what a chunk record carries, sent
+    and received in place), or ``None`` when it is not ``layout``'s KV in host memory."""
     tensor = chunk.tensor
     tokens = int(tensor.shape[2]) if tensor.dim() == 4 else 0
     if not tokens or tensor.dtype != layout.dtype or tuple(tensor.shape) != layout.shape(tokens):
@@ -359,7 +360,7 @@ class TransferServer:
             run: list[list[memoryview]] = []
             total = 0
             for chunk in chunks[: len(keys)]:
-                views = _payload(chunk, layout)
+                views = chunk_payload(chunk, layout)
                 if views is None:
                     logger.error("lmplug-p2p: serve returned a chunk that is not %s in host memory", layout.describe())
                     break
@@ -630,7 +631,7 @@ class PeerClient:
                 if chunk is None:
                     raise _NoMemory(f"the allocator has no room for a chunk of {record.tokens} tokens")
                 try:
-                    views = _payload(chunk, layout)
+                    views = chunk_payload(chunk, layout)
                     if views is None:
                         raise TypeError(f"the allocator's chunks are not {layout.describe()} in host memory")
                     await recv_exactly_into(sock, views)
