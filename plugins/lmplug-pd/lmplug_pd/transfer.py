@@ -211,21 +211,28 @@ class PushSender:
         end: int,
     ) -> None:
         layout = self.layout
+        failure: Exception | None = None
         async with anyio.create_task_group() as group:
             send_checksum, checksums = anyio.create_memory_object_stream[int](1)
             group.start_soon(self._checksums_ahead, payloads[first:end], send_checksum)
-            with checksums:
-                for index in range(first, end):
-                    if self.chunk_delay:
-                        await anyio.sleep(self.chunk_delay)
-                    tokens = chunks[index].num_tokens
-                    checksum = await checksums.receive()
-                    record = ChunkHeader.for_chunk(keys[index], layout, tokens, checksum).pack()
-                    nbytes = layout.nbytes(tokens)
-                    frame = encode(PushFrame.CHUNK, _REQUEST, {"index": index}, HEADER.size + nbytes)
-                    await send_buffers(sock, [frame, record, *payloads[index]])
-                    self.chunks_sent += 1
-                    self.bytes_sent += nbytes
+            try:
+                with checksums:
+                    for index in range(first, end):
+                        if self.chunk_delay:
+                            await anyio.sleep(self.chunk_delay)
+                        tokens = chunks[index].num_tokens
+                        checksum = await checksums.receive()
+                        record = ChunkHeader.for_chunk(keys[index], layout, tokens, checksum).pack()
+                        nbytes = layout.nbytes(tokens)
+                        frame = encode(PushFrame.CHUNK, _REQUEST, {"index": index}, HEADER.size + nbytes)
+                        await send_buffers(sock, [frame, record, *payloads[index]])
+                        self.chunks_sent += 1
+                        self.bytes_sent += nbytes
+            except Exception as exc:  # raised below, outside the group, as itself
+                failure = exc
+                group.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
 
     async def _checksums_ahead(self, run: Sequence[list[memoryview]], sink: MemoryObjectSendStream[int]) -> None:
         """The payloads' checksums, one ahead of the writes: a large one is hashed in a worker
