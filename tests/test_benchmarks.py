@@ -36,6 +36,7 @@ def test_benchmarks_run(tmp_path: Path) -> None:
         "remote_codecs",
         "vllm_ttft",
         "p2p_transfer",
+        "pd_transfer",
         "connector_copy",
         "controller_index",
         "fuzz_lm",

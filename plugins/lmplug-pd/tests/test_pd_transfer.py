@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from functools import partial
+from pathlib import Path
 
 import anyio
 import pytest
@@ -25,7 +26,8 @@ from pd_transfer_testing import (
 )
 
 import lmplug
-from lmplug.testing import free_port
+from lmplug.testing import assert_readme_documents, free_port
+from lmplug_pd.options import PDTierConfig
 
 
 @pytest.mark.parametrize("length", [5, CHUNK, 3 * CHUNK + 5, 8 * CHUNK])
@@ -244,3 +246,7 @@ async def test_closing_the_decode_mid_transfer_ends_cleanly() -> None:
         assert (stats["inflight_bytes"], stats["holds"], stats["held_chunks"]) == (0, 0, 0)
         assert stats["failed"] == {"cancelled": 1}
         assert decode.allocator.statistics().allocations == 0
+
+
+def test_the_readme_documents_every_pd_option() -> None:
+    assert_readme_documents(Path(__file__).parents[1] / "README.md", PDTierConfig, section="Configuration")
