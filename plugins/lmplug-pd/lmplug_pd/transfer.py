@@ -472,12 +472,13 @@ class PushReceiver:
             with anyio.fail_after(self.settings.idle_timeout):
                 await self._hello(sock, head)
             while True:
-                header = await self._next_frame(sock, head)
-                if header is None:
+                frame = await self._next_frame(sock, head)
+                if frame is None:
                     break  # closed between transfers: a clean goodbye
+                header, meta = frame
                 if header.type is not PushFrame.OPEN:
                     raise ProtocolError(ErrorCode.MALFORMED, f"{header.type.name} outside a transfer")
-                await self._transfer(sock, header, head)
+                await self._transfer(sock, header, meta, head)
         except ProtocolError as exc:
             await self._refuse(sock, exc)
         except TimeoutError:
@@ -487,9 +488,9 @@ class PushReceiver:
         finally:
             sock.close()
 
-    async def _next_frame(self, sock: socket.socket, head: bytearray) -> PushHeader | None:
-        """The next frame's header within ``idle_timeout``; ``None`` when the sender closed
-        the connection before it (a goodbye between transfers, a failure within one)."""
+    async def _next_frame(self, sock: socket.socket, head: bytearray) -> tuple[PushHeader, dict[str, Any]] | None:
+        """The next frame's header and meta within ``idle_timeout``; ``None`` when the sender
+        closed the connection before it (a goodbye between transfers, a failure within one)."""
         with anyio.fail_after(self.settings.idle_timeout):
             while True:
                 await anyio.wait_readable(sock)
@@ -501,7 +502,8 @@ class PushReceiver:
             if not first:
                 return None
             await recv_exactly(sock, memoryview(head)[first:])
-        return parse_header(head, self.limits, from_sender=True)
+            header = parse_header(head, self.limits, from_sender=True)
+            return header, await _read_meta(sock, header)
 
     async def _refuse(self, sock: socket.socket, error: ProtocolError) -> None:
         """Tell the sender why (best effort); the caller then closes the connection."""
@@ -545,34 +547,34 @@ class PushReceiver:
             meta["retry_after_ms"] = 100
         await send_buffers(sock, [encode(PushFrame.REJECT, _REQUEST, meta)])
 
-    def _first_time(self, xfer_id: str) -> bool:
-        """Whether ``xfer_id`` is new (ids are remembered for ``hold`` seconds)."""
-        now = time.monotonic()
-        horizon = now - max(self.settings.hold, 1.0)
+    def _seen_before(self, xfer_id: str) -> bool:
+        """Whether ``xfer_id`` was accepted within ``hold`` seconds (a refused one may come again)."""
+        horizon = time.monotonic() - max(self.settings.hold, 1.0)
         for seen, when in list(self._seen.items()):
             if when >= horizon:
                 break  # insertion order is time order
             del self._seen[seen]
-        if xfer_id in self._seen:
-            return False
-        self._seen[xfer_id] = now
-        return True
+        return xfer_id in self._seen
 
-    async def _transfer(self, sock: socket.socket, header: PushHeader, head: bytearray) -> None:
-        meta = await _read_meta(sock, header)
+    async def _transfer(self, sock: socket.socket, header: PushHeader, meta: dict[str, Any], head: bytearray) -> None:
         data = bytearray(header.data_length)  # at most max_keys keys: parse_header checked
-        await recv_exactly(sock, memoryview(data))
+        with anyio.fail_after(self.settings.idle_timeout):
+            await recv_exactly(sock, memoryview(data))
         keys = lmpx.split_keys(data)
         xfer_id = xfer_id_of(meta)
         total = lmpx.meta_int(meta, "total_bytes", 0, 1 << 62)
         if self._stopping:
             return await self._reject(sock, xfer_id, RejectReason.SHUTTING_DOWN)
-        if not self._first_time(xfer_id):
+        if self._seen_before(xfer_id):
             return await self._reject(sock, xfer_id, RejectReason.DUPLICATE)
         if total > self._budget.limit:
             return await self._reject(sock, xfer_id, RejectReason.TOO_LARGE)
         if not await self._budget.reserve(total, self.settings.admit_timeout):
             return await self._reject(sock, xfer_id, RejectReason.BUSY)
+        if self._seen_before(xfer_id):  # the same id, accepted while this one waited for room
+            self._budget.release(total)
+            return await self._reject(sock, xfer_id, RejectReason.DUPLICATE)
+        self._seen[xfer_id] = time.monotonic()
         self.received += 1
         transfer = self._held[xfer_id] = _Transfer(xfer_id)
         cause = "connection"
@@ -625,10 +627,10 @@ class PushReceiver:
         scratch = memoryview(bytearray(_SCRATCH))
         index, remaining, admitting = first, total, True
         while True:
-            header = await self._next_frame(sock, head)
-            if header is None:
+            frame = await self._next_frame(sock, head)
+            if frame is None:
                 raise SocketClosed(SocketCode.TRUNCATED, "the sender closed the connection mid-transfer")
-            meta = await _read_meta(sock, header)
+            header, meta = frame
             if header.type in (PushFrame.END, PushFrame.ABORT):
                 if header.type is PushFrame.ABORT:
                     logger.info(
@@ -645,7 +647,8 @@ class PushReceiver:
                 raise ProtocolError(ErrorCode.TOO_LARGE, f"chunk records past the {total} bytes OPEN announced")
             index += 1
             if not admitting:
-                await skip_bytes(sock, header.data_length, scratch)
+                with anyio.fail_after(self.settings.idle_timeout):
+                    await skip_bytes(sock, header.data_length, scratch)
                 continue
             with anyio.fail_after(self.settings.idle_timeout):
                 await recv_exactly(sock, memoryview(record_head))
@@ -675,7 +678,8 @@ class PushReceiver:
                 transfer.cause = "corrupt" if isinstance(exc, CorruptChunk) else "no_memory"
                 logger.warning("lmplug-pd: transfer %s: %s; it and later chunks dropped", transfer.xfer_id, exc)
                 if not payload_read:
-                    await skip_bytes(sock, nbytes, scratch)
+                    with anyio.fail_after(self.settings.idle_timeout):
+                        await skip_bytes(sock, nbytes, scratch)
                 continue
             except BaseException:
                 if chunk is not None:

@@ -112,8 +112,8 @@ async def test_a_transfer_waits_for_room_then_is_refused_busy() -> None:
             assert received(decode)["rejected"] == {"busy": 1}
             group.cancel_scope.cancel()
         await eventually(lambda: received(decode)["inflight_bytes"] == 0)
-        # The budget is back: the same prompt goes now.
-        assert await fast.push(second, destination=endpoint, transfer_id="again", timeout=10) == len(second)
+        # The budget is back: the same transfer, refused before, goes now.
+        assert await fast.push(second, destination=endpoint, transfer_id="fast", timeout=10) == len(second)
 
 
 async def test_a_sender_cancelled_after_k_chunks_leaves_exactly_k() -> None:
