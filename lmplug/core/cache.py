@@ -377,7 +377,7 @@ class Cache:
             keys += [key for key, _ in self._partials_at(array, keys[:full], position) if key not in keys]
         return await self.pipeline.evict(keys, None if tiers is None else set(tiers)) if keys else {}
 
-    async def push(self, tokens: object, *, destination: str, transfer_id: str, timeout: float) -> int:
+    async def push(self, tokens: object, *, destination: str, transfer_id: str, timeout: float) -> int:  # noqa: ASYNC109
         """Send the KV of the leading cached chunks of ``tokens`` to another instance: how many
         leading tokens it holds afterwards (0 when nothing went).
 

@@ -373,7 +373,7 @@ class Pipeline:
                 dropped[slot.name] = 0
         return dropped
 
-    async def push(self, keys: Sequence[ChunkKey], destination: str, transfer_id: str, timeout: float) -> int:
+    async def push(self, keys: Sequence[ChunkKey], destination: str, transfer_id: str, timeout: float) -> int:  # noqa: ASYNC109
         """Push ``keys`` through the first tier that declares :attr:`Capability.PUSH`: how many
         leading chunks the destination holds. A tier that fails is reported and counts as 0."""
         for slot in self.slots:

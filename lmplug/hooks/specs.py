@@ -293,7 +293,7 @@ async def lmplug_held_keys() -> list[ChunkKey]:
 
 
 @hookspec
-async def lmplug_push(keys: Sequence[ChunkKey], destination: str, transfer_id: str, timeout: float) -> int:
+async def lmplug_push(keys: Sequence[ChunkKey], destination: str, transfer_id: str, timeout: float) -> int:  # noqa: ASYNC109
     """Send the chunks of ``keys`` that this instance holds to another instance, which admits them.
 
     Optional: implemented by tiers that declare :attr:`lmplug.tierkit.Capability.PUSH` (the PD
