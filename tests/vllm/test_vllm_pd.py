@@ -34,8 +34,8 @@ pytest.importorskip("vllm", reason="vLLM is not installed")
 pytest.importorskip("lmplug_pd", reason="lmplug-pd is not installed")
 
 from lmplug import models
-from lmplug.integrations.vllm.lookup import LookupClient, socket_path
 from lmplug.testing import free_port
+from lmplug.testing.vllm_serve import ServedEngine, healthy, start_vllm_serve, wait_healthy
 
 LICENSE = Path("/usr/share/common-licenses/GPL-3")
 START_LIMIT = 600.0  # seconds: two vLLMs starting at once on two busy cores
@@ -44,103 +44,26 @@ CHUNK_DELAY = 0.4  # seconds P's sender waits before each chunk in the kill test
 
 
 @dataclass
-class Instance:
-    name: str
-    url: str
-    engine_id: str
-    runtime: Path
-    log: Path
-    process: subprocess.Popen[bytes]
-
-    def statistics(self) -> dict[str, Any]:
-        previous = os.environ.get("LMPLUG_RUNTIME_DIR")
-        os.environ["LMPLUG_RUNTIME_DIR"] = str(self.runtime)
-        client = LookupClient(socket_path(self.engine_id))
-        try:
-            return client.statistics()
-        finally:
-            client.close()
-            if previous is None:
-                os.environ.pop("LMPLUG_RUNTIME_DIR", None)
-            else:
-                os.environ["LMPLUG_RUNTIME_DIR"] = previous
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-
-
-@dataclass
 class Fleet:
-    prefill: Instance
-    decode: Instance
+    prefill: ServedEngine
+    decode: ServedEngine
     proxy: str
-    proxy_process: subprocess.Popen[bytes]
     receiver: str
-
-
-def _start(name: str, model: Path, work: Path, core: int, stack: str) -> Instance:
-    runtime = work / name
-    runtime.mkdir()
-    config = runtime / "lmplug.yaml"
-    config.write_text(stack)
-    port = free_port()
-    log = runtime / "vllm-serve.log"
-    engine_id = f"pd-{name}"
-    environ = {
-        **os.environ,
-        "LMPLUG_CONFIG": str(config),
-        "LMPLUG_RUNTIME_DIR": str(runtime),
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-        "VLLM_CPU_OMP_THREADS_BIND": str(core),
-        "HF_HUB_OFFLINE": "1",
-    }
-    transfer = {"kv_connector": "LMPlugConnector", "kv_role": "kv_both", "engine_id": engine_id}
-    command = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-        "--served-model-name", "smollm2", "--host", "127.0.0.1", "--port", str(port),
-        "--dtype", "bfloat16", "--enforce-eager", "--max-model-len", "4608", "--no-enable-prefix-caching",
-        "--kv-transfer-config", json.dumps(transfer),
-    ]  # fmt: skip
-    with log.open("w") as output:
-        process = subprocess.Popen(
-            command, stdout=output, stderr=subprocess.STDOUT, env=environ, start_new_session=True
-        )  # fmt: skip
-    return Instance(name, f"http://127.0.0.1:{port}", engine_id, runtime, log, process)
-
-
-def _wait_healthy(instance: Instance, deadline: float) -> None:
-    while not _healthy(f"{instance.url}/health"):
-        if instance.process.poll() is not None:
-            pytest.fail(f"{instance.name}: vllm serve exited:\n{instance.log.read_text()[-4000:]}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"{instance.name}: no /health in {START_LIMIT:.0f} s:\n{instance.log.read_text()[-4000:]}")
-        time.sleep(1.0)  # polling a process we started, not synchronising with our own code
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as reply:
-            return bool(reply.status == 200)
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
-        return False
 
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     model = models.build("smollm2")
     work = tmp_path_factory.mktemp("pd")
-    receiver_port = free_port()
-    receiver = f"127.0.0.1:{receiver_port}"
-    common = "chunk_size: 256\nsave_partial_chunks: true\nmodel: {name: smollm2}\n"
-    prefill = _start(
-        "prefill", model, work, 0,
-        common + f"tiers:\n  - {{type: cpu, capacity: 1GiB}}\n  - {{type: pd, debug_chunk_delay: {CHUNK_DELAY}s}}\n",
+    receiver = f"127.0.0.1:{free_port()}"
+    common = "chunk_size: 256\nsave_partial_chunks: true\ntiers:\n  - {type: cpu, capacity: 1GiB}\n"
+    prefill = start_vllm_serve(
+        "prefill", model, work, cores="0", stack=common + f"  - {{type: pd, debug_chunk_delay: {CHUNK_DELAY}s}}\n",
+        served_name="smollm2", max_model_len=4608,
     )  # fmt: skip
-    decode = _start(
-        "decode", model, work, 1,
-        common + f"tiers:\n  - {{type: cpu, capacity: 1GiB}}\n  - {{type: pd, port: {receiver_port}}}\n",
+    decode = start_vllm_serve(
+        "decode", model, work, cores="1", stack=common + f"  - {{type: pd, port: {receiver.rsplit(':', 1)[1]}}}\n",
+        served_name="smollm2", max_model_len=4608,
     )  # fmt: skip
     proxy_port = free_port()
     proxy_log = (work / "proxy.log").open("w")
@@ -154,23 +77,20 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     )  # fmt: skip
     proxy_url = f"http://127.0.0.1:{proxy_port}"
     try:
-        deadline = time.monotonic() + START_LIMIT
-        _wait_healthy(prefill, deadline)
-        _wait_healthy(decode, deadline)
-        while not _healthy(f"{proxy_url}/health"):
+        try:
+            wait_healthy([prefill, decode], START_LIMIT)
+        except RuntimeError as exc:
+            pytest.fail(str(exc))
+        while not healthy(f"{proxy_url}/health"):
             assert proxy.poll() is None, (work / "proxy.log").read_text()
             time.sleep(0.2)
-        yield Fleet(prefill, decode, proxy_url, proxy, receiver)
+        yield Fleet(prefill, decode, proxy_url, receiver)
     finally:
-        for process in (proxy, prefill.process, decode.process):
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-        for process in (proxy, prefill.process, decode.process):
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        if proxy.poll() is None:
+            os.killpg(proxy.pid, signal.SIGTERM)
+        for engine in (prefill, decode):
+            engine.stop()
+        proxy.wait(timeout=60)
         proxy_log.close()
 
 
@@ -325,6 +245,36 @@ def test_chat_through_the_proxy_equals_one_instance(fleet: Fleet) -> None:
     assert pd_status(answer)["status"] == "loaded"
 
 
+def test_concurrent_requests_all_complete_with_their_kv(fleet: Fleet) -> None:
+    """Six requests at once through the proxy: no deadlock between pushes, receives and waits;
+    each answer agrees with one instance and loaded its whole prompt but the last token."""
+    prompts = [prompt_of(3300 + 300 * index, 500, "is there a warranty?") for index in range(6)]
+    references = [post(fleet.prefill.url, "/v1/completions", completion(prompt)) for prompt in prompts]
+    answers: dict[int, dict[str, Any]] = {}
+    errors: list[BaseException] = []
+
+    def ask(index: int) -> None:
+        try:
+            answers[index] = post(fleet.proxy, "/v1/completions", completion(prompts[index]))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=ask, args=(index,)) for index in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=600)
+    assert not any(thread.is_alive() for thread in threads)
+    assert errors == []
+    for index, reference in enumerate(references):
+        answer = answers[index]
+        assert agreement(Generation.of(reference), Generation.of(answer)) is None, (reference, answer)
+        status = pd_status(answer)
+        assert (status["status"], status["loaded_tokens"]) == ("loaded", reference["usage"]["prompt_tokens"] - 1)
+    leases = fleet.decode.statistics()["leases"]
+    assert leases == 0  # every lookup's lease went with its request
+
+
 def test_a_prefill_killed_mid_push_costs_the_decode_only_the_rest(fleet: Fleet) -> None:
     """P is killed while its (slowed) push is under way: D waits out ``--decode-wait``, loads the
     verified prefix its receiver kept and computes the rest; the answer is still right."""
@@ -371,6 +321,6 @@ def test_a_dead_decode_is_a_502_from_the_proxy(fleet: Fleet) -> None:
     assert error["code"] == 502
 
 
-def _chunks(instance: Instance) -> int:
+def _chunks(instance: ServedEngine) -> int:
     tiers = instance.statistics()["tiers"]
     return sum(tier["chunks"] for tier in tiers if tier["type"] == "cpu")
