@@ -37,6 +37,7 @@ from benchmarks import (
     remote_s3,
     sync_overhead,
     vllm_chat,
+    vllm_pd,
     vllm_ttft,
 )
 from benchmarks.harness import Backend, Result, Settings, format_table, write_json
@@ -59,6 +60,7 @@ MODULES: tuple[ModuleType, ...] = (
     connector_copy,
     vllm_ttft,
     vllm_chat,
+    vllm_pd,
 )
 
 

@@ -88,8 +88,13 @@ def start_vllm_serve(
 ) -> ServedEngine:
     """Start ``vllm serve`` on ``model`` (bfloat16, eager, vLLM's own prefix cache off) in
     ``work/name``: with lmplug's connector on the YAML ``stack`` (engine id ``name``), or without
-    it when ``stack`` is None; on ``cores`` (``VLLM_CPU_OMP_THREADS_BIND``, e.g. ``"0"`` or
-    ``"0-1"``) when given. Returns at once: :func:`wait_healthy` waits for it."""
+    it when ``stack`` is None; on ``cores`` (e.g. ``"0"`` or ``"0-1"``) when given: vLLM's compute
+    threads (``VLLM_CPU_OMP_THREADS_BIND``) and every other thread of the server's processes
+    (its API server, its engine core, lmplug's threads) run there only. vLLM's processes spin
+    while they wait for one another (``shm_broadcast``'s busy loop yields but stays runnable for
+    a second after each message), so two servers on one small machine must not share cores:
+    a neighbour's spinning engine core halves a compute thread's time or worse. Returns at
+    once: :func:`wait_healthy` waits for it."""
     runtime = work / name
     runtime.mkdir(parents=True)
     port = free_port()
@@ -115,7 +120,19 @@ def start_vllm_serve(
         process = subprocess.Popen(
             command, stdout=output, stderr=subprocess.STDOUT, env=environ, start_new_session=True
         )  # fmt: skip
+    if cores is not None:
+        # Before vLLM's own processes start (its imports take seconds): they inherit it.
+        os.sched_setaffinity(process.pid, _cpu_set(cores))
     return ServedEngine(name, f"http://127.0.0.1:{port}", engine_id, runtime, log, process)
+
+
+def _cpu_set(cores: str) -> set[int]:
+    """``"0"``, ``"0-1"``, ``"0,2-3"`` as a set of CPU numbers."""
+    cpus: set[int] = set()
+    for part in cores.split(","):
+        first, _, last = part.partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
 
 
 def healthy(url: str) -> bool:
