@@ -11,6 +11,22 @@ from pydantic import Field, PositiveInt, ValidationInfo, field_validator, model_
 from lmplug.tierkit import Duration, StrictModel
 
 
+def host_port(value: str | None) -> str | None:
+    """``value`` when it is ``host:port`` (or None); :class:`ValueError` otherwise (an option's check)."""
+    if value is None:
+        return value
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected host:port, not {value!r}")
+    return value
+
+
+def check_reachable(host: str, advertise: str | None, who: str) -> None:
+    """A server bound to every interface must say which address ``who`` dial (``advertise``)."""
+    if advertise is None and host in ("0.0.0.0", "::"):
+        raise ValueError(f"host {host!r} binds every interface: say which address {who} dial in `advertise`")
+
+
 class P2PTierConfig(StrictModel):
     """Options of a ``type: p2p`` tier: only ``controller`` is required."""
 
@@ -59,17 +75,11 @@ class P2PTierConfig(StrictModel):
     @field_validator("advertise")
     @classmethod
     def _host_port(cls, value: str | None) -> str | None:
-        if value is None:
-            return value
-        host, _, port = value.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"expected host:port, not {value!r}")
-        return value
+        return host_port(value)
 
     @model_validator(mode="after")
     def _reachable(self) -> P2PTierConfig:
-        if self.advertise is None and self.host in ("0.0.0.0", "::"):
-            raise ValueError(f"host {self.host!r} binds every interface: say which address peers dial in `advertise`")
+        check_reachable(self.host, self.advertise, "peers")
         return self
 
     def name_of_instance(self) -> str:

@@ -19,9 +19,10 @@ anything is allocated or read, and every failure raises :class:`ProtocolError` w
 from __future__ import annotations
 
 import enum
+import hmac
 import json
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +40,7 @@ __all__ = [
     "FrameType",
     "Limits",
     "ProtocolError",
+    "check_hello",
     "encode_error",
     "encode_keys",
     "encode_frame",
@@ -49,6 +51,7 @@ __all__ = [
     "parse_limits",
     "parse_meta",
     "split_keys",
+    "unpack_header",
 ]
 
 MAGIC = b"LMPX"
@@ -139,11 +142,10 @@ class FrameHeader:
 # ---------------------------------------------------------------------------- parsing
 
 
-def parse_header(data: bytes | bytearray | memoryview, limits: Limits, *, request: bool) -> FrameHeader:
-    """A frame header, checked completely against ``limits`` before anything after it is read.
-
-    ``request``: the server reads requests (HELLO, GET, EXISTS), a client replies and ERROR.
-    """
+def unpack_header(data: bytes | bytearray | memoryview, limits: Limits) -> tuple[int, int, int, int]:
+    """The checks every ``LMPX`` frame header passes, whatever its frame types (this module's,
+    or a protocol's built on the same framing): its size, magic, version, flags and meta length.
+    Returns ``(type, request_id, meta_length, data_length)``, the type as a number to check."""
     if len(data) != FRAME.size:
         raise ProtocolError(ErrorCode.MALFORMED, f"frame header of {len(data)} bytes, {FRAME.size} expected")
     magic, version, kind, flags, request_id, meta_length, data_length = FRAME.unpack(data)
@@ -151,16 +153,25 @@ def parse_header(data: bytes | bytearray | memoryview, limits: Limits, *, reques
         raise ProtocolError(ErrorCode.BAD_MAGIC, f"frame starts with {bytes(magic)!r}, not {MAGIC!r}")
     if version != VERSION:
         raise ProtocolError(ErrorCode.UNSUPPORTED_VERSION, f"protocol version {version}; this peer speaks {VERSION}")
+    if flags:
+        raise ProtocolError(ErrorCode.MALFORMED, f"flags {flags:#06x} set; version 1 has none")
+    if meta_length > limits.max_meta:
+        raise ProtocolError(ErrorCode.META_TOO_LARGE, f"meta of {meta_length} bytes exceeds {limits.max_meta}")
+    return kind, request_id, meta_length, data_length
+
+
+def parse_header(data: bytes | bytearray | memoryview, limits: Limits, *, request: bool) -> FrameHeader:
+    """A frame header, checked completely against ``limits`` before anything after it is read.
+
+    ``request``: the server reads requests (HELLO, GET, EXISTS), a client replies and ERROR.
+    """
+    kind, request_id, meta_length, data_length = unpack_header(data, limits)
     try:
         frame_type = FrameType(kind)
     except ValueError:
         raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown frame type {kind:#04x}") from None
     if (frame_type in REQUESTS) != request and frame_type is not FrameType.ERROR:
         raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"{frame_type.name} is not a {'request' if request else 'reply'}")
-    if flags:
-        raise ProtocolError(ErrorCode.MALFORMED, f"flags {flags:#06x} set; version 1 has none")
-    if meta_length > limits.max_meta:
-        raise ProtocolError(ErrorCode.META_TOO_LARGE, f"meta of {meta_length} bytes exceeds {limits.max_meta}")
     if frame_type in (FrameType.GET, FrameType.EXISTS):
         if data_length % KEY_BYTES:
             raise ProtocolError(ErrorCode.MALFORMED, f"{data_length} bytes of keys is not a whole number of keys")
@@ -200,6 +211,25 @@ def split_keys(data: bytes | bytearray | memoryview) -> list[ChunkKey]:
     if len(raw) % KEY_BYTES:
         raise ProtocolError(ErrorCode.MALFORMED, f"{len(raw)} bytes of keys is not a whole number of keys")
     return [ChunkKey(raw[start : start + KEY_BYTES]) for start in range(0, len(raw), KEY_BYTES)]
+
+
+def check_hello(
+    meta: dict[str, Any], *, token: bytes | None, fingerprint: bytes, mismatch: Callable[[str, str], str]
+) -> None:
+    """A HELLO's meta against this server's ``token`` (None: any) and key ``fingerprint``:
+    :class:`ProtocolError` ``MALFORMED``, ``AUTH_FAILED`` (compared in constant time) or
+    ``FINGERPRINT_MISMATCH``, whose message is ``mismatch(ours, theirs)`` (the fingerprints' hex)."""
+    given = meta.get("token")
+    if given is not None and not isinstance(given, str):
+        raise ProtocolError(ErrorCode.MALFORMED, "HELLO token must be a string")
+    if token is not None and not hmac.compare_digest((given or "").encode(), token):
+        raise ProtocolError(ErrorCode.AUTH_FAILED, "wrong or missing token")
+    theirs = meta.get("fingerprint")
+    if not isinstance(theirs, str):
+        raise ProtocolError(ErrorCode.MALFORMED, "HELLO without a fingerprint")
+    ours = fingerprint.hex()
+    if theirs.lower() != ours:
+        raise ProtocolError(ErrorCode.FINGERPRINT_MISMATCH, mismatch(ours, theirs))
 
 
 def parse_limits(meta: dict[str, Any]) -> Limits:

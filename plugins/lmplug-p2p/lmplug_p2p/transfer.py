@@ -23,14 +23,13 @@ and :data:`transports` maps names to them.
 from __future__ import annotations
 
 import contextlib
-import hmac
 import logging
 import socket
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import ClassVar, Protocol, Self
+from typing import Any, ClassVar, Protocol, Self
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
@@ -66,7 +65,9 @@ __all__ = [
     "Transport",
     "TransportSettings",
     "chunk_payload",
+    "accept_connections",
     "format_endpoint",
+    "open_listener",
     "open_transport",
     "parse_endpoint",
     "transports",
@@ -101,6 +102,35 @@ def parse_endpoint(endpoint: str) -> tuple[str, int]:
 
 def format_endpoint(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def open_listener(host: str, port: int) -> socket.socket:
+    """A non-blocking TCP listener on ``host:port`` (IPv6 when ``host`` has a colon; port 0: a free one)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.create_server((host, port), family=family, backlog=128)
+    listener.setblocking(False)  # noqa: FBT003
+    return listener
+
+
+async def accept_connections(
+    listener: socket.socket, group: TaskGroup, handle: Callable[[socket.socket], Coroutine[Any, Any, None]], who: str
+) -> None:
+    """Accept connections on ``listener`` until cancelled, each a non-blocking socket with
+    ``TCP_NODELAY`` handled by ``handle`` in ``group``. An accept that fails (out of file
+    descriptors and the like) is logged, naming ``who`` listens, and retried after 0.1 s."""
+    while True:
+        await anyio.wait_readable(listener)
+        try:
+            sock, _ = listener.accept()
+        except BlockingIOError:
+            continue
+        except OSError as exc:  # back off, keep serving
+            logger.warning("%s: accept failed: %s", who, exc)
+            await anyio.sleep(0.1)
+            continue
+        sock.setblocking(False)  # noqa: FBT003
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        group.start_soon(handle, sock)
 
 
 def chunk_payload(chunk: KVChunk, layout: KVLayout) -> list[memoryview] | None:
@@ -223,32 +253,15 @@ class TransferServer:
 
     async def run(self, *, task_status: TaskStatus[str] = anyio.TASK_STATUS_IGNORED) -> None:
         """Listen and serve until cancelled; ``task_status`` gets the endpoint."""
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        listener = socket.create_server((self.host, self.port), family=family, backlog=128)
+        listener = open_listener(self.host, self.port)
         try:
-            listener.setblocking(False)  # noqa: FBT003
             host, port = listener.getsockname()[:2]
             self._endpoint = format_endpoint(self.advertise_host or host, port)
             async with anyio.create_task_group() as group:
                 task_status.started(self._endpoint)
-                await self._accept(listener, group)
+                await accept_connections(listener, group, self._connection, "lmplug-p2p")
         finally:
             listener.close()
-
-    async def _accept(self, listener: socket.socket, group: TaskGroup) -> None:
-        while True:
-            await anyio.wait_readable(listener)
-            try:
-                sock, _ = listener.accept()
-            except BlockingIOError:
-                continue
-            except OSError as exc:  # out of file descriptors and the like: back off, keep serving
-                logger.warning("lmplug-p2p: accept failed: %s", exc)
-                await anyio.sleep(0.1)
-                continue
-            sock.setblocking(False)  # noqa: FBT003
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            group.start_soon(self._connection, sock)
 
     # ------------------------------------------------------------------ one connection
 
@@ -300,22 +313,15 @@ class TransferServer:
         header = protocol.parse_header(head, self.limits, request=True)
         if header.type is not FrameType.HELLO:
             raise ProtocolError(ErrorCode.HELLO_REQUIRED, f"{header.type.name} before HELLO")
-        meta = await _read_meta(sock, header)
-        token = meta.get("token")
-        if token is not None and not isinstance(token, str):
-            raise ProtocolError(ErrorCode.MALFORMED, "HELLO token must be a string")
-        if self._token is not None and not hmac.compare_digest((token or "").encode(), self._token):
-            raise ProtocolError(ErrorCode.AUTH_FAILED, "wrong or missing token")
-        theirs = meta.get("fingerprint")
-        if not isinstance(theirs, str):
-            raise ProtocolError(ErrorCode.MALFORMED, "HELLO without a fingerprint")
-        ours = self.fingerprint.hex()
-        if theirs.lower() != ours:
-            raise ProtocolError(
-                ErrorCode.FINGERPRINT_MISMATCH,
-                f"fingerprint mismatch: this peer serves KV of fingerprint {ours}, the requester's cache is {theirs} "
-                "(model name, KV layout, dtype, world size, rank, chunk size or hash differ)",
-            )
+        protocol.check_hello(
+            await _read_meta(sock, header),
+            token=self._token,
+            fingerprint=self.fingerprint,
+            mismatch=lambda ours, theirs: (
+                f"fingerprint mismatch: this peer serves KV of fingerprint {ours}, the requester's cache is "
+                f"{theirs} (model name, KV layout, dtype, world size, rank, chunk size or hash differ)"
+            ),
+        )
         reply = protocol.encode_frame(FrameType.HELLO_OK, header.request_id, protocol.encode_limits(self.limits))
         await send_buffers(sock, [reply])
         self._requests["HELLO"] += 1
@@ -719,13 +725,14 @@ class PeerClient:
         return connection
 
     def _failed(self, operation: str, endpoint: str, error: Exception, kept: str) -> None:
-        cause = _cause(error)
+        cause = failure_cause(error)
         self._failures[cause] += 1
         self._log.report(cause, "lmplug-p2p: %s from %s failed (%s: %s); %s", operation, endpoint, cause, error, kept)
 
 
-def _cause(error: Exception) -> str:
-    """The failure-statistics name of ``error``."""
+def failure_cause(error: BaseException) -> str:
+    """The failure-statistics name of ``error`` (a transfer's over ``LMPX``): ``timeout``,
+    ``refused``, ``connection``, ``protocol``, ``corrupt``, ``endpoint``, an ERROR reply's code..."""
     if isinstance(error, TimeoutError):
         return "timeout"
     if isinstance(error, protocol.ErrorReply):

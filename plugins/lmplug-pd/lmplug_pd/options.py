@@ -7,6 +7,7 @@ import os
 from pydantic import Field, field_validator, model_validator
 
 from lmplug.tierkit import ByteSize, Duration, StrictModel
+from lmplug_p2p.options import check_reachable, host_port
 
 
 class PDTierConfig(StrictModel):
@@ -40,17 +41,11 @@ class PDTierConfig(StrictModel):
     @field_validator("advertise")
     @classmethod
     def _host_port(cls, value: str | None) -> str | None:
-        if value is None:
-            return value
-        host, _, port = value.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"expected host:port, not {value!r}")
-        return value
+        return host_port(value)
 
     @model_validator(mode="after")
     def _reachable(self) -> PDTierConfig:
-        if self.advertise is None and self.host in ("0.0.0.0", "::"):
-            raise ValueError(f"host {self.host!r} binds every interface: say which address senders dial in `advertise`")
+        check_reachable(self.host, self.advertise, "senders")
         return self
 
     def token(self) -> str | None:

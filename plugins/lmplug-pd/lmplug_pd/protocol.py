@@ -24,6 +24,7 @@ from lmplug_p2p.protocol import (
     ErrorCode,
     Limits,
     ProtocolError,
+    unpack_header,
 )
 
 __all__ = ["MAX_XFER_ID", "PushFrame", "PushHeader", "RejectReason", "encode", "parse_header", "xfer_id_of"]
@@ -75,13 +76,7 @@ def parse_header(data: bytes | bytearray | memoryview, limits: Limits, *, from_s
 
     ``from_sender``: the receiver reads the prefill side's frames, the sender the receiver's.
     """
-    if len(data) != FRAME.size:
-        raise ProtocolError(ErrorCode.MALFORMED, f"frame header of {len(data)} bytes, {FRAME.size} expected")
-    magic, version, kind, flags, request_id, meta_length, data_length = FRAME.unpack(data)
-    if magic != MAGIC:
-        raise ProtocolError(ErrorCode.BAD_MAGIC, f"frame starts with {bytes(magic)!r}, not {MAGIC!r}")
-    if version != VERSION:
-        raise ProtocolError(ErrorCode.UNSUPPORTED_VERSION, f"protocol version {version}; this peer speaks {VERSION}")
+    kind, request_id, meta_length, data_length = unpack_header(data, limits)
     try:
         frame_type = PushFrame(kind)
     except ValueError:
@@ -89,10 +84,6 @@ def parse_header(data: bytes | bytearray | memoryview, limits: Limits, *, from_s
     if frame_type not in (SENDER_FRAMES if from_sender else RECEIVER_FRAMES):
         side = "the receiver" if from_sender else "the sender"
         raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"{frame_type.name} is not a frame {side} reads")
-    if flags:
-        raise ProtocolError(ErrorCode.MALFORMED, f"flags {flags:#06x} set; version 1 has none")
-    if meta_length > limits.max_meta:
-        raise ProtocolError(ErrorCode.META_TOO_LARGE, f"meta of {meta_length} bytes exceeds {limits.max_meta}")
     if frame_type is PushFrame.OPEN:
         if data_length % KEY_BYTES:
             raise ProtocolError(ErrorCode.MALFORMED, f"{data_length} bytes of keys is not a whole number of keys")

@@ -20,7 +20,6 @@ returns how many leading chunks the destination confirmed, ``0`` when it cannot 
 from __future__ import annotations
 
 import contextlib
-import hmac
 import logging
 import socket
 import time
@@ -37,7 +36,14 @@ from lmplug import CorruptChunk
 from lmplug.tierkit import HEADER, ChunkAllocator, ChunkHeader, ChunkKey, KVChunk, KVLayout, LocalTiers, parts_checksum
 from lmplug_p2p import protocol as lmpx
 from lmplug_p2p.protocol import FRAME, ErrorCode, Limits, ProtocolError
-from lmplug_p2p.transfer import chunk_payload, format_endpoint, parse_endpoint
+from lmplug_p2p.transfer import (
+    accept_connections,
+    chunk_payload,
+    failure_cause,
+    format_endpoint,
+    open_listener,
+    parse_endpoint,
+)
 from lmplug_pd.protocol import PushFrame, PushHeader, RejectReason, encode, parse_header, xfer_id_of
 from lmplug_server.protocol import ErrorCode as SocketCode
 from lmplug_server.protocol import ProtocolError as SocketClosed
@@ -75,21 +81,7 @@ def _cause(error: BaseException) -> str:
     """The statistics name of a failure."""
     if isinstance(error, Rejected):
         return f"rejected_{error.reason}"
-    if isinstance(error, TimeoutError):
-        return "timeout"
-    if isinstance(error, lmpx.ErrorReply):
-        return error.code.name.lower()
-    if isinstance(error, ProtocolError):
-        return "connection" if error.code is ErrorCode.TRUNCATED else "protocol"
-    if isinstance(error, CorruptChunk):
-        return "corrupt"
-    if isinstance(error, ConnectionRefusedError):
-        return "refused"
-    if isinstance(error, (SocketClosed, OSError)):
-        return "connection"
-    if isinstance(error, ValueError):
-        return "endpoint"
-    return "internal"
+    return failure_cause(error)
 
 
 # ---------------------------------------------------------------------------- sender
@@ -367,36 +359,19 @@ class PushReceiver:
     async def run(self, *, task_status: TaskStatus[str] = anyio.TASK_STATUS_IGNORED) -> None:
         """Listen and receive until cancelled; ``task_status`` gets the endpoint."""
         settings = self.settings
-        family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
-        listener = socket.create_server((settings.host, settings.port), family=family, backlog=128)
+        listener = open_listener(settings.host, settings.port)
         try:
-            listener.setblocking(False)  # noqa: FBT003
             host, port = listener.getsockname()[:2]
             self._endpoint = settings.advertise or format_endpoint(host, port)
             async with anyio.create_task_group() as group:
                 self._group = group
                 task_status.started(self._endpoint)
-                await self._accept(listener, group)
+                await accept_connections(listener, group, self._connection, "lmplug-pd")
         finally:
             self._stopping = True
             self._group = None
             listener.close()
             self.release_all()
-
-    async def _accept(self, listener: socket.socket, group: TaskGroup) -> None:
-        while True:
-            await anyio.wait_readable(listener)
-            try:
-                sock, _ = listener.accept()
-            except BlockingIOError:
-                continue
-            except OSError as exc:  # out of file descriptors and the like: back off, keep serving
-                logger.warning("lmplug-pd: accept failed: %s", exc)
-                await anyio.sleep(0.1)
-                continue
-            sock.setblocking(False)  # noqa: FBT003
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            group.start_soon(self._connection, sock)
 
     # ------------------------------------------------------------------ what transfers hold
 
@@ -519,22 +494,15 @@ class PushReceiver:
         header = parse_header(head, self.limits, from_sender=True)
         if header.type is not PushFrame.HELLO:
             raise ProtocolError(ErrorCode.HELLO_REQUIRED, f"{header.type.name} before HELLO")
-        meta = await _read_meta(sock, header)
-        token = meta.get("token")
-        if token is not None and not isinstance(token, str):
-            raise ProtocolError(ErrorCode.MALFORMED, "HELLO token must be a string")
-        if self._token is not None and not hmac.compare_digest((token or "").encode(), self._token):
-            raise ProtocolError(ErrorCode.AUTH_FAILED, "wrong or missing token")
-        theirs = meta.get("fingerprint")
-        if not isinstance(theirs, str):
-            raise ProtocolError(ErrorCode.MALFORMED, "HELLO without a fingerprint")
-        ours = self.settings.fingerprint.hex()
-        if theirs.lower() != ours:
-            raise ProtocolError(
-                ErrorCode.FINGERPRINT_MISMATCH,
+        lmpx.check_hello(
+            await _read_meta(sock, header),
+            token=self._token,
+            fingerprint=self.settings.fingerprint,
+            mismatch=lambda ours, theirs: (
                 f"fingerprint mismatch: this decode instance caches KV of fingerprint {ours}, the prefill "
-                f"instance's is {theirs} (model name, KV layout, dtype, world size, rank, chunk size or hash differ)",
-            )
+                f"instance's is {theirs} (model name, KV layout, dtype, world size, rank, chunk size or hash differ)"
+            ),
+        )
         await send_buffers(sock, [encode(PushFrame.HELLO_OK, header.request_id, lmpx.encode_limits(self.limits))])
 
     # ------------------------------------------------------------------ one transfer
