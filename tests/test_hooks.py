@@ -300,6 +300,27 @@ async def test_hook_lmplug_push(third_party_plugins: Path) -> None:
     async with lmplug.open_cache(make_config([{"type": "cpu", "capacity": "1MiB"}], chunk_size=CHUNK)) as cache:
         with pytest.raises(lmplug.ConfigError, match="no tier of this cache can push"):
             await cache.push(prompt, destination="decode-0", transfer_id="t4", timeout=5.0)
+        assert await cache.transfer_state("t1") is None  # no tier receives pushes here
+
+
+async def test_hook_lmplug_transfer_state(third_party_plugins: Path) -> None:
+    """Cache.transfer_state asks the tier that pushes (and receives); an answer outside the
+    contract is reported and taken as unknown."""
+    from lmplug_memo import STATES  # type: ignore[import-not-found]
+
+    STATES.clear()  # this test runs once per event loop
+    config = make_config([{"type": "cpu", "capacity": "1MiB"}, {"type": "memo-push", "name": "pd"}], chunk_size=CHUNK)
+    async with lmplug.open_cache(config) as cache:
+        prompt = tokens(14, 2)
+        await cache.store(prompt, reference_kv(prompt, config))
+        assert await cache.transfer_state("s1") is None
+        await cache.push(prompt, destination="decode-2", transfer_id="s1", timeout=5.0)
+        assert await cache.transfer_state("s1") == "completed"
+        await cache.push(prompt + [5] * CHUNK, destination="decode-2", transfer_id="s2", timeout=5.0)
+        assert await cache.transfer_state("s2") == "failed"  # the third chunk was not cached
+        STATES["s3"] = "lost"
+        assert await cache.transfer_state("s3") is None
+        assert 'lmplug_tier_errors_total{operation="transfer_state",tier="pd"} 1.0' in cache.metrics.render().decode()
 
 
 async def test_hook_lmplug_store(stack: dict[str, Any]) -> None:

@@ -394,6 +394,13 @@ class Cache:
         pushed = await self.pipeline.push(keys, destination, transfer_id, timeout)
         return sum(sizes[:pushed])
 
+    async def transfer_state(self, transfer_id: str) -> str | None:
+        """How a transfer another instance pushes here stands: ``receiving``, ``completed``,
+        ``failed`` (the chunks verified before it ended are held), ``rejected``, or None (not
+        opened here, or no tier receives pushes). From the first :attr:`Capability.PUSH` tier."""
+        self._check_open()
+        return await self.pipeline.transfer_state(transfer_id)
+
     async def drain(self) -> None:
         """Wait until every write-behind tier has finished the writes accepted so far."""
         self._check_open()

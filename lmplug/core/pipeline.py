@@ -39,6 +39,9 @@ from lmplug.hooks.specs import DATA_PATH_HOOKS, OPTIONAL_DATA_PATH_HOOKS, make_p
 
 logger = logging.getLogger("lmplug.pipeline")
 
+TRANSFER_STATES = frozenset({None, "receiving", "completed", "failed", "rejected"})
+"""What ``lmplug_transfer_state`` may answer."""
+
 FailureReport = Callable[[str, str, BaseException], None]
 """Called with (tier name, operation, exception) for each tier call that failed and degraded."""
 
@@ -59,6 +62,8 @@ class TierSlot:
     held_keys: Callable[[], Awaitable[list[ChunkKey]]] | None = None
     """Bound only for tiers that declare :attr:`Capability.LISTS_KEYS`."""
     push: Callable[[Sequence[ChunkKey], str, str, float], Awaitable[int]] | None = None
+    """Bound only for tiers that declare :attr:`Capability.PUSH`."""
+    transfer_state: Callable[[str], Awaitable[str | None]] | None = None
     """Bound only for tiers that declare :attr:`Capability.PUSH`."""
 
 
@@ -391,6 +396,25 @@ class Pipeline:
                 return 0
             return pushed
         raise ConfigError("no tier of this cache can push chunks (a tier declaring Capability.PUSH, e.g. 'pd')")
+
+    async def transfer_state(self, transfer_id: str) -> str | None:
+        """The first :attr:`Capability.PUSH` tier's word on a transfer pushed to this instance
+        (None: no such tier, unknown, or the tier failed, which is reported)."""
+        for slot in self.slots:
+            if slot.transfer_state is None:
+                continue
+            try:
+                state = await slot.transfer_state(transfer_id)
+            except Exception as exc:
+                self._report_failure(slot, "transfer_state", exc)
+                return None
+            if state not in TRANSFER_STATES:
+                self._report_failure(
+                    slot, "transfer_state", PluginContractError(f"lmplug_transfer_state answered {state!r}")
+                )
+                return None
+            return state
+        return None
 
     def local_tiers(self, exclude: Tier) -> LocalView:
         """The tiers that hold chunks in this instance (not :attr:`Capability.PEER` nor

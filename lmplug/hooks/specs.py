@@ -318,12 +318,33 @@ async def lmplug_push(keys: Sequence[ChunkKey], destination: str, transfer_id: s
     """
 
 
+@hookspec
+async def lmplug_transfer_state(transfer_id: str) -> str | None:
+    """How a transfer that another instance pushes to this one stands.
+
+    Optional: implemented, with ``lmplug_push``, by tiers that declare
+    :attr:`lmplug.tierkit.Capability.PUSH` (the receiving side of the PD transfer).
+
+    :param transfer_id: the id the sender gave the transfer (``lmplug_push``'s ``transfer_id``).
+    :returns: ``"receiving"``; ``"completed"`` (every chunk offered arrived); ``"failed"`` (it
+        ended early: the chunks verified before that are held); ``"rejected"`` (refused before
+        any chunk: full, too large, shutting down); or None (not opened here, or long ago).
+
+    **Call pattern:** awaited through ``Cache.transfer_state`` when an engine waits for pushed KV
+    (a PD decode's scheduler, a few times a second), to stop waiting as soon as nothing more
+    will come.
+    **Colour:** async, implemented by tier objects (optional, see above).
+    **Process:** the process that opened the cache.
+    """
+
+
 DATA_PATH_HOOKS = ("lmplug_contains", "lmplug_retrieve", "lmplug_store", "lmplug_evict", "lmplug_transfer")
 """The async hooks every tier object implements."""
 OPTIONAL_DATA_PATH_HOOKS = {
     "lmplug_retrieve_into": "RETRIEVE_INTO",
     "lmplug_held_keys": "LISTS_KEYS",
     "lmplug_push": "PUSH",
+    "lmplug_transfer_state": "PUSH",
 }
 """The async hooks a tier object implements exactly when it declares the named
 :class:`lmplug.tierkit.Capability` (and must not implement otherwise)."""

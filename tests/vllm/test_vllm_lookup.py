@@ -189,3 +189,28 @@ def test_a_client_that_never_releases_cannot_hold_more_than_the_limit(tmp_path: 
         assert client.lookup("r5", tokens) == 2 * CHUNK  # expired leases make room
         assert client.statistics()["requests_with_leases"] == 1
         client.close()
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_the_channel_tells_a_pd_transfers_state(tmp_path: Path, backend: str, third_party_plugins: Path) -> None:
+    """What the decode's scheduler asks while it waits for pushed KV: the worker's receiver's word."""
+    stack = [{"type": "cpu", "capacity": "1MiB"}, {"type": "memo-push", "name": "pd"}]
+    config = make_config(stack, chunk_size=CHUNK)
+    path = tmp_path / "lookup.sock"
+    with lmplug.SyncCache(config, backend=backend) as cache:  # type: ignore[arg-type]
+        server = LookupServer(cache.async_cache, path)
+        cache.start_background(server.serve)
+        tokens = list(range(2 * CHUNK))
+        cache.store(tokens, reference_kv(tokens, config))
+        client = LookupClient(path)
+        transfer = f"lookup-{backend}"  # the memo tier's record of transfers is per process
+        try:
+            assert client.transfer_state(transfer) is None
+            assert (
+                cache.call(lambda: cache.async_cache.push(tokens, destination="d", transfer_id=transfer, timeout=5))
+                == 2 * CHUNK
+            )
+            assert client.transfer_state(transfer) == "completed"
+        finally:
+            client.close()
+    assert LookupClient(tmp_path / "gone.sock").transfer_state("any") is None  # no worker: unknown

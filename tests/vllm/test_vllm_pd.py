@@ -3,13 +3,15 @@
 The prefill instance (P) computes each prompt and pushes its KV to the decode instance (D)
 through the ``pd`` tier of their lmplug stacks; D loads it and generates. Each instance
 computes on a core of its own (``VLLM_CPU_OMP_THREADS_BIND``), vLLM's own prefix cache is off
-on both, and the model is SmolLM2 (real weights: its greedy answers have no near-ties, unlike
-the random-weight test models', so "identical" is a fair test across two processes).
+on both (each server's processes pinned to its core), and the model is SmolLM2 (real weights:
+far fewer near-ties than the random-weight test models'; where one remains, two correct runs
+may part there, see :data:`NEAR_TIE`).
 
 The reference for every prompt is P itself, asked directly, before any PD traffic: vLLM
-computing the whole prompt (a miss leaves vLLM's compute untouched, see test_vllm_e2e). The
-module ends with the failure cases, each with a real kill: P killed in the middle of a push
-(D loads the verified prefix and computes the rest), then D gone (the proxy answers 502).
+computing the whole prompt (a miss leaves vLLM's compute untouched, see test_vllm_e2e). Then
+the failure cases, each real: a transfer too large for D's receive budget (D computes the
+prompt at once), P killed in the middle of a push (D loads the verified prefix and computes
+the rest), then D gone (the proxy answers 502).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ LICENSE = Path("/usr/share/common-licenses/GPL-3")
 START_LIMIT = 600.0  # seconds: two vLLMs starting at once on two busy cores
 KV_BYTES_PER_TOKEN = 2 * 30 * 3 * 64 * 2  # SmolLM2: K and V, 30 layers, 3 KV heads of 64, bfloat16
 CHUNK_DELAY = 0.4  # seconds P's sender waits before each chunk in the kill test (a slow link)
+RECEIVE_BUDGET = "96MiB"  # D's max_inflight: a 3.9k-token prompt's KV fits (90 MB), a 4.5k one's does not
 
 
 @dataclass
@@ -61,8 +64,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         "prefill", model, work, cores="0", stack=common + f"  - {{type: pd, debug_chunk_delay: {CHUNK_DELAY}s}}\n",
         served_name="smollm2", max_model_len=4608,
     )  # fmt: skip
+    receive = f"  - {{type: pd, port: {receiver.rsplit(':', 1)[1]}, max_inflight: {RECEIVE_BUDGET}}}\n"
     decode = start_vllm_serve(
-        "decode", model, work, cores="1", stack=common + f"  - {{type: pd, port: {receiver.rsplit(':', 1)[1]}}}\n",
+        "decode", model, work, cores="1", stack=common + receive,
         served_name="smollm2", max_model_len=4608,
     )  # fmt: skip
     proxy_port = free_port()
@@ -275,9 +279,23 @@ def test_concurrent_requests_all_complete_with_their_kv(fleet: Fleet) -> None:
     assert leases == 0  # every lookup's lease went with its request
 
 
+def test_a_push_too_large_for_the_decodes_buffer_is_a_prompt_the_decode_computes(fleet: Fleet) -> None:
+    """D's receiver refuses a transfer larger than its whole budget; D's scheduler learns it from
+    the receiver and computes the prompt at once (it does not wait out ``--decode-wait``, 20 s)."""
+    text = " ".join(LICENSE.read_text().split()[:4000])
+    ids = post(fleet.prefill.url, "/tokenize", {"model": "smollm2", "prompt": text})["tokens"][:4500]
+    assert 4500 * KV_BYTES_PER_TOKEN > 96 << 20
+    reference = post(fleet.prefill.url, "/v1/completions", {**completion(""), "prompt": ids})
+    started = time.monotonic()
+    answer = post(fleet.proxy, "/v1/completions", {**completion(""), "prompt": ids})
+    assert time.monotonic() - started < 20  # no waiting for KV that will not come
+    assert agreement(Generation.of(reference), Generation.of(answer)) is None, (reference, answer)
+    assert pd_status(answer) | {"xfer_id": None} == {"xfer_id": None, "status": "recomputed", "loaded_tokens": 0}
+
+
 def test_a_prefill_killed_mid_push_costs_the_decode_only_the_rest(fleet: Fleet) -> None:
-    """P is killed while its (slowed) push is under way: D waits out ``--decode-wait``, loads the
-    verified prefix its receiver kept and computes the rest; the answer is still right."""
+    """P is killed while its (slowed) push is under way: D's receiver marks the transfer failed,
+    and D loads the verified prefix it kept and computes the rest; the answer is still right."""
     prompt = prompt_of(1300, 2800, "what happens when the license is violated?")
     reference = post(fleet.prefill.url, "/v1/completions", completion(prompt))
     length = reference["usage"]["prompt_tokens"]

@@ -21,6 +21,8 @@ class FixedLookup:
         self.hit = hit
         self.asked: list[tuple[str, int]] = []
         self.released: list[str] = []
+        self.states: dict[str, str] = {}
+        self.states_asked: list[str] = []
 
     def lookup(self, request_id: str, tokens: list[int]) -> int | None:
         self.asked.append((request_id, len(tokens)))
@@ -28,6 +30,10 @@ class FixedLookup:
 
     def release(self, request_id: str) -> None:
         self.released.append(request_id)
+
+    def transfer_state(self, transfer_id: str) -> str | None:
+        self.states_asked.append(transfer_id)
+        return self.states.get(transfer_id)
 
     def close(self) -> None:
         return None
@@ -349,3 +355,26 @@ def test_malformed_pd_params_are_ignored_with_a_warning(caplog: Any) -> None:
         assert side.num_new_matched_tokens(req, 0) == CHUNK  # served as any other request
         assert lookup.asked[-1] == (f"r{index}", 2 * CHUNK)
     assert caplog.text.count("ignoring kv_transfer_params.lmplug.pd") == 6
+
+
+def test_a_decode_request_stops_waiting_when_its_transfer_ends_short() -> None:
+    """A push the decode's receiver refused or lost half-way: no waiting out wait_ms."""
+    clock = Clock()
+    lookup = GrowingLookup(0)
+    side = SchedulerSide(lookup, CHUNK, save_partial_chunks=True, clock=clock)
+    length = 4 * CHUNK
+    req = pd_request("d", length, {"role": "decode", "xfer_id": "x7", "prefill": "p", "wait_ms": 60_000})
+    assert side.num_new_matched_tokens(req, 0) is None  # nothing yet, the transfer unknown: wait
+    clock.now += 0.01
+    lookup.hit, lookup.states["x7"] = CHUNK, "receiving"
+    assert side.num_new_matched_tokens(req, 0) is None
+    clock.now += 0.01
+    lookup.hit, lookup.states["x7"] = 2 * CHUNK, "failed"  # the prefill died after two chunks
+    assert side.num_new_matched_tokens(req, 0) == 2 * CHUNK  # at once, not after 60 s
+    assert lookup.states_asked == ["x7", "x7", "x7"]
+    other = pd_request("e", length, {"role": "decode", "xfer_id": "x8", "prefill": "p", "wait_ms": 60_000})
+    lookup.hit, lookup.states["x8"] = 0, "rejected"  # the receiver was full
+    assert side.num_new_matched_tokens(other, 0) == 0
+    third = pd_request("f", length, {"role": "decode", "xfer_id": "x9", "prefill": "p", "wait_ms": 60_000})
+    lookup.hit, lookup.states["x9"] = 3 * CHUNK, "completed"  # the prefill had only three chunks
+    assert side.num_new_matched_tokens(third, 0) == 3 * CHUNK

@@ -21,6 +21,9 @@ Frames, little-endian::
     request:  b"LMPS" u16 0 u32 0 u32 0                        (statistics)
     reply:    b"LMPJ" u32 length, a JSON object of that length
 
+    request:  b"LMPT" u16 id_length u32 0 u32 0, a transfer id (UTF-8)  (a PD transfer's state)
+    reply:    b"LMPA" u32 state (0: unknown, 1: receiving, 2: completed, 3: failed, 4: rejected)
+
 ``last_micros`` is how long the client's previous lookup took, as the scheduler saw it
 (0: none), so that the worker's statistics show the scheduler's side of the channel.
 """
@@ -64,6 +67,10 @@ LOAD_DEADLINE = 2.0
 MAX_REQUESTS = 4096
 """How many request ids may hold a lookup (and its lease) at once; a lookup beyond it is a miss,
 so that a client that never releases cannot pin all of host memory or grow the table forever."""
+
+
+TRANSFER_STATES: tuple[str | None, ...] = (None, "receiving", "completed", "failed", "rejected")
+"""A PD transfer's states, by their number on the channel."""
 
 
 def socket_path(engine_id: str, rank: int = 0) -> Path:
@@ -153,6 +160,10 @@ class LookupServer:
                         self.release((await reader.receive_exactly(id_length)).decode())
                         await stream.send(REPLY.pack(b"LMPA", 0))
                         continue
+                    if magic == b"LMPT" and count == 0:
+                        state = await self.transfer_state((await reader.receive_exactly(id_length)).decode())
+                        await stream.send(REPLY.pack(b"LMPA", TRANSFER_STATES.index(state)))
+                        continue
                     if magic != b"LMPQ" or count > MAX_TOKENS:
                         logger.warning("lmplug lookup channel: malformed request; closing the connection")
                         return
@@ -166,6 +177,16 @@ class LookupServer:
                     await stream.send(REPLY.pack(b"LMPA", PENDING if hit is None else hit))
             except (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError, UnicodeDecodeError):
                 return
+
+    async def transfer_state(self, transfer_id: str) -> str | None:
+        """A PD transfer's state at this cache's receiver (see ``Cache.transfer_state``); None on failure."""
+        if self.disabled is not None:
+            return None
+        try:
+            return await self.cache.transfer_state(transfer_id)
+        except Exception as exc:
+            self._warnings.report("transfer_state", "lmplug lookup channel: transfer state failed: %s", exc)
+            return None
 
     async def lookup(self, request_id: str, tokens: np.ndarray) -> int | None:
         """Leading tokens leased for ``request_id``, or ``None`` while lower tiers are still being read.
@@ -321,6 +342,13 @@ class LookupClient:
         """Drop the lease a lookup took for ``request_id`` (the request finished or was aborted)."""
         encoded = request_id.encode()
         self._ask(REQUEST.pack(b"LMPR", len(encoded), 0, 0) + encoded)
+
+    def transfer_state(self, transfer_id: str) -> str | None:
+        """A PD transfer's state at the worker's receiver: ``receiving``, ``completed``, ``failed``,
+        ``rejected``, or None (unknown, or the channel failed)."""
+        encoded = transfer_id.encode()
+        code = self._ask(REQUEST.pack(b"LMPT", len(encoded), 0, 0) + encoded)
+        return TRANSFER_STATES[code] if 0 <= code < len(TRANSFER_STATES) else None
 
     def _ask(self, frame: bytes) -> int:
         try:

@@ -14,8 +14,10 @@ then to a decode instance, with lmplug's parameters in the request body's
 - **Decode.** The decode instance computes the prompt's last token itself (to sample the
   first output token), so it needs ``prompt[:N-1]``. Its scheduler holds the request back
   (vLLM asks again each step; the request holds no blocks meanwhile) until its cache holds
-  that KV, or until ``wait_ms`` have passed since it first asked; then it loads what is
-  there and computes the rest. KV that never arrives is a recompute, never a hang.
+  that KV, its receiver says the transfer ended (failed, refused, or done with what the
+  prefill had: ``Cache.transfer_state``), or ``wait_ms`` have passed since it first asked;
+  then it loads what is there and computes the rest. KV that never arrives is a recompute,
+  never a hang.
 
 The parameters are lmplug's own (a namespace vLLM's NIXL paths never read). Malformed ones
 are ignored with a warning: the request is served as any other.

@@ -24,6 +24,8 @@ class Lookups(Protocol):
 
     def release(self, request_id: str) -> None: ...
 
+    def transfer_state(self, transfer_id: str) -> str | None: ...
+
     def close(self) -> None: ...
 
 
@@ -124,6 +126,8 @@ class SchedulerSide:
                     return None
                 for lookup in self.lookups:  # a lookup answers from its first lease: ask afresh
                     lookup.release(request_id)
+            # Asked before the lookup: once a transfer has ended, the lookup sees all it brought.
+            states = [lookup.transfer_state(decode.xfer_id) for lookup in self.lookups]
         else:
             # The whole prompt is looked up, so that its last chunk can match whole; vLLM computes
             # at least the last token itself, so the load stops short of it, inside that chunk.
@@ -133,7 +137,7 @@ class SchedulerSide:
             return None  # lower tiers are being read: the request waits, holding no blocks
         hit = min(min(answer or 0 for answer in answers), len(tokens) - 1)
         if decode is not None:
-            if self._awaits_transfer(request_id, decode, hit, len(tokens) - 1):
+            if self._awaits_transfer(request_id, decode, hit, len(tokens) - 1, _ended(states)):
                 return None
             self._decodes[request_id] = (decode.xfer_id, 0)
         if hit <= num_computed_tokens:
@@ -145,13 +149,21 @@ class SchedulerSide:
         self._hits[request_id] = (num_computed_tokens, hit)
         return hit - num_computed_tokens
 
-    def _awaits_transfer(self, request_id: str, decode: PDParams, hit: int, wanted: int) -> bool:
+    def _awaits_transfer(self, request_id: str, decode: PDParams, hit: int, wanted: int, ended: str | None) -> bool:
         """Whether a PD decode request goes on waiting for the KV its prefill pushes: until the
-        caches hold all of it, or ``wait`` seconds after it first asked (then it computes the rest)."""
+        caches hold all of it, the receiver says the transfer ``ended`` (it failed, was refused, or
+        brought all it had), or ``wait`` seconds after it first asked; then it computes the rest."""
         now = self.clock()
         first = self._waits.get(request_id, (now, now))[0]
         if hit >= wanted:
             self._waits.pop(request_id, None)
+            return False
+        if ended is not None:
+            self._waits.pop(request_id, None)
+            logger.info(
+                "lmplug PD transfer %s %s with %d of %d prompt tokens here; the rest is computed here",
+                decode.xfer_id, ended, hit, wanted,
+            )  # fmt: skip
             return False
         if now - first < decode.seconds:
             self._waits[request_id] = (first, now + DECODE_POLL_SECONDS)
@@ -275,3 +287,13 @@ class SchedulerSide:
             self._plan.saves.append(Span(request_id, prompt[:wanted], block_ids, start, wanted))
             self._plan.finished.append(request_id)
         return keep, finished_params(pd.xfer_id, status="pushing", tokens=wanted)
+
+
+def _ended(states: Sequence[str | None]) -> str | None:
+    """How a transfer ended, from each rank's receiver (None: it may still bring KV)."""
+    for state in ("failed", "rejected"):
+        if state in states:
+            return state
+    if states and all(state == "completed" for state in states):
+        return "completed"
+    return None

@@ -87,6 +87,10 @@ class PDTier(Tier):
     # ------------------------------------------------------------------ the data path
 
     @hookimpl
+    async def lmplug_transfer_state(self, transfer_id: str) -> str | None:
+        return self._receiver.transfer_state(transfer_id)
+
+    @hookimpl
     async def lmplug_push(self, keys: Sequence[ChunkKey], destination: str, transfer_id: str, timeout: float) -> int:  # noqa: ASYNC109 - the hook's contract
         chunks: list[KVChunk] = []
         try:

@@ -61,6 +61,10 @@ _REQUEST = 1
 """The request id of every frame of a push (one transfer per connection)."""
 
 
+_MAX_OUTCOMES = 65536
+"""Transfer states remembered at most (the oldest go first)."""
+
+
 class Rejected(Exception):
     """The receiver refused the transfer (REJECT): ``reason`` says why."""
 
@@ -335,6 +339,8 @@ class PushReceiver:
         self._endpoint: str | None = None
         self._group: TaskGroup | None = None
         self._seen: dict[str, float] = {}
+        self._outcomes: dict[str, tuple[str, float]] = {}
+        """transfer id -> (its state, when it got it), for :meth:`transfer_state`."""
         self._held: dict[str, _Transfer] = {}
         self._by_key: dict[ChunkKey, list[KVChunk]] = {}
         self._hashing = anyio.CapacityLimiter(2)
@@ -507,7 +513,26 @@ class PushReceiver:
 
     # ------------------------------------------------------------------ one transfer
 
+    def transfer_state(self, xfer_id: str) -> str | None:
+        """``receiving``, ``completed`` (every chunk offered arrived), ``failed`` (it ended early:
+        the verified prefix is held), ``rejected`` (refused at OPEN), or None (not opened here, or
+        ended longer ago than ``hold``, at least a minute)."""
+        found = self._outcomes.get(xfer_id)
+        return found[0] if found is not None else None
+
+    def _note(self, xfer_id: str, state: str) -> None:
+        now = time.monotonic()
+        horizon = now - max(self.settings.hold, 60.0)
+        for known, (_, when) in list(self._outcomes.items()):
+            if when >= horizon and len(self._outcomes) < _MAX_OUTCOMES:
+                break  # insertion order is time order
+            del self._outcomes[known]
+        self._outcomes.pop(xfer_id, None)
+        self._outcomes[xfer_id] = (state, now)
+
     async def _reject(self, sock: socket.socket, xfer_id: str, reason: RejectReason) -> None:
+        if reason is not RejectReason.DUPLICATE:  # a duplicate says nothing of the first one
+            self._note(xfer_id, "rejected")
         self.rejected[reason.value] += 1
         logger.warning("lmplug-pd: transfer %s refused: %s", xfer_id, reason.value)
         meta: dict[str, Any] = {"xfer_id": xfer_id, "reason": reason.value}
@@ -543,6 +568,7 @@ class PushReceiver:
             self._budget.release(total)
             return await self._reject(sock, xfer_id, RejectReason.DUPLICATE)
         self._seen[xfer_id] = time.monotonic()
+        self._note(xfer_id, "receiving")
         self.received += 1
         transfer = self._held[xfer_id] = _Transfer(xfer_id)
         cause = "connection"
@@ -563,6 +589,7 @@ class PushReceiver:
             raise
         finally:
             self._budget.release(total)
+            self._note(xfer_id, "failed" if cause else "completed")
             if cause:
                 self.failed[cause] += 1
                 logger.warning(

@@ -37,7 +37,9 @@ async def test_a_push_lands_byte_identical(length: int) -> None:
     async with pair() as (prefill, decode, endpoint):
         tokens = prompt(1, length)
         await store(prefill, config, tokens)
+        assert await decode.transfer_state("t1") is None  # not opened yet
         assert await prefill.push(tokens, destination=endpoint, transfer_id="t1", timeout=5) == length
+        assert await decode.transfer_state("t1") == "completed"
         assert await decode.lookup(tokens) == length
         assert await serves(decode, config, tokens) == length
         chunks = -(-length // CHUNK)
@@ -88,6 +90,7 @@ async def test_a_transfer_larger_than_the_budget_is_refused_at_once() -> None:
         assert time.monotonic() - start < 2
         assert received(decode)["rejected"] == {"too_large": 1}
         assert sent(prefill)["failed"] == {"rejected_too_large": 1}
+        assert await decode.transfer_state("t1") == "rejected"  # a decode waiting for it stops at once
         assert await decode.lookup(tokens) == 0
         assert_settled(decode, holds=0)
 
@@ -124,9 +127,11 @@ async def test_a_sender_cancelled_after_k_chunks_leaves_exactly_k() -> None:
         async with anyio.create_task_group() as group:
             group.start_soon(partial(prefill.push, tokens, destination=endpoint, transfer_id="t1", timeout=10))
             await eventually(lambda: received(decode)["chunks_admitted"] == 2)
+            assert await decode.transfer_state("t1") == "receiving"
             group.cancel_scope.cancel()
         await eventually(lambda: received(decode)["inflight_bytes"] == 0)
         assert received(decode)["failed"] == {"connection": 1}
+        assert await decode.transfer_state("t1") == "failed"
         assert await decode.lookup(tokens) == 2 * CHUNK
         assert await serves(decode, config, tokens) == 2 * CHUNK
         assert_settled(prefill, decode, holds=1)
