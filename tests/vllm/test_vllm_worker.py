@@ -432,6 +432,8 @@ def test_a_layout_lmplug_does_not_know_turns_it_off_and_vllm_serves_on(
         tokens = list(range(64))
         side.cache.store(tokens, torch.randn(2, LAYERS, 64, HEADS * 32))
         assert lease(side, "a", tokens) == 0  # every lookup a miss
+        # A PD decode waits for no pushed KV: it could not load it.
+        assert side.cache.call(side.server.transfer_state, "any") == "failed"
         statistics = side.cache.run_sync(side.server.statistics)
         assert "ISA 'bogus'" in str(statistics["disabled"])
         with torch.inference_mode():

@@ -179,9 +179,10 @@ class LookupServer:
                 return
 
     async def transfer_state(self, transfer_id: str) -> str | None:
-        """A PD transfer's state at this cache's receiver (see ``Cache.transfer_state``); None on failure."""
+        """A PD transfer's state at this cache's receiver (see ``Cache.transfer_state``); None on
+        failure. With lmplug off in this engine, ``failed``: nothing it receives would load."""
         if self.disabled is not None:
-            return None
+            return "failed"
         try:
             return await self.cache.transfer_state(transfer_id)
         except Exception as exc:
