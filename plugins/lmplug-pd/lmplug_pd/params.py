@@ -3,8 +3,10 @@
 
 ::
 
-    prefill: {"role": "prefill", "xfer_id": ..., "decode": <decode URL>, "deadline_ms": ...}
+    prefill: {"role": "prefill", "xfer_id": ..., "decode": <the decode's receiver HOST:PORT>, "deadline_ms": ...}
     decode:  {"role": "decode", "xfer_id": ..., "prefill": <prefill URL>, "wait_ms": ...}
+
+lmplug's vLLM connector reads them (``lmplug.integrations.vllm.pd``).
 """
 
 from __future__ import annotations
