@@ -45,15 +45,7 @@ class ServedEngine:
 
         if self.engine_id is None:
             raise RuntimeError(f"{self.name} runs without lmplug")
-        previous = os.environ.get("LMPLUG_RUNTIME_DIR")
-        os.environ["LMPLUG_RUNTIME_DIR"] = str(self.runtime)
-        try:
-            client = LookupClient(socket_path(self.engine_id))
-        finally:
-            if previous is None:
-                os.environ.pop("LMPLUG_RUNTIME_DIR", None)
-            else:
-                os.environ["LMPLUG_RUNTIME_DIR"] = previous
+        client = LookupClient(socket_path(self.engine_id, runtime_dir=self.runtime))
         try:
             return client.statistics()
         finally:

@@ -73,11 +73,13 @@ TRANSFER_STATES: tuple[str | None, ...] = (None, "receiving", "completed", "fail
 """A PD transfer's states, by their number on the channel."""
 
 
-def socket_path(engine_id: str, rank: int = 0) -> Path:
-    """Where the worker of engine ``engine_id`` and tensor-parallel ``rank`` listens (both processes derive it)."""
+def socket_path(engine_id: str, rank: int = 0, runtime_dir: Path | None = None) -> Path:
+    """Where the worker of engine ``engine_id`` and tensor-parallel ``rank`` listens (both processes
+    derive it), in ``runtime_dir`` (default ``LMPLUG_RUNTIME_DIR``, else ``/tmp``)."""
     safe = "".join(ch for ch in engine_id if ch.isalnum() or ch in "-_")[:40] or "default"
     suffix = f"-r{rank}" if rank else ""
-    return Path(os.environ.get("LMPLUG_RUNTIME_DIR", "/tmp")) / f"lmplug-{safe}{suffix}.sock"
+    directory = runtime_dir if runtime_dir is not None else Path(os.environ.get("LMPLUG_RUNTIME_DIR", "/tmp"))
+    return directory / f"lmplug-{safe}{suffix}.sock"
 
 
 @dataclasses.dataclass(slots=True)
