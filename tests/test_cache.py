@@ -429,3 +429,31 @@ async def test_many_leases_with_mixed_time_outs_race_releases_retrieves_and_evic
         assert cache.statistics().tiers[0].pinned == 0
         assert len(cache._leases._deadlines) <= 64  # released leases' deadlines do not pile up
         assert cache.metrics.counts.expired_leases > 0  # some did expire rather than being released
+
+
+async def test_a_key_domain_holds_its_own_kv_apart_from_prefix_kv(config: dict[str, Any]) -> None:
+    # CacheBlend keys a passage's KV in its own domain: a lookup there finds the passage whole,
+    # its trailing partial chunk included, and prefix lookups never see it (nor the reverse).
+    async with lmplug.open_cache(config) as cache:
+        passage = prompt(7, 2 * CHUNK + 5)
+        kv = reference_kv(passage, config)
+        assert await cache.store(passage, kv, domain="segments") == len(passage)
+        assert await cache.lookup(passage) == 0
+        assert await cache.lookup(passage, domain="segments") == len(passage)
+        assert await cache.lookup(passage, domain="elsewhere") == 0
+        out, count = await cache.retrieve(passage, domain="segments")
+        assert count == len(passage)
+        assert torch.equal(out, kv)
+        buffer = torch.full(kv.shape, -1.0)
+        _, count = await cache.retrieve(passage, out=buffer, domain="segments")
+        assert count == len(passage)
+        assert torch.equal(buffer, kv)
+        # A shorter sequence matches its whole chunks only (a partial chunk names its tokens exactly).
+        assert await cache.lookup(passage[:-1], domain="segments") == 2 * CHUNK
+        async with await cache.lease(passage, domain="segments") as lease:
+            assert lease.num_tokens == len(passage)
+        # The same tokens stored as a prefix are separate chunks, evicted separately.
+        assert await cache.store(passage, kv) == 2 * CHUNK
+        assert await cache.evict(passage, domain="segments") == {"cpu": 3}
+        assert await cache.lookup(passage, domain="segments") == 0
+        assert await cache.lookup(passage) == 2 * CHUNK

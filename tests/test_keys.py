@@ -152,3 +152,38 @@ def test_keys_match_across_processes() -> None:
 def test_bad_tokens_are_rejected(tokens: object, message: str) -> None:
     with pytest.raises(InvalidTokensError, match=message):
         maker().keys(tokens)
+
+
+def test_a_key_domain_never_shares_a_key_with_prefix_keys_or_another_domain() -> None:
+    base = maker()
+    segments, other = base.in_domain("blend/segment"), base.in_domain("other")
+    tokens = list(range(3 * CHUNK + 3))
+    prefix, mine, theirs = base.keys(tokens), segments.keys(tokens), other.keys(tokens)
+    assert len(mine) == 4  # a domain keys the trailing partial chunk even when the cache does not
+    assert not {*prefix} & {*mine}
+    assert not {*mine} & {*theirs}
+    # Same compatibility fingerprint: tiers and peers treat domain keys like any other.
+    assert {key[:FINGERPRINT_BYTES] for key in [*prefix, *mine, *theirs]} == {base.fingerprint}
+    # A domain's keys name the sequence alone: the same tokens anywhere get the same keys.
+    assert segments.keys(tokens) == mine
+    assert base.in_domain("blend/segment") is segments
+    assert segments.in_domain(None) is base
+    assert segments.in_domain("other") is other
+
+
+def test_a_domain_is_named_by_printable_text() -> None:
+    with pytest.raises(ValueError, match="key domain"):
+        maker().in_domain("")
+    with pytest.raises(ValueError, match="key domain"):
+        maker().in_domain("a\nb")
+
+
+def test_domain_keys_are_stable_across_processes() -> None:
+    code = (
+        "from lmplug.core.config import load_config; from lmplug.core.keys import KeyMaker;"
+        "from lmplug.testing import make_config;"
+        f"m = KeyMaker(load_config(make_config(chunk_size={CHUNK}), environ={{}})).in_domain('blend/segment');"
+        f"print(m.keys(list(range({2 * CHUNK + 1})))[-1].hex())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == maker().in_domain("blend/segment").keys(list(range(2 * CHUNK + 1)))[-1].hex()

@@ -118,10 +118,10 @@ class Cache:
 
     # ------------------------------------------------------------------ data path
 
-    def keys(self, tokens: object) -> list[ChunkKey]:
-        """The chunk keys of ``tokens`` under this cache's configuration."""
+    def keys(self, tokens: object, *, domain: str | None = None) -> list[ChunkKey]:
+        """The chunk keys of ``tokens`` under this cache's configuration (in key ``domain``)."""
         self._check_open()
-        return self.keymaker.keys(tokens)
+        return self.keymaker.in_domain(domain).keys(tokens)
 
     def _token_counts(self, num_tokens: int, num_keys: int) -> list[int]:
         size = self.config.chunk_size
@@ -130,16 +130,19 @@ class Cache:
             counts[-1] = num_tokens - (num_keys - 1) * size
         return counts
 
-    def _candidates(self, array: np.ndarray) -> tuple[list[ChunkKey], list[int]]:
+    def _candidates(self, array: np.ndarray, domain: str | None) -> tuple[list[ChunkKey], list[int]]:
         """The keys a read of ``array`` tries first, and their token counts: every full chunk,
         plus the trailing partial chunk as it stands (when partial chunks are kept)."""
-        keys = self.keymaker.keys_of_canonical(array)
+        keys = self.keymaker.in_domain(domain).keys_of_canonical(array)
         return keys, self._token_counts(array.size, len(keys))
 
-    def _partials_at(self, array: np.ndarray, keys: Sequence[ChunkKey], position: int) -> list[tuple[ChunkKey, int]]:
+    def _partials_at(
+        self, array: np.ndarray, keys: Sequence[ChunkKey], position: int, domain: str | None = None
+    ) -> list[tuple[ChunkKey, int]]:
         """Partial chunks this cache stored at chunk ``position`` of ``array`` (after ``keys[position - 1]``)
-        whose tokens are ``array``'s tokens there: ``(key, tokens)``, longest first."""
-        if not self.config.save_partial_chunks:
+        whose tokens are ``array``'s tokens there: ``(key, tokens)``, longest first. None in a key
+        domain: its sequences are looked up whole."""
+        if not self.config.save_partial_chunks or domain is not None:
             return []
         previous = keys[position - 1] if position else ROOT
         entries = self._partials.at(previous)
@@ -155,23 +158,26 @@ class Cache:
                     found.append((key, length))
         return found
 
-    async def _held(self, array: np.ndarray) -> tuple[list[ChunkKey], list[int]]:
+    async def _held(self, array: np.ndarray, domain: str | None) -> tuple[list[ChunkKey], list[int]]:
         """The leading keys of ``array`` that the pipeline holds (no data moves), and their token counts."""
-        keys, sizes = self._candidates(array)
+        keys, sizes = self._candidates(array, domain)
         found = await self.pipeline.contains(keys) if keys else 0
         if found == len(keys):
             return keys, sizes
         keys, sizes = keys[:found], sizes[:found]  # whole chunks only: a partial key is always last
-        for key, length in self._partials_at(array, keys, found):
+        for key, length in self._partials_at(array, keys, found, domain):
             if await self.pipeline.contains([key]):
                 return [*keys, key], [*sizes, length]
             self._partials.discard(keys[found - 1] if found else ROOT, key)  # gone from every tier
         return keys, sizes
 
-    def _note_stored(self, array: np.ndarray, keys: Sequence[ChunkKey], first: int, stop: int) -> None:
+    def _note_stored(
+        self, array: np.ndarray, keys: Sequence[ChunkKey], first: int, stop: int, domain: str | None
+    ) -> None:
         """Chunks ``first..stop-1`` of ``array`` are now cached: index the partial ones, and evict the
-        partial chunks they supersede (the same tokens, now part of a longer chunk)."""
-        if not self.config.save_partial_chunks:
+        partial chunks they supersede (the same tokens, now part of a longer chunk). Not in a key
+        domain, whose sequences are looked up whole."""
+        if not self.config.save_partial_chunks or domain is not None:
             return
         size = self.config.chunk_size
         superseded: list[ChunkKey] = []
@@ -194,15 +200,17 @@ class Cache:
         if self._open:
             await self.pipeline.evict(keys)
 
-    async def lookup(self, tokens: object) -> int:
+    async def lookup(self, tokens: object, *, domain: str | None = None) -> int:
         """How many leading tokens of ``tokens`` have their KV cached (contiguous from token 0).
 
         Besides whole chunks, a partial chunk this cache stored counts when ``tokens`` extend its
-        tokens (a prompt that continues an earlier prompt and its answer).
+        tokens (a prompt that continues an earlier prompt and its answer). With ``domain``, the
+        keys of that key domain (:meth:`KeyMaker.in_domain`; the trailing partial chunk is keyed
+        as it stands) are asked instead of the prefix keys; this holds for every method here.
         """
         self._check_open()
         array = canonical_tokens(tokens)
-        _, sizes = await self._held(array)
+        _, sizes = await self._held(array, domain)
         hit = sum(sizes)
         counts = self.metrics.counts
         counts.lookups += 1
@@ -210,7 +218,7 @@ class Cache:
         counts.lookup_hit_tokens += hit
         return hit
 
-    async def store(self, tokens: object, kv: torch.Tensor, *, start: int = 0) -> int:
+    async def store(self, tokens: object, kv: torch.Tensor, *, start: int = 0, domain: str | None = None) -> int:
         """Store the KV of ``tokens``; ``kv`` is ``[2, layers, len(tokens) - start, kv_heads*head_size]``.
 
         ``start`` (a multiple of ``chunk_size``) skips chunks stored before, as an engine
@@ -229,7 +237,7 @@ class Cache:
         if start < 0 or start % size or start > array.size:
             raise InvalidInputError(f"start={start} must be a multiple of chunk_size {size} within the tokens")
         kv = self.layout.check(kv, array.size - start)
-        keys = self.keymaker.keys_of_canonical(array)
+        keys = self.keymaker.in_domain(domain).keys_of_canonical(array)
         first = start // size
         if len(keys) <= first:
             return min(len(keys) * size, array.size)
@@ -250,7 +258,7 @@ class Cache:
         finally:
             for chunk in chunks:
                 chunk.release()
-        self._note_stored(array, keys, first, held + len(chunks))
+        self._note_stored(array, keys, first, held + len(chunks), domain)
         counts = self.metrics.counts
         counts.stores += 1
         for chunk in chunks:
@@ -265,7 +273,9 @@ class Cache:
                 cached = still
         return min(cached * size, array.size)
 
-    async def retrieve(self, tokens: object, *, out: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    async def retrieve(
+        self, tokens: object, *, out: torch.Tensor | None = None, domain: str | None = None
+    ) -> tuple[torch.Tensor, int]:
         """The KV of the leading cached tokens of ``tokens``: ``(kv, n)``, ``n`` possibly 0.
 
         ``kv`` is ``[2, layers, n, hidden]``. With ``out`` (a tensor of this layout covering
@@ -278,7 +288,7 @@ class Cache:
         """
         self._check_open()
         array = canonical_tokens(tokens)
-        keys, sizes = self._candidates(array)
+        keys, sizes = self._candidates(array, domain)
         size = self.config.chunk_size
         if out is not None:
             if out.dim() != 4 or out.shape[2] < array.size:
@@ -290,7 +300,7 @@ class Cache:
                 num_tokens = await self.pipeline.retrieve_into(keys, sizes, target)
                 if num_tokens < array.size and num_tokens % size == 0:
                     full = num_tokens // size
-                    for key, length in self._partials_at(array, keys, full):
+                    for key, length in self._partials_at(array, keys, full, domain):
                         rest = target.narrow(2, num_tokens, length)
                         if await self.pipeline.retrieve_into([key], [length], rest):
                             num_tokens += length
@@ -302,7 +312,7 @@ class Cache:
             try:
                 num_tokens = sum(chunk.num_tokens for chunk in chunks)
                 if num_tokens < array.size and num_tokens % size == 0:
-                    for key, length in self._partials_at(array, keys, len(chunks)):
+                    for key, length in self._partials_at(array, keys, len(chunks), domain):
                         more = await self.pipeline.retrieve([key], [length])
                         if more:
                             chunks += more
@@ -319,18 +329,18 @@ class Cache:
         counts.retrieved_bytes += num_tokens * self.layout.bytes_per_token
         return (out if out.shape[2] == num_tokens else out.narrow(2, 0, num_tokens)), num_tokens
 
-    async def lease(self, tokens: object, *, ttl: float | None = None) -> Lease:
+    async def lease(self, tokens: object, *, ttl: float | None = None, domain: str | None = None) -> Lease:
         """Pin the leading cached chunks of ``tokens`` in host memory for ``ttl`` seconds or until released.
 
         Chunks found in lower tiers are promoted on the way, so the lease holds every chunk
         when this returns (:meth:`start_lease` returns before the promotion is done).
         ``lease.num_tokens`` may be 0.
         """
-        lease = await self.start_lease(tokens, ttl=ttl)
+        lease = await self.start_lease(tokens, ttl=ttl, domain=domain)
         await lease.ready.wait()
         return lease
 
-    async def start_lease(self, tokens: object, *, ttl: float | None = None) -> Lease:
+    async def start_lease(self, tokens: object, *, ttl: float | None = None, domain: str | None = None) -> Lease:
         """A lease over the leading cached chunks of ``tokens`` that host memory holds now (no I/O).
 
         The pipeline is asked what it holds (``contains``; no data moves); chunks that only
@@ -341,7 +351,7 @@ class Cache:
         """
         self._check_open()
         array = canonical_tokens(tokens)
-        keys, sizes = await self._held(array)
+        keys, sizes = await self._held(array, domain)
         lease = self._leases.grant([], 0, self.config.lease_timeout if ttl is None else ttl)
 
         def sink(chunks: list[KVChunk]) -> None:
@@ -363,7 +373,9 @@ class Cache:
         finally:
             lease.ready.set()
 
-    async def evict(self, tokens: object, *, tiers: Sequence[str] | None = None) -> dict[str, int]:
+    async def evict(
+        self, tokens: object, *, tiers: Sequence[str] | None = None, domain: str | None = None
+    ) -> dict[str, int]:
         """Drop the chunks of ``tokens`` from every tier (or the named ones); chunks dropped per tier.
 
         That includes the partial chunks this cache stored that ``tokens`` extend (what a lookup
@@ -371,10 +383,10 @@ class Cache:
         """
         self._check_open()
         array = canonical_tokens(tokens)
-        keys = self.keymaker.keys_of_canonical(array)
+        keys = self.keymaker.in_domain(domain).keys_of_canonical(array)
         full = array.size // self.config.chunk_size
         for position in range(full + 1):
-            keys += [key for key, _ in self._partials_at(array, keys[:full], position) if key not in keys]
+            keys += [key for key, _ in self._partials_at(array, keys[:full], position, domain) if key not in keys]
         return await self.pipeline.evict(keys, None if tiers is None else set(tiers)) if keys else {}
 
     async def push(self, tokens: object, *, destination: str, transfer_id: str, timeout: float) -> int:  # noqa: ASYNC109
@@ -388,7 +400,7 @@ class Cache:
         cache has none.
         """
         self._check_open()
-        keys, sizes = self._candidates(canonical_tokens(tokens))
+        keys, sizes = self._candidates(canonical_tokens(tokens), None)
         if not keys:
             return 0
         pushed = await self.pipeline.push(keys, destination, transfer_id, timeout)

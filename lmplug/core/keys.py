@@ -5,6 +5,11 @@ bytes, so a key names the whole prefix up to the end of its chunk. The chain sta
 a digest of everything that makes KV compatible (model, KV geometry, world size, rank,
 namespace, chunk size, hash algorithm), so incompatible KV can never share a key. Keys
 are deterministic across processes and machines.
+
+A *key domain* (:meth:`KeyMaker.in_domain`) is a second family of keys over the same KV: its
+chain starts from a root that also names the domain, so its keys never equal a prefix key
+(nor another domain's). CacheBlend keys a passage's KV in its own domain wherever the
+passage appears in a prompt.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import torch
 import xxhash
 
 from lmplug.core.config import LmplugConfig
-from lmplug.errors import InvalidTokensError
+from lmplug.errors import InvalidInputError, InvalidTokensError
 
 KEY_FORMAT_VERSION = 1
 FINGERPRINT_BYTES = 8
@@ -108,9 +113,12 @@ def canonical_tokens(tokens: object) -> np.ndarray:
 class KeyMaker:
     """Turns token sequences into chunk keys for one cache configuration."""
 
-    def __init__(self, config: LmplugConfig) -> None:
+    def __init__(self, config: LmplugConfig, *, domain: str | None = None) -> None:
         self.chunk_size = config.chunk_size
-        self.save_partial_chunks = config.save_partial_chunks
+        self.domain = domain
+        # A domain's sequences are looked up whole, so their trailing partial chunk is always keyed.
+        self.save_partial_chunks = config.save_partial_chunks or domain is not None
+        self._config = config
         self._chain = _CHAINS[config.hash_algorithm]
         identity: dict[str, Any] = {
             "format": KEY_FORMAT_VERSION,
@@ -125,9 +133,33 @@ class KeyMaker:
             "chunk_size": config.chunk_size,
             "hash": config.hash_algorithm,
         }
+        self.fingerprint = self._root_of(identity)[:FINGERPRINT_BYTES]
+        if domain is not None:
+            if not domain or not domain.isprintable():
+                raise InvalidInputError(f"a key domain is a non-empty printable name, not {domain!r}")
+            identity["domain"] = domain
+        self.root = self._root_of(identity)
+        self._domains: dict[str, KeyMaker] = {}
+        self._base = self
+
+    def _root_of(self, identity: dict[str, Any]) -> bytes:
         canonical = json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()
-        self.root = self._chain(b"lmplug-key-root", memoryview(canonical))
-        self.fingerprint = self.root[:FINGERPRINT_BYTES]
+        return self._chain(b"lmplug-key-root", memoryview(canonical))
+
+    def in_domain(self, domain: str | None) -> KeyMaker:
+        """The key maker of ``domain`` (``None``: the prefix keys). Its keys carry the same
+        compatibility fingerprint; their chain starts from a root that names the domain, and a
+        trailing partial chunk is always keyed."""
+        if domain == self.domain:
+            return self
+        base = self if self.domain is None else self._base
+        if domain is None:
+            return base
+        maker = base._domains.get(domain)
+        if maker is None:
+            maker = base._domains[domain] = KeyMaker(self._config, domain=domain)
+            maker._base = base
+        return maker
 
     def num_chunks(self, num_tokens: int) -> int:
         """How many keys ``keys()`` yields for a sequence of ``num_tokens`` tokens."""

@@ -134,18 +134,20 @@ class SyncCache:
         future, _ = self._portal_or_raise().start_task(function)
         self._background.append(future)
 
-    def lookup(self, tokens: object) -> int:
-        return self._call(self._cache.lookup, tokens)
+    def lookup(self, tokens: object, *, domain: str | None = None) -> int:
+        return self._call(lambda: self._cache.lookup(tokens, domain=domain))
 
-    def store(self, tokens: object, kv: torch.Tensor, *, start: int = 0) -> int:
-        return self._call(lambda: self._cache.store(tokens, kv, start=start))
+    def store(self, tokens: object, kv: torch.Tensor, *, start: int = 0, domain: str | None = None) -> int:
+        return self._call(lambda: self._cache.store(tokens, kv, start=start, domain=domain))
 
-    def retrieve(self, tokens: object, *, out: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
-        return self._call(lambda: self._cache.retrieve(tokens, out=out))
+    def retrieve(
+        self, tokens: object, *, out: torch.Tensor | None = None, domain: str | None = None
+    ) -> tuple[torch.Tensor, int]:
+        return self._call(lambda: self._cache.retrieve(tokens, out=out, domain=domain))
 
-    def lease(self, tokens: object, *, ttl: float | None = None) -> Lease:
+    def lease(self, tokens: object, *, ttl: float | None = None, domain: str | None = None) -> Lease:
         """A lease; ``lease.release()`` may be called from any thread (it is routed to the loop)."""
-        lease = self._call(lambda: self._cache.lease(tokens, ttl=ttl))
+        lease = self._call(lambda: self._cache.lease(tokens, ttl=ttl, domain=domain))
         lease.route_releases(self._release_on_loop)
         return lease
 
@@ -157,8 +159,8 @@ class SyncCache:
         """Release a lease (on the cache's loop, where its chunks live)."""
         self.run_sync(lease.release)
 
-    def evict(self, tokens: object, *, tiers: Sequence[str] | None = None) -> dict[str, int]:
-        return self._call(lambda: self._cache.evict(tokens, tiers=tiers))
+    def evict(self, tokens: object, *, tiers: Sequence[str] | None = None, domain: str | None = None) -> dict[str, int]:
+        return self._call(lambda: self._cache.evict(tokens, tiers=tiers, domain=domain))
 
     def drain(self) -> None:
         """Wait until every write-behind tier has finished the writes accepted so far."""

@@ -1,0 +1,1 @@
+"""lmplug-blend: CacheBlend for lmplug (see README.md)."""
