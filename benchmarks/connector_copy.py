@@ -7,11 +7,15 @@ blocks, 24 MiB of KV) in blocks spread over a larger cache:
 - load: chunk-layout KV into the blocks as the worker loads it: through vLLM's own CPU KV
   writer (``cpu_attn_reshape_and_cache``, the kernel its attention inserts KV with) for the
   ``amx`` layout, by lmplug's scatter (:meth:`PagedLayout.scatter_placed`) for ``vec``, whichever
-  is faster for the layout (``PagedLayout.loads_through_writer``);
+  is faster for the layout (``PagedLayout.loads_through_writer``); where that is vLLM's writer,
+  an info row times lmplug's scatter as well;
 - save: the worker's gather (:meth:`PagedLayout.gather_placed`) of the same blocks into a
   chunk-layout buffer, in the layout vLLM's writer uses for the ISA (found the way the worker
   finds it, by :func:`detect_cpu_layout`);
 - reference: ``dst.copy_(src)`` of the same bytes between contiguous tensors.
+
+lmplug's scatter and gather move whole blocks through compiled kernels
+(:mod:`lmplug.integrations.vllm.cpu_kernels`) where numba is installed, as it is with vLLM.
 
 One row pair per ISA this CPU runs: ``vec`` always, ``amx`` (vLLM's choice for bfloat16 on CPUs
 with AMX tiles, where K and V are tiled) when the CPU has AMX. Each sample rotates over enough
@@ -75,13 +79,20 @@ def _measure(isa: str, op: Any, settings: Settings) -> list[Result]:
     flat_outs = [out.view(-1) for out in outs]
 
     def load() -> float:
+        return write() if layout.loads_through_writer else scatter()
+
+    def write() -> float:
         started = time.perf_counter()
-        for source, slot, placement in zip(sources, slots, placements, strict=True):
+        for source, slot in zip(sources, slots, strict=True):
             for position, layer in enumerate(layers):
-                if layout.loads_through_writer:
-                    writer.write(layer, slot, source[:, position])
-                else:
-                    layout.scatter_placed(layer, placement, source[:, position])
+                writer.write(layer, slot, source[:, position])
+        return (time.perf_counter() - started) / prompts
+
+    def scatter() -> float:
+        started = time.perf_counter()
+        for source, placement in zip(sources, placements, strict=True):
+            for position, layer in enumerate(layers):
+                layout.scatter_placed(layer, placement, source[:, position])
         return (time.perf_counter() - started) / prompts
 
     def save() -> float:
@@ -97,10 +108,13 @@ def _measure(isa: str, op: Any, settings: Settings) -> list[Result]:
             out.copy_(source)
         return (time.perf_counter() - started) / prompts
 
-    stats = sample_sync({"memcpy": memcpy, "load": load, "save": save}, settings)
+    cases = {"memcpy": memcpy, "load": load, "save": save}
+    if layout.loads_through_writer:
+        cases["scatter"] = scatter
+    stats = sample_sync(cases, settings)
     for out in outs:
         out.zero_()
-    save()  # the last load wrote every prompt: what comes back must be the source
+    save()  # the last load (or scatter) wrote every prompt: what comes back must be the source
     for out, source in zip(outs, sources, strict=True):
         if not torch.equal(out, source):
             raise RuntimeError(f"{isa}: the KV gathered back is not the KV loaded")
@@ -108,10 +122,14 @@ def _measure(isa: str, op: Any, settings: Settings) -> list[Result]:
     reference = stats["memcpy"].inverted(to_gib)
     label = f"{tokens} tokens, ISA {isa} ({layout.name} layout)"
     how = "vLLM's writer" if layout.loads_through_writer else "scatter"
-    return [
+    results = [
         Result(NAME, f"load ({how}) {label}", "GiB/s", stats["load"].inverted(to_gib), TARGET, reference, "memcpy"),
         Result(NAME, f"save (gather) {label}", "GiB/s", stats["save"].inverted(to_gib), TARGET, reference, "memcpy"),
     ]  # fmt: skip
+    if "scatter" in stats:  # what loads would take through lmplug's own scatter
+        scattered = stats["scatter"].inverted(to_gib)
+        results.append(Result(NAME, f"load (scatter, unused) {label}", "GiB/s", scattered, None, reference, "memcpy"))
+    return results
 
 
 def run(settings: Settings) -> list[Result]:

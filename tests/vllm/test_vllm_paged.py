@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+
+import numpy as np
 import pytest
 import torch
 
 from lmplug.errors import KVShapeError
+from lmplug.integrations.vllm import paged
 from lmplug.integrations.vllm.paged import (
     CpuWriter,
     PagedLayout,
@@ -246,3 +250,108 @@ def test_an_unknown_cpu_layout_is_refused_with_its_isa_named() -> None:
         detect_cpu_layout(_UntransposedWriter(lambda *args: None, "future", HEADS, DIM, BLOCK), torch.bfloat16)
     with pytest.raises(KVShapeError, match=r"ISA 'bogus'.*failed: Invalid ISA"):
         detect_cpu_layout(vllm_writer("bogus"), torch.bfloat16)
+
+
+CPU_GEOMETRIES = [  # (kv_heads, head_size, block_size)
+    (HEADS, DIM, BLOCK),
+    (4, 64, 128),  # the bench model's, vLLM's CPU default block size
+    (1, 128, 32),
+    (3, 48, 16),  # vLLM's vec16 ISA takes 16-token blocks
+]
+
+
+@pytest.mark.parametrize("name", ["cpu", "cpu-amx"])
+@pytest.mark.parametrize("geometry", CPU_GEOMETRIES)
+@pytest.mark.parametrize(
+    ("block_ids", "start", "end"),  # start and end in blocks
+    [
+        ([2, 3, 4, 5], 0, 4),  # consecutive whole blocks
+        ([5, 1, 3, 0], 0, 4),  # scattered whole blocks
+        ([4, 0, 5, 2], 0.25, 3.5),  # parts of blocks before and after the whole ones
+        ([3], 0, 1),  # one block
+    ],
+)
+def test_compiled_block_copies_move_the_bytes_torch_moves(
+    monkeypatch: pytest.MonkeyPatch,
+    name: str,
+    geometry: tuple[int, int, int],
+    block_ids: list[int],
+    start: float,
+    end: float,
+) -> None:
+    """The numba kernels and torch's indexing write and read the same bytes, every bit
+    pattern included (random 16-bit words: NaN payloads, negative zeros, infinities)."""
+    pytest.importorskip("numba")
+    heads, dim, block = geometry
+    layout = layout_for(name, heads, dim, block)
+    first, last = int(start * block), int(end * block)
+    placement = Placement.of(block_ids, first, last, block, torch.device("cpu"))
+    generator = torch.Generator().manual_seed(2)
+
+    def bits(*shape: int) -> torch.Tensor:
+        return torch.randint(-(2**15), 2**15, shape, dtype=torch.int16, generator=generator).view(torch.bfloat16)
+
+    layer = bits(*layout.cache_shape(BLOCKS))
+    kv = bits(2, last - first, heads * dim)
+    compiled, by_torch = layer.clone(), layer.clone()
+    read_compiled, read_by_torch = bits(*kv.shape), bits(*kv.shape)
+    assert paged._block_copies(name) is not None
+    layout.scatter_placed(compiled, placement, kv)
+    layout.gather_placed(layer, placement, read_compiled)
+    with monkeypatch.context() as patch:
+        patch.setattr(paged, "_block_copies", lambda name: None)
+        layout.scatter_placed(by_torch, placement, kv)
+        layout.gather_placed(layer, placement, read_by_torch)
+    assert torch.equal(compiled.view(torch.int16), by_torch.view(torch.int16))
+    assert torch.equal(read_compiled.view(torch.int16), read_by_torch.view(torch.int16))
+    layout.gather_placed(compiled, placement, read_compiled)
+    assert torch.equal(read_compiled.view(torch.int16), kv.view(torch.int16))
+
+
+def test_cpu_layouts_copy_with_torch_without_numba(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "numba", None)  # `import numba` raises ModuleNotFoundError
+    monkeypatch.delitem(sys.modules, "lmplug.integrations.vllm.cpu_kernels", raising=False)
+    monkeypatch.setattr(paged, "_block_copies", paged._block_copies.__wrapped__)  # not the cached kernels
+    assert paged._block_copies("cpu") is None
+    layout = layout_for("cpu", HEADS, DIM, BLOCK)
+    layer = torch.zeros(layout.cache_shape(BLOCKS), dtype=torch.bfloat16)
+    kv = torch.randn(2, 2 * BLOCK, HEADS * DIM).to(torch.bfloat16)
+    placement = Placement.of([3, 1], 0, 2 * BLOCK, BLOCK, torch.device("cpu"))
+    layout.scatter_placed(layer, placement, kv)
+    out = torch.empty_like(kv)
+    layout.gather_placed(layer, placement, out)
+    assert torch.equal(out, kv)
+
+
+def test_compiled_block_copies_refuse_blocks_outside_the_layer() -> None:
+    """The kernels do not check their indices: the copies check the block ids and shapes first."""
+    cpu_kernels = pytest.importorskip("lmplug.integrations.vllm.cpu_kernels")
+    copies = cpu_kernels.block_copies("cpu")
+    layer = torch.zeros(layout_for("cpu", HEADS, DIM, BLOCK).cache_shape(BLOCKS), dtype=torch.bfloat16)
+    kv = torch.zeros(2, BLOCK, HEADS * DIM, dtype=torch.bfloat16)
+    for ids in ([BLOCKS], [-1]):
+        with pytest.raises(KVShapeError, match=r"block copy of 1 blocks"):
+            copies.save(layer, np.array(ids, dtype=np.int64), kv[0], kv[1], (HEADS, DIM, BLOCK))
+    with pytest.raises(KVShapeError, match=r"does not fit"):  # two blocks' rows for one block
+        copies.load(layer, np.array([1], dtype=np.int64), kv[0].repeat(2, 1), kv[1], (HEADS, DIM, BLOCK))
+
+
+def test_compiled_block_copies_compile_without_a_writable_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where numba finds no directory to cache machine code in (a read-only install), the
+    kernels are compiled for the process alone."""
+    cpu_kernels = pytest.importorskip("lmplug.integrations.vllm.cpu_kernels")
+    njit = cpu_kernels.numba.njit
+
+    def uncached_njit(*args: object, cache: bool = False, **kwargs: object) -> object:
+        if cache:
+            raise RuntimeError("cannot cache function: no locator available for file")
+        return njit(*args, **kwargs)
+
+    monkeypatch.setattr(cpu_kernels.numba, "njit", uncached_njit)
+    copies = cpu_kernels.block_copies.__wrapped__("cpu")
+    layout = paged.CpuLayout(HEADS, DIM, BLOCK)
+    layer = torch.randn(layout.cache_shape(BLOCKS)).to(torch.bfloat16)
+    out, expected = torch.empty(2, 2, 2 * BLOCK, HEADS * DIM, dtype=torch.bfloat16).unbind()
+    copies.save(layer, np.array([4, 2], dtype=np.int64), out[0], out[1], (HEADS, DIM, BLOCK))
+    layout._gather_blocks(layer, torch.tensor([4, 2]), expected)
+    assert torch.equal(out, expected)

@@ -20,8 +20,9 @@ physical stride order does not matter, indexing follows the strides):
 
 vLLM picks the CPU ISA per machine, so the worker never assumes one: it writes sample KV
 with vLLM's own writer (the kernel its attention inserts new KV with) and uses the layout
-whose reads give that KV back (:func:`detect_cpu_layout`); on the CPU, loads go through
-that writer (:class:`CpuWriter`).
+whose reads give that KV back (:func:`detect_cpu_layout`). Whole blocks of 16-bit KV move
+between the CPU layouts and chunks through compiled kernels (:mod:`.cpu_kernels`, with numba,
+which vLLM installs), else through torch's indexing.
 - ``flash`` (FlashAttention and most CUDA backends): ``[2, num_blocks, block_size,
   kv_heads, head_size]``.
 - ``flashinfer``: ``[num_blocks, 2, block_size, kv_heads, head_size]``.
@@ -30,14 +31,19 @@ that writer (:class:`CpuWriter`).
 from __future__ import annotations
 
 import abc
+import functools
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from lmplug.errors import KVShapeError
+
+if TYPE_CHECKING:
+    from lmplug.integrations.vllm.cpu_kernels import BlockCopies
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +206,25 @@ def _block_index(index: slice | torch.Tensor, device: torch.device) -> torch.Ten
     return index
 
 
+@functools.cache
+def _block_copies(layout: str) -> BlockCopies | None:
+    """The compiled block copies of a CPU layout (:mod:`.cpu_kernels`), None without numba."""
+    try:
+        from lmplug.integrations.vllm.cpu_kernels import block_copies
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("numba", "llvmlite"):
+            raise
+        return None
+    return block_copies(layout)
+
+
+def _block_ids(index: slice | torch.Tensor) -> np.ndarray:
+    """Block ids (CPU) as an int64 array for the compiled copies."""
+    if isinstance(index, slice):
+        return np.arange(index.start, index.stop, dtype=np.int64)
+    return index.numpy()
+
+
 def _pair_words(rows: int, width: int, device: torch.device) -> torch.Tensor:
     """A buffer for ``rows * width`` int32 pairs to be split by :func:`_split_pairs`: one
     spare word at the end, which its reads of the last high half may touch."""
@@ -264,12 +289,51 @@ class CpuLayout(PagedLayout):
         k_t, v = self._planes(layer)  # [blocks, heads, dim, size] (K transposed) and [blocks, heads, size, dim]
         return k_t.permute(0, 3, 1, 2), v.permute(0, 2, 1, 3)
 
+    def _copies(self, layer: torch.Tensor, part: torch.Tensor) -> BlockCopies | None:
+        """The compiled block copies where they apply (16-bit KV in contiguous CPU tensors on a
+        little-endian host, head and block sizes in multiples of 16, as vLLM's CPU attention
+        takes them), else None: torch's copies."""
+        applies = (
+            layer.device.type == "cpu"
+            and layer.element_size() == 2
+            and sys.byteorder == "little"
+            and self.head_size % 16 == 0
+            and self.block_size % 16 == 0
+            and layer.is_contiguous()
+            and part[0].is_contiguous()
+            and part[1].is_contiguous()
+        )
+        return _block_copies(self.name) if applies else None
+
     def _read_blocks(self, layer: torch.Tensor, index: slice | torch.Tensor, part: torch.Tensor) -> None:
+        copies = self._copies(layer, part)
+        if copies is None:
+            self._gather_blocks(layer, index, part)
+        else:
+            copies.save(layer, _block_ids(index), part[0], part[1], self._geometry)
+
+    def _write_blocks(self, layer: torch.Tensor, index: slice | torch.Tensor, part: torch.Tensor) -> None:
+        copies = self._copies(layer, part)
+        if copies is None:
+            self._scatter_blocks(layer, index, part)
+        else:
+            copies.load(layer, _block_ids(index), part[0], part[1], self._geometry)
+
+    @property
+    def _geometry(self) -> tuple[int, int, int]:
+        return self.num_kv_heads, self.head_size, self.block_size
+
+    def _scatter_blocks(self, layer: torch.Tensor, index: slice | torch.Tensor, part: torch.Tensor) -> None:
+        """:meth:`_write_blocks` with torch."""
+        super()._write_blocks(layer, index, part)
+
+    def _gather_blocks(self, layer: torch.Tensor, index: slice | torch.Tensor, part: torch.Tensor) -> None:
+        """:meth:`_read_blocks` with torch."""
         # K is transposed: two adjacent tokens of a dimension are read as one int32, so the
         # transposing gather moves 4 bytes at a time; the pairs are then split into the
         # even and the odd token's rows.
         if layer.element_size() != 2 or sys.byteorder != "little":
-            super()._read_blocks(layer, index, part)
+            PagedLayout._read_blocks(self, layer, index, part)
             return
         count, size, heads, dim = part.shape[1] // self.block_size, self.block_size, self.num_kv_heads, self.head_size
         blocks = layer.shape[0]
@@ -289,7 +353,9 @@ class CpuAmxLayout(CpuLayout):
     dimension pairs interleaved, then V in 16-dimension tiles with token pairs interleaved."""
 
     name = "cpu-amx"
-    loads_through_writer = True  # its own scatter interleaves V's token pairs element by element
+    # Whole blocks scatter through the compiled kernels about as fast as vLLM's writer moves
+    # them (a little faster: connector_copy's info row); parts of blocks, element by element.
+    loads_through_writer = True
 
     def __init__(self, num_kv_heads: int, head_size: int, block_size: int) -> None:
         super().__init__(num_kv_heads, head_size, block_size)
@@ -330,7 +396,7 @@ class CpuAmxLayout(CpuLayout):
     def _block_planes(self, layer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError("the 'cpu-amx' layout copies whole blocks through its tiles")
 
-    def _write_blocks(self, layer: torch.Tensor, index: slice | torch.Tensor, part: torch.Tensor) -> None:
+    def _scatter_blocks(self, layer: torch.Tensor, index: slice | torch.Tensor, part: torch.Tensor) -> None:
         count, size, heads, dim = part.shape[1] // self.block_size, self.block_size, self.num_kv_heads, self.head_size
         k_tiles, v_tiles = self._tiles(layer)
         k = part[0].view(count, size // 16, 16, heads, dim // 2, 2).permute(0, 3, 1, 4, 2, 5)
@@ -338,7 +404,7 @@ class CpuAmxLayout(CpuLayout):
         _put_blocks(k_tiles, index, k)
         _put_blocks(v_tiles, index, v)
 
-    def _read_blocks(self, layer: torch.Tensor, index: slice | torch.Tensor, part: torch.Tensor) -> None:
+    def _gather_blocks(self, layer: torch.Tensor, index: slice | torch.Tensor, part: torch.Tensor) -> None:
         # Each interleaved pair read as one int32: K's pairs are a token's adjacent dimensions
         # (one 4-byte move); V's are two tokens, split into the even and the odd token's rows.
         if layer.element_size() != 2:
