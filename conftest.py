@@ -28,6 +28,7 @@ SLOW_MODULES = frozenset(
         "tests/vllm/test_vllm_real_model.py",
         "tests/vllm/test_vllm_serve.py",
         "tests/vllm/test_vllm_pd.py",
+        "tests/vllm/test_vllm_blend.py",
     }
 )
 """The benchmarks' smoke run, the demo and the vLLM engine runs (a minute or more each): ``slow``."""

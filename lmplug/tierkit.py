@@ -18,12 +18,27 @@ and this one. A test (``tests/test_exports.py``) holds every plugin in ``plugins
 - **Config:** :class:`StrictModel`, :class:`ByteSize`, :class:`Duration`, :func:`config_error`.
 - **Operations:** :class:`ThrottledLog` (one warning per interval), :class:`WriteBehind` (the
   queue alone), :class:`CliCommand` (an ``lmplug`` sub-command).
+- **Engine extensions** (what a request reuses beyond its exact prefix, e.g. CacheBlend):
+  :class:`EngineExtensionType` registers an :class:`EngineExtension`, which sees an
+  :class:`EngineRequest`, answers with a :class:`Claim` (asking its worker side through a
+  :data:`ChannelCall`), and in the worker, through an :class:`EngineWorker`, carries out an
+  :class:`EngineLoad` and keeps what it needs from an :class:`EngineSave`.
 """
 
 from __future__ import annotations
 
 from lmplug.core.commands import CliCommand
 from lmplug.core.config import StrictModel, config_error
+from lmplug.core.extension import (
+    ChannelCall,
+    Claim,
+    EngineExtension,
+    EngineExtensionType,
+    EngineLoad,
+    EngineRequest,
+    EngineSave,
+    EngineWorker,
+)
 from lmplug.core.keys import ChunkKey
 from lmplug.core.layout import KVLayout
 from lmplug.core.memory import IO_ALIGNMENT, AllocatorStatistics, ChunkAllocator, KVChunk, aligned_empty, prefault
@@ -52,12 +67,20 @@ __all__ = [
     "Batch",
     "ByteSize",
     "Capability",
+    "ChannelCall",
     "ChunkAllocator",
     "ChunkCodec",
     "ChunkHeader",
     "ChunkKey",
+    "Claim",
     "CliCommand",
     "Duration",
+    "EngineExtension",
+    "EngineExtensionType",
+    "EngineLoad",
+    "EngineRequest",
+    "EngineSave",
+    "EngineWorker",
     "HoldingsListener",
     "KVBytes",
     "KVChunk",

@@ -149,6 +149,46 @@ async def test_hook_lmplug_register_transports() -> None:
     assert len(built) == 1
 
 
+def test_hook_lmplug_register_engine_extensions() -> None:
+    """A plugin offers an extension; a config that lists it gets one built from validated options."""
+
+    class Options(tierkit.StrictModel):
+        ratio: float = 0.5
+
+    class Doubling(tierkit.EngineExtension):
+        def __init__(self, options: Options) -> None:
+            self.options = options
+
+        def claim(self, request: Any, computed: int, exact: int, call: Any) -> tierkit.Claim | None:
+            return tierkit.Claim(min(2 * exact, len(request.tokens) - 1))
+
+    class Offers:
+        @tierkit.hookimpl
+        def lmplug_register_engine_extensions(self, register: Any) -> None:
+            register(tierkit.EngineExtensionType("doubling", Options, Doubling, "claims twice the prefix"))
+
+    host = lmplug.PluginHost.from_environment({})
+    host.register(Offers(), "offers")
+    assert host.plugins["offers"].engine_extensions == ("doubling",)
+    (built,) = host.build_engine_extensions({"doubling": {"ratio": 0.25}})
+    assert isinstance(built, Doubling)
+    assert built.name == "doubling"
+    assert built.options.ratio == 0.25
+    assert built.claim(tierkit.EngineRequest("r", list(range(10))), 0, 3, lambda _: None) == tierkit.Claim(6)
+    with pytest.raises(lmplug.ConfigError, match=r"extensions\.doubling\.rate: unknown key"):
+        host.build_engine_extensions({"doubling": {"rate": 1}})
+    with pytest.raises(lmplug.PluginUnavailable, match="pip install lmplug-absent"):
+        host.build_engine_extensions({"absent": {}})
+
+    class Clash:
+        @tierkit.hookimpl
+        def lmplug_register_engine_extensions(self, register: Any) -> None:
+            register(tierkit.EngineExtensionType("doubling", Options, Doubling))
+
+    with pytest.raises(lmplug.PluginContractError, match="both register engine extension 'doubling'"):
+        host.register(Clash(), "clash")
+
+
 async def test_hook_lmplug_chunks_admitted(stack: dict[str, Any]) -> None:
     seen: list[tuple[str, int]] = []
 

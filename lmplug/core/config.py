@@ -89,6 +89,10 @@ class LmplugConfig(StrictModel):
     rank: int = Field(default=0, ge=0)
     lease_timeout: Duration = Field(default=300.0, gt=0, description="Seconds before an unreleased lease expires.")
     tiers: list[TierConfig] = Field(min_length=1)
+    extensions: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Engine extensions by name (e.g. blend), each with its plugin's options; off unless listed.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> LmplugConfig:

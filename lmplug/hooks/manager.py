@@ -24,7 +24,10 @@ from types import ModuleType
 from typing import Any
 
 import pluggy
+from pydantic import ValidationError
 
+from lmplug.core.config import config_error
+from lmplug.core.extension import EngineExtension, EngineExtensionType
 from lmplug.core.remote import ChunkCodec, PeerTransport, RawCodec, RemoteScheme
 from lmplug.core.tier import TierType
 from lmplug.errors import PluginContractError, PluginUnavailable
@@ -39,6 +42,7 @@ _REGISTRIES = {
     "remote scheme": "remote_schemes",
     "codec": "codecs",
     "transport": "transports",
+    "engine extension": "engine_extensions",
 }
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -69,6 +73,7 @@ class PluginInfo:
     remote_schemes: tuple[str, ...] = ()
     codecs: tuple[str, ...] = ()
     transports: tuple[str, ...] = ()
+    engine_extensions: tuple[str, ...] = ()
     error: str | None = None
 
 
@@ -82,6 +87,7 @@ class PluginHost:
     remote_schemes: dict[str, RemoteScheme[Any]] = field(default_factory=dict)
     codecs: dict[str, ChunkCodec] = field(default_factory=lambda: {"raw": RawCodec()})
     transports: dict[str, PeerTransport] = field(default_factory=dict)
+    engine_extensions: dict[str, EngineExtensionType[Any]] = field(default_factory=dict)
     _owners: dict[tuple[str, str], str] = field(default_factory=lambda: {("codec", "raw"): "lmplug"})
 
     @classmethod
@@ -163,6 +169,7 @@ class PluginHost:
             tuple(offered["remote scheme"]),
             tuple(offered["codec"]),
             tuple(offered["transport"]),
+            tuple(offered["engine extension"]),
             error=None,
         )
 
@@ -172,11 +179,13 @@ class PluginHost:
         schemes: list[object] = []
         codecs: list[object] = []
         transports: list[object] = []
+        extensions: list[object] = []
         # Calls through the plugin manager (so LMPLUG_TRACE_PLUGINS shows them) on this plugin alone.
         self.pm.subset_hook_caller("lmplug_register_tier_types", others)(register=tier_types.append)
         self.pm.subset_hook_caller("lmplug_register_remote_schemes", others)(register=schemes.append)
         self.pm.subset_hook_caller("lmplug_register_codecs", others)(register=codecs.append)
         self.pm.subset_hook_caller("lmplug_register_transports", others)(register=transports.append)
+        self.pm.subset_hook_caller("lmplug_register_engine_extensions", others)(register=extensions.append)
         offered: dict[str, dict[str, Any]] = {kind: {} for kind in _REGISTRIES}
         for item in tier_types:
             if not isinstance(item, TierType):
@@ -194,7 +203,35 @@ class PluginHost:
             if not isinstance(item, PeerTransport):
                 raise TypeError(f"registered {item!r}, not a PeerTransport")
             offered["transport"][item.name] = item
+        for item in extensions:
+            if not isinstance(item, EngineExtensionType):
+                raise TypeError(f"registered {item!r}, not an EngineExtensionType")
+            offered["engine extension"][item.name] = item
         return offered
+
+    def build_engine_extensions(self, sections: Mapping[str, Mapping[str, Any]]) -> list[EngineExtension]:
+        """The engine extensions a config's ``extensions:`` lists, built from their validated options.
+
+        An extension no installed plugin offers is :class:`PluginUnavailable`; bad options are a
+        :class:`~lmplug.errors.ConfigError` naming the key (``extensions.blend.ratios``).
+        """
+        built: list[EngineExtension] = []
+        for name, options in sections.items():
+            kind = self.engine_extensions.get(name)
+            if kind is None:
+                known = ", ".join(sorted(self.engine_extensions)) or "none"
+                raise PluginUnavailable(
+                    f"no installed plugin provides engine extension {name!r} (extensions available: {known}); "
+                    f"install it with `pip install lmplug-{name}`"
+                )
+            try:
+                settings = kind.config_model.model_validate(dict(options or {}))
+            except ValidationError as exc:
+                raise config_error(exc, prefix=f"extensions.{name}") from None
+            extension = kind.factory(settings)
+            extension.name = name
+            built.append(extension)
+        return built
 
     def resolve_remote_scheme(self, scheme: str) -> RemoteScheme[Any]:
         """The connector registered for URL ``scheme``, or :class:`PluginUnavailable` naming the known ones."""

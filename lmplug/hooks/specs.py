@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     import torch
 
     from lmplug.core.commands import CliCommand
+    from lmplug.core.extension import EngineExtensionType
     from lmplug.core.keys import ChunkKey
     from lmplug.core.memory import KVChunk
     from lmplug.core.remote import ChunkCodec, PeerTransport, RemoteScheme
@@ -119,6 +120,24 @@ def lmplug_register_codecs(register: Callable[[ChunkCodec], None]) -> None:
     registering the same name is a start-up error.
     **Colour:** sync composition hook, implemented by plugin modules.
     **Process:** every process that opens a cache or runs ``lmplug`` commands.
+    """
+
+
+@hookspec
+def lmplug_register_engine_extensions(register: Callable[[EngineExtensionType], None]) -> None:  # type: ignore[type-arg]
+    """Offer engine extensions, by calling ``register(EngineExtensionType(...))`` once for each.
+
+    :param register: records a :class:`lmplug.tierkit.EngineExtensionType`: its ``name`` (the key
+        under the config's ``extensions:``), its ``config_model`` (a pydantic model of its options,
+        unknown keys rejected) and its ``factory(options) -> EngineExtension``. An extension changes
+        what an engine's requests reuse beyond their exact prefix (CacheBlend's passages); the
+        contract of the object the factory builds is :class:`lmplug.tierkit.EngineExtension`.
+    :returns: nothing; results are ignored.
+
+    **Call pattern:** all implementations, once per plugin manager, at start-up. Two plugins
+    registering the same name is a start-up error. Only the extensions the config lists are built.
+    **Colour:** sync composition hook, implemented by plugin modules.
+    **Process:** both processes of an engine with lmplug's connector (scheduler and workers).
     """
 
 

@@ -19,7 +19,9 @@ saved. Any lmplug failure becomes recompute, never a wrong answer.
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -29,6 +31,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
+from lmplug.hooks.manager import PluginHost
 from lmplug.integrations.vllm.lookup import LookupClient, socket_path
 from lmplug.integrations.vllm.scheduler import SchedulerSide, StepPlan
 from lmplug.integrations.vllm.settings import engine_config
@@ -68,7 +71,10 @@ class LMPlugConnector(KVConnectorBase_V1):
                 logger.info("lmplug: setting kv_load_failure_policy to 'recompute' (a cache miss is never fatal)")
                 object.__setattr__(transfer, "kv_load_failure_policy", "recompute")
             clients = [LookupClient(socket_path(engine_id, r)) for r in range(config.world_size)]
-            self._scheduler = SchedulerSide(clients, config.chunk_size, config.save_partial_chunks)
+            extensions = PluginHost.from_environment().build_engine_extensions(config.extensions)
+            self._scheduler = SchedulerSide(
+                clients, config.chunk_size, config.save_partial_chunks, extensions=extensions
+            )
         else:
             self._worker = WorkerSide(config, engine_id, block_size, rank)
 
@@ -102,6 +108,8 @@ class LMPlugConnector(KVConnectorBase_V1):
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         assert self._worker is not None
+        if self._worker.extensions:  # extensions that compute (CacheBlend) run the engine's model
+            self._worker.model = _engine_model()
         self._worker.register(kv_caches, _cpu_attention_isa(self._vllm_config, list(kv_caches)))
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
@@ -140,6 +148,25 @@ class LMPlugConnector(KVConnectorBase_V1):
         if self._scheduler is not None:
             for client in self._scheduler.lookups:
                 client.close()
+
+
+def _engine_model() -> Any | None:
+    """vLLM's model module, from the model runner that is registering its KV caches (vLLM offers a
+    connector no handle on the model: the runner is the caller's ``self``). None when not found."""
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        get_model = getattr(owner, "get_model", None)
+        if owner is not None and callable(get_model) and hasattr(owner, "kv_caches"):
+            try:
+                model = get_model()
+            except Exception:
+                return None
+            unwrap = getattr(model, "unwrap", None)  # a CUDA-graph wrapper around the model
+            return unwrap() if callable(unwrap) else model
+        frame = frame.f_back
+    logger.warning("lmplug: vLLM's model runner was not found; engine extensions that compute are off")
+    return None
 
 
 def _tensor_parallel_rank() -> int:

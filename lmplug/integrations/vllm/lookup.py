@@ -24,6 +24,9 @@ Frames, little-endian::
     request:  b"LMPT" u16 id_length u32 0 u32 0, a transfer id (UTF-8)  (a PD transfer's state)
     reply:    b"LMPA" u32 state (0: unknown, 1: receiving, 2: completed, 3: failed, 4: rejected)
 
+    request:  b"LMPE" u16 name_length u32 length u32 0, an engine extension's name, its message
+    reply:    b"LMPE" u32 length (0xFFFFFFFF: no answer), the extension's answer
+
 ``last_micros`` is how long the client's previous lookup took, as the scheduler saw it
 (0: none), so that the worker's statistics show the scheduler's side of the channel.
 """
@@ -39,7 +42,7 @@ import socket
 import struct
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import anyio
@@ -48,6 +51,7 @@ from anyio.abc import ByteStream, TaskGroup, TaskStatus
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from lmplug.core.cache import Cache
+from lmplug.core.extension import EngineExtension
 from lmplug.core.leases import Lease
 from lmplug.core.reporting import ThrottledLog
 from lmplug.core.tier import Capability
@@ -57,6 +61,8 @@ logger = logging.getLogger("lmplug.vllm")
 REQUEST = struct.Struct("<4sHII")
 REPLY = struct.Struct("<4sI")
 MAX_TOKENS = 1 << 24
+MAX_MESSAGE = 1 << 26
+"""Largest engine-extension message or answer on the channel (64 MiB)."""
 PENDING = 0xFFFFFFFF
 LOOKUP_WAIT = 0.002
 """With a shared (network) tier in the stack, how long a lookup waits for its answer before saying
@@ -108,6 +114,7 @@ class LookupServer:
         path: Path,
         extra: Callable[[], dict[str, object]] | None = None,
         *,
+        extensions: Mapping[str, EngineExtension] | None = None,
         wait: float = LOOKUP_WAIT,
         deadline: float = LOAD_DEADLINE,
         max_requests: int = MAX_REQUESTS,
@@ -116,6 +123,8 @@ class LookupServer:
         self.path = path
         self.extra = extra
         """Adds entries to :meth:`statistics` (the worker's transfer counters)."""
+        self.extensions = dict(extensions or {})
+        """The worker's engine extensions by name, which ``LMPE`` messages reach."""
         self.wait = wait
         self.deadline = deadline
         self.max_requests = max_requests
@@ -166,6 +175,14 @@ class LookupServer:
                         state = await self.transfer_state((await reader.receive_exactly(id_length)).decode())
                         await stream.send(REPLY.pack(b"LMPA", TRANSFER_STATES.index(state)))
                         continue
+                    if magic == b"LMPE" and count <= MAX_MESSAGE and micros == 0:
+                        name = (await reader.receive_exactly(id_length)).decode()
+                        answer = await self.extension(name, bytes(await reader.receive_exactly(count)))
+                        if answer is None or len(answer) > MAX_MESSAGE:
+                            await stream.send(REPLY.pack(b"LMPE", PENDING))
+                        else:
+                            await stream.send(REPLY.pack(b"LMPE", len(answer)) + answer)
+                        continue
                     if magic != b"LMPQ" or count > MAX_TOKENS:
                         logger.warning("lmplug lookup channel: malformed request; closing the connection")
                         return
@@ -179,6 +196,18 @@ class LookupServer:
                     await stream.send(REPLY.pack(b"LMPA", PENDING if hit is None else hit))
             except (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError, UnicodeDecodeError):
                 return
+
+    async def extension(self, name: str, message: bytes) -> bytes | None:
+        """Engine extension ``name``'s answer to its scheduler side's ``message``; None when lmplug is
+        off here, no such extension runs here, or it failed (logged)."""
+        extension = self.extensions.get(name)
+        if self.disabled is not None or extension is None:
+            return None
+        try:
+            return await extension.answer(message)
+        except Exception as exc:
+            self._warnings.report(("extension", name), "lmplug engine extension %r failed to answer: %s", name, exc)
+            return None
 
     async def transfer_state(self, transfer_id: str) -> str | None:
         """A PD transfer's state at this cache's receiver (see ``Cache.transfer_state``); None on
@@ -352,6 +381,21 @@ class LookupClient:
         encoded = transfer_id.encode()
         code = self._ask(REQUEST.pack(b"LMPT", len(encoded), 0, 0) + encoded)
         return TRANSFER_STATES[code] if 0 <= code < len(TRANSFER_STATES) else None
+
+    def extension(self, name: str, message: bytes) -> bytes | None:
+        """Engine extension ``name``'s answer from the worker, or None (no answer, or the channel failed)."""
+        encoded = name.encode()
+        try:
+            sock = self._connect()
+            sock.sendall(REQUEST.pack(b"LMPE", len(encoded), len(message), 0) + encoded + message)
+            magic, length = REPLY.unpack(self._receive(sock, REPLY.size))
+            if magic != b"LMPE" or (length > MAX_MESSAGE and length != PENDING):
+                raise ConnectionError("malformed reply on the lmplug lookup channel")
+            return None if length == PENDING else bytes(self._receive(sock, length))
+        except OSError as exc:
+            self.close()
+            self._warnings.report(type(exc).__name__, "lmplug lookup channel failed (%s); treating it as a miss", exc)
+            return None
 
     def _ask(self, frame: bytes) -> int:
         try:

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from lmplug.core.extension import ChannelCall, Claim, EngineExtension, EngineLoad, EngineRequest, EngineSave
 from lmplug.integrations.vllm.pd import PDParams, finished_params, pd_params
 
 logger = logging.getLogger("lmplug.vllm")
@@ -25,6 +26,8 @@ class Lookups(Protocol):
     def release(self, request_id: str) -> None: ...
 
     def transfer_state(self, transfer_id: str) -> str | None: ...
+
+    def extension(self, name: str, message: bytes) -> bytes | None: ...
 
     def close(self) -> None: ...
 
@@ -67,6 +70,10 @@ class StepPlan:
     them sent (after the save), then frees them."""
     pushes: list[Push] = field(default_factory=list)
     """Pushes to start once this step's saves are stored."""
+    extension_loads: list[tuple[str, EngineLoad]] = field(default_factory=list)
+    """Tokens engine extensions supply (by extension name), written before the forward, after ``loads``."""
+    extension_saves: list[tuple[str, EngineSave]] = field(default_factory=list)
+    """Finished requests computed exactly that extensions keep something of (their blocks are held)."""
 
 
 @dataclass(slots=True)
@@ -93,8 +100,10 @@ class SchedulerSide:
         chunk_size: int,
         save_partial_chunks: bool,
         clock: Callable[[], float] = time.monotonic,
+        extensions: Sequence[EngineExtension] = (),
     ) -> None:
         self.lookups: list[Lookups] = list(lookups) if isinstance(lookups, Sequence) else [lookups]
+        self.extensions = list(extensions)
         self.chunk_size = chunk_size
         self.save_partial_chunks = save_partial_chunks
         self.clock = clock
@@ -106,6 +115,10 @@ class SchedulerSide:
         """PD decode requests waiting for their KV: request id -> (first asked, next ask)."""
         self._decodes: dict[str, tuple[str, int]] = {}
         """PD decode requests: request id -> (transfer id, tokens lmplug loads)."""
+        self._claims: dict[str, tuple[str, Claim, int]] = {}
+        """Requests an engine extension claimed: request id -> (extension, claim, end of the exact prefix)."""
+        self._extended: set[str] = set()
+        """Requests an extension supplied tokens to: nothing they compute is saved under prefix keys."""
 
     def num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> int | None:
         """Tokens beyond ``num_computed_tokens`` that lmplug will load; ``None``: ask again next step."""
@@ -114,6 +127,8 @@ class SchedulerSide:
             return 0
         if self._saving_a_prefix_of(tokens):
             return None  # the KV of an earlier turn is saved this coming step: wait for it
+        if self._plan.extension_saves:
+            return None  # what extensions keep of finished requests is saved this coming step: wait for it
         request_id = request.request_id
         pd = pd_params(request)
         decode = pd if pd is not None and pd.role == "decode" else None
@@ -140,6 +155,11 @@ class SchedulerSide:
             if self._awaits_transfer(request_id, decode, hit, len(tokens) - 1, _ended(states)):
                 return None
             self._decodes[request_id] = (decode.xfer_id, 0)
+        elif self.extensions:
+            end = self._claim(request, tokens, num_computed_tokens, max(hit, num_computed_tokens))
+            if end is not None:
+                self._hits[request_id] = (num_computed_tokens, hit)
+                return end - num_computed_tokens
         if hit <= num_computed_tokens:
             if any(answers):
                 self._plan.releases.append(request_id)
@@ -148,6 +168,28 @@ class SchedulerSide:
         # starts where vLLM's own prefix hit ends, as it was when it asked.
         self._hits[request_id] = (num_computed_tokens, hit)
         return hit - num_computed_tokens
+
+    def _claim(self, request: Any, tokens: list[int], computed: int, exact: int) -> int | None:
+        """The end of what the first extension that claims the request supplies (recorded), else None."""
+        self._claims.pop(request.request_id, None)
+        view = _engine_request(request, tokens)
+        for extension in self.extensions:
+            try:
+                claim = extension.claim(view, computed, exact, self._call(extension.name))
+            except Exception:
+                logger.exception("lmplug engine extension %r failed to claim a request", extension.name)
+                continue
+            if claim is not None and exact < claim.end <= len(tokens) - 1:
+                self._claims[request.request_id] = (extension.name, claim, exact)
+                return claim.end
+        return None
+
+    def _call(self, name: str) -> ChannelCall:
+        def call(message: bytes) -> list[bytes] | None:
+            answers = [lookup.extension(name, message) for lookup in self.lookups]
+            return None if any(answer is None for answer in answers) else [a for a in answers if a is not None]
+
+        return call
 
     def _awaits_transfer(self, request_id: str, decode: PDParams, hit: int, wanted: int, ended: str | None) -> bool:
         """Whether a PD decode request goes on waiting for the KV its prefill pushes: until the
@@ -185,6 +227,20 @@ class SchedulerSide:
         request_id = request.request_id
         tokens = list(request.prompt_token_ids or ())
         start, hit = self._hits.pop(request_id, (0, 0))
+        claim = self._claims.pop(request_id, None)
+        if claim is not None and num_external_tokens > 0:
+            name, claimed, exact = claim
+            end = start + num_external_tokens
+            if exact > start:
+                self._plan.loads.append(Span(request_id, tokens[:exact], list(block_ids), start, exact))
+            elif hit:
+                self._plan.releases.append(request_id)
+            load = EngineLoad(request_id, tokens[:end], list(block_ids), max(exact, start), end, claimed.payload)
+            self._plan.extension_loads.append((name, load))
+            self._extended.add(request_id)
+            # Never saved under prefix keys: the KV after the exact prefix is an extension's, not vLLM's own.
+            self._requests[request_id] = _Request(tokens, list(block_ids), len(tokens))
+            return
         if num_external_tokens > 0 and hit:
             end = start + num_external_tokens
             self._plan.loads.append(Span(request_id, tokens[:end], list(block_ids), start, end))
@@ -241,6 +297,12 @@ class SchedulerSide:
         state = self._requests.pop(request_id, None)
         self._hits.pop(request_id, None)
         self._waits.pop(request_id, None)
+        self._claims.pop(request_id, None)
+        if request_id in self._extended:
+            self._extended.discard(request_id)
+            for lookup in self.lookups:
+                lookup.release(request_id)
+            return False, None
         for lookup in self.lookups:
             lookup.release(request_id)
         decode = self._decodes.pop(request_id, None)
@@ -252,16 +314,37 @@ class SchedulerSide:
         pd = pd_params(request)
         if pd is not None and pd.role == "prefill":
             return self._finish_prefill(request, state, list(block_ids), pd)
-        if state is None or not self.save_partial_chunks:
+        if state is None:
             return False, None
         all_tokens = list(getattr(request, "all_token_ids", None) or state.tokens)
         computed = self._computed(request, all_tokens)
-        if computed <= state.saved:
-            return False, None
-        start = state.saved - state.saved % self.chunk_size
-        self._plan.saves.append(Span(request_id, all_tokens[:computed], list(block_ids), start, computed))
-        self._plan.finished.append(request_id)
-        return True, None
+        keep = self._plan_extension_saves(request, state, list(block_ids), computed)
+        if self.save_partial_chunks and computed > state.saved:
+            start = state.saved - state.saved % self.chunk_size
+            self._plan.saves.append(Span(request_id, all_tokens[:computed], list(block_ids), start, computed))
+            keep = True
+        if keep:
+            self._plan.finished.append(request_id)
+        return keep, None
+
+    def _plan_extension_saves(self, request: Any, state: _Request, block_ids: list[int], computed: int) -> bool:
+        """Offer a finished request computed exactly to the extensions that want it: whether any does."""
+        if not self.extensions or not block_ids:
+            return False
+        view = _engine_request(request, state.tokens)
+        prompt = min(computed, len(state.tokens))
+        wanted = False
+        for extension in self.extensions:
+            try:
+                if not extension.wants_save(view):
+                    continue
+            except Exception:
+                logger.exception("lmplug engine extension %r failed to look at a finished request", extension.name)
+                continue
+            save = EngineSave(view.request_id, view.tokens, block_ids, prompt, view.params)
+            self._plan.extension_saves.append((extension.name, save))
+            wanted = True
+        return wanted
 
     @staticmethod
     def _computed(request: Any, all_tokens: list[int]) -> int:
@@ -297,3 +380,9 @@ def _ended(states: Sequence[str | None]) -> str | None:
     if states and all(state == "completed" for state in states):
         return "completed"
     return None
+
+
+def _engine_request(request: Any, tokens: list[int]) -> EngineRequest:
+    """What an engine extension sees of a vLLM request."""
+    params = getattr(request, "kv_transfer_params", None)
+    return EngineRequest(request.request_id, tokens, params if isinstance(params, dict) else {})

@@ -18,6 +18,7 @@ import anyio
 import torch
 
 from lmplug.core.config import LmplugConfig
+from lmplug.core.extension import EngineExtension, EngineLoad, EngineSave
 from lmplug.core.layout import KVLayout
 from lmplug.core.memory import KVChunk, empty_kv
 from lmplug.core.sync import SyncCache
@@ -64,6 +65,12 @@ class TransferCounters:
     """Tokens the decode instances hold after those pushes."""
     short_pushes: int = 0
     """Pushes that delivered less than the prompt asked (dead, full or refusing decode; a timeout)."""
+    extension_loads: int = 0
+    """Requests whose tokens past the exact prefix an engine extension wrote (CacheBlend's blends)."""
+    extension_load_failures: int = 0
+    """Of those, the ones that failed: their tokens were recomputed."""
+    extension_seconds: float = 0.0
+    """Time the forward waited for extensions' loads and saves."""
 
     def statistics(self) -> dict[str, object]:
         """The counters, by name."""
@@ -107,11 +114,23 @@ class WorkerSide:
     def __init__(self, config: LmplugConfig, engine_id: str, block_size: int, rank: int = 0) -> None:
         self.config = config
         self.block_size = block_size
+        self.rank = rank
         self.cache = SyncCache(config)
         self.cache.open()
         self.transfers = TransferCounters()
+        try:
+            built = self.cache.async_cache.plugins.build_engine_extensions(config.extensions)
+        except BaseException:
+            self.cache.close()
+            raise
+        self.extensions: dict[str, EngineExtension] = {extension.name: extension for extension in built}
+        self.model: object | None = None
+        """The engine's model module (for extensions that compute), when the connector found it."""
         self.server = LookupServer(
-            self.cache.async_cache, socket_path(engine_id, rank), lambda: {"transfers": self.transfers.statistics()}
+            self.cache.async_cache,
+            socket_path(engine_id, rank),
+            self._statistics,
+            extensions=self.extensions,
         )
         self.cache.start_background(self.server.serve)
         self.layers: list[torch.Tensor] = []
@@ -144,6 +163,15 @@ class WorkerSide:
         self._slot = 0
         self._finished_lock = threading.Lock()
 
+    def _statistics(self) -> dict[str, object]:
+        extensions: dict[str, object] = {}
+        for name, extension in self.extensions.items():
+            try:
+                extensions[name] = extension.statistics()
+            except Exception as exc:
+                extensions[name] = {"error": str(exc)}
+        return {"transfers": self.transfers.statistics(), "extensions": extensions}
+
     def register(self, kv_caches: Mapping[str, torch.Tensor], cpu_isa: str | None = None) -> None:
         """Take vLLM's per-layer KV caches. ``cpu_isa`` is the ISA vLLM's CPU attention uses (its
         KV layout depends on it): the layout is then found by writing sample KV with vLLM's own
@@ -175,6 +203,13 @@ class WorkerSide:
             self._copier = Copier()
         how = f", loads through vLLM's {self.writer.isa!r} writer" if self.writer is not None else ""
         logger.info("lmplug: %d KV layers in vLLM's %r layout%s", len(self.layers), layout.name, how)
+        for name, extension in list(self.extensions.items()):
+            try:
+                extension.attach(_Engine(self))
+            except Exception:
+                logger.exception("lmplug engine extension %r could not start; it is off in this engine", name)
+                del self.extensions[name]
+                self.server.extensions.pop(name, None)
 
     def _cpu_layout(self, isa: str | None, dtype: torch.dtype) -> PagedLayout:
         model = self.config.model
@@ -221,6 +256,13 @@ class WorkerSide:
                 self._plan_load(spec, staging.narrow(2, offset, spec.end - spec.start) if staging is not None else None)
                 offset += spec.end - spec.start
         self.transfers.load_seconds += time.perf_counter() - started
+        self._queue_loads()
+        if plan.extension_loads:
+            self._extension_loads(plan.extension_loads)
+
+    def _queue_loads(self) -> None:
+        """Start writing the placed chunks into vLLM's blocks: on the copy thread (CPU) or the side
+        stream (CUDA), layer by layer."""
         if self._loads and self._copier is not None:
             self._load_jobs = [self._copier.submit(partial(self._scatter, p)) for p in range(len(self.layers))]
             return
@@ -234,6 +276,27 @@ class WorkerSide:
                 for piece in self._loads:
                     self.layout.scatter_placed(layer, piece.placement, piece.kv[:, position])
                 self._events[position].record(stream)
+
+    def _extension_loads(self, loads: list[tuple[str, EngineLoad]]) -> None:
+        """Have engine extensions write the tokens they claimed, once this step's exact loads are in
+        place (an extension computes over them). A failure has vLLM recompute the tokens."""
+        started = time.perf_counter()
+        size = self.block_size
+        if self.layout is not None:
+            for position in range(len(self.layers)):  # the exact prefixes first, every layer
+                self.wait_for_layer_position(position)
+        for name, load in loads:
+            extension = self.extensions.get(name)
+            self.transfers.extension_loads += 1
+            try:
+                if extension is None or self.layout is None:
+                    raise RuntimeError(f"engine extension {name!r} is not running in this worker")
+                extension.load(load)
+            except Exception as exc:
+                self.transfers.extension_load_failures += 1
+                logger.warning("lmplug engine extension %r failed to load a request; vLLM recomputes it: %s", name, exc)
+                self.failed_blocks.update(load.block_ids[load.start // size : -(-load.end // size)])
+        self.transfers.extension_seconds += time.perf_counter() - started
 
     def _take(self, plan: StepPlan) -> _Taken:
         """On the cache's loop: drop the leases vLLM no longer needs; reference each load's leased chunks."""
@@ -287,7 +350,12 @@ class WorkerSide:
     def wait_for_layer(self, layer_name: str) -> None:
         """Called before ``layer_name``'s attention runs: its loaded KV must be in place."""
         position = self.index.get(layer_name)
-        if not self._loads or position is None or self._loaded[position]:
+        if position is not None:
+            self.wait_for_layer_position(position)
+
+    def wait_for_layer_position(self, position: int) -> None:
+        """:meth:`wait_for_layer` by the layer's position."""
+        if not self._loads or self._loaded[position]:
             return
         self._loaded[position] = True
         if self._stream is not None:
@@ -417,6 +485,8 @@ class WorkerSide:
     def _save(self, plan: StepPlan) -> bool:
         """Whether the copy thread ends the saves (and then reports ``plan.finished`` itself)."""
         self._finish_loads()
+        if plan.extension_saves:
+            self._extension_saves(plan.extension_saves)
         taken, self._taken = self._taken, None
         if not plan.saves or self.layout is None:
             self._saves = None
@@ -452,6 +522,19 @@ class WorkerSide:
         self._hand_over(saves, gathered, taken, self._slot, plan.pushes)
         self.transfers.save_wait_seconds += time.perf_counter() - started
         return False
+
+    def _extension_saves(self, saves: list[tuple[str, EngineSave]]) -> None:
+        """Let extensions keep what they need of finished requests (their blocks are still held)."""
+        started = time.perf_counter()
+        for name, save in saves:
+            extension = self.extensions.get(name)
+            if extension is None or self.layout is None:
+                continue
+            try:
+                extension.save(save)
+            except Exception:
+                logger.exception("lmplug engine extension %r failed to save a request", name)
+        self.transfers.extension_seconds += time.perf_counter() - started
 
     def _end_saves(
         self,
@@ -592,6 +675,11 @@ class WorkerSide:
 
     def close(self) -> None:
         """Stop the lookup channel (its task is cancelled with the cache) and close the cache."""
+        for name, extension in self.extensions.items():
+            try:
+                extension.close()
+            except Exception:
+                logger.exception("lmplug engine extension %r failed to close", name)
         if self._copier is not None:
             self._copier.close()
         self.wait_saves()
@@ -606,3 +694,30 @@ def _cpu_writer_op() -> Callable[..., object] | None:
         return cast("Callable[..., object]", torch.ops._C.cpu_attn_reshape_and_cache)
     except (ImportError, AttributeError, RuntimeError):
         return None
+
+
+class _Engine:
+    """What an engine extension sees of this worker (:class:`lmplug.tierkit.EngineWorker`)."""
+
+    def __init__(self, worker: WorkerSide) -> None:
+        assert worker.layout is not None
+        self._worker = worker
+        self._layout = worker.layout
+        self.cache = worker.cache
+        self.model = worker.model
+        self.num_layers = len(worker.layers)
+        self.world_size = worker.config.world_size
+        self.rank = worker.rank
+        self.device = worker.layers[0].device
+        self.dtype = worker.layers[0].dtype
+
+    def gather(self, layer: int, block_ids: Sequence[int], start: int, end: int, out: torch.Tensor) -> None:
+        worker = self._worker
+        self._layout.gather_placed(worker.layers[layer], worker._placement(block_ids, start, end), out)
+
+    def scatter(self, layer: int, block_ids: Sequence[int], start: int, end: int, kv: torch.Tensor) -> None:
+        worker = self._worker
+        if worker.writer is not None:
+            worker.writer.write(worker.layers[layer], slot_tensor(block_ids, start, end, worker.block_size), kv)
+        else:
+            self._layout.scatter_placed(worker.layers[layer], worker._placement(block_ids, start, end), kv)

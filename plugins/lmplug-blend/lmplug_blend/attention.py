@@ -36,6 +36,10 @@ def masked_attention(
     """Attention of ``q`` ``[n, heads, dim]`` over ``k``, ``v`` ``[m, kv_heads, dim]`` (grouped-query:
     ``heads`` a multiple of ``kv_heads``), each query at its position over the keys at theirs.
     Returns ``[n, heads * dim]`` in ``q``'s dtype.
+
+    ``key_positions`` must be increasing and ``query_positions`` non-decreasing: each block of
+    queries then reads only the keys its positions can reach (about half the work of masking
+    every key).
     """
     heads, kv_heads = q.shape[1], k.shape[1]
     if heads % kv_heads:
@@ -43,12 +47,26 @@ def masked_attention(
     keys = k.transpose(0, 1).unsqueeze(0)  # [1, kv_heads, m, dim]
     values = v.transpose(0, 1).unsqueeze(0)
     out = torch.empty(q.shape[0], heads * q.shape[2], dtype=q.dtype, device=q.device)
-    for begin in range(0, q.shape[0], ROWS_PER_BLOCK):
+    # The reach of each block: keys from the first one its earliest query sees (with a window)
+    # to the last one its latest query sees.
+    blocks = range(0, q.shape[0], ROWS_PER_BLOCK)
+    firsts = query_positions[list(blocks)]
+    lasts = query_positions[[min(b + ROWS_PER_BLOCK, q.shape[0]) - 1 for b in blocks]]
+    stops = torch.searchsorted(key_positions, lasts, right=True).tolist()
+    starts = [0] * len(stops)
+    if window is not None:
+        starts = torch.searchsorted(key_positions, firsts - window + 1).tolist()
+    for begin, first, stop in zip(blocks, starts, stops, strict=True):
         end = min(begin + ROWS_PER_BLOCK, q.shape[0])
-        mask = causal_mask(query_positions[begin:end], key_positions, window)
+        mask = causal_mask(query_positions[begin:end], key_positions[first:stop], window)
         queries = q[begin:end].transpose(0, 1).unsqueeze(0)  # [1, heads, rows, dim]
         result = F.scaled_dot_product_attention(
-            queries, keys, values, attn_mask=mask, scale=scale, enable_gqa=heads != kv_heads
+            queries,
+            keys[:, :, first:stop],
+            values[:, :, first:stop],
+            attn_mask=mask,
+            scale=scale,
+            enable_gqa=heads != kv_heads,
         )
         out[begin:end] = result[0].transpose(0, 1).reshape(end - begin, -1)
     return out

@@ -54,3 +54,21 @@ class PolicyConfig(StrictModel):
     max_forced_fraction: float = Field(
         default=0.5, ge=0.0, le=1.0, description="Largest share of the blended range with nothing reused."
     )
+
+
+class BlendConfig(StrictModel):
+    """``extensions.blend``: CacheBlend in vLLM."""
+
+    separator_ids: tuple[NonNegativeInt, ...] = Field(
+        default=(),
+        description="Token ids that separate passages in every prompt; without them, only requests that "
+        "give their passages (kv_transfer_params.lmplug.blend.segments) blend.",
+    )
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    layer0_tolerance: float = Field(
+        default=0.02, gt=0.0, description="Largest relative layer-0 difference between reused and fresh KV."
+    )
+    disable_after: NonNegativeInt = Field(
+        default=3, description="Turn blending off after this many blends in a row fail the layer-0 check (0: never)."
+    )

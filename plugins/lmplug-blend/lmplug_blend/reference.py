@@ -84,11 +84,16 @@ class ReferenceBlender:
 
     # ------------------------------------------------------------------ blended
 
-    def blended(self, tokens: Sequence[int], spans: Sequence[Sequence[int]]) -> Prefill:
-        """Prefill of ``tokens`` with cached passages blended in (exact when nothing blends)."""
+    def blended(
+        self, tokens: Sequence[int], spans: Sequence[Sequence[int]], exact: torch.Tensor | None = None
+    ) -> Prefill:
+        """Prefill of ``tokens`` with cached passages blended in (exact when nothing blends). ``exact``
+        is the KV ``[layers, 2, m, kv_heads, head_size]`` of the first ``m`` tokens, computed already
+        (an exact prefix hit: the blend starts after it)."""
         checked = check_spans(spans, len(tokens))
         hits = [self.cache.lookup(tokens[start:end], domain=self.domain) for start, end in checked]
-        plan = plan_blend(len(tokens), 0, checked, hits, self.policy)
+        start_at = 0 if exact is None else int(exact.shape[2])
+        plan = plan_blend(len(tokens), start_at, checked, hits, self.policy)
         if plan is None:
             return self.prefill(tokens)
         geometry = self.adapter.geometry
@@ -96,12 +101,14 @@ class ReferenceBlender:
         reused = torch.zeros(geometry.num_layers, 2, n, *self._shape, dtype=self.model.dtype)
         for start, _, hit in plan.passages:
             kv, got = self.cache.retrieve(tokens[start : start + hit], domain=self.domain)
+            first = max(start, plan.start)
             if got < hit:  # evicted since the lookup: those tokens are computed instead
-                plan.reusable[start + got - plan.start : start + hit - plan.start] = False
-            passage = kv[:, :, :got].reshape(*kv.shape[:2], got, *self._shape).transpose(0, 1)  # [layers, 2, got, h, d]
-            rows = slice(start - plan.start, start - plan.start + got)
-            reused[:, 0, rows] = moved(passage[:, 0], start, self.adapter.rope)
-            reused[:, 1, rows] = passage[:, 1]
+                plan.reusable[max(start + got, first) - plan.start : start + hit - plan.start] = False
+            if start + got > first:
+                passage = kv[:, :, first - start : got].reshape(2, kv.shape[1], -1, *self._shape).transpose(0, 1)
+                rows = slice(first - plan.start, start + got - plan.start)
+                reused[:, 0, rows] = moved(passage[:, 0], start, self.adapter.rope)
+                reused[:, 1, rows] = passage[:, 1]
         fused = torch.empty_like(reused)
 
         def sink(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -113,12 +120,15 @@ class ReferenceBlender:
             reused=lambda layer: (reused[layer, 0], reused[layer, 1]),
             reusable=torch.from_numpy(plan.reusable),
             offsets=torch.from_numpy(plan.offsets),
+            context=(lambda layer: (exact[layer, 0], exact[layer, 1])) if exact is not None else None,
         )
         try:
             result = blend(self.adapter, request, self.selection, sink)
         except BlendRejected as exc:
-            exact = self.prefill(tokens)
-            return Prefill(exact.kv, exact.logits, None, rejected=str(exc))
+            full = self.prefill(tokens)
+            return Prefill(full.kv, full.logits, None, rejected=str(exc))
+        if exact is not None:
+            fused = torch.cat([exact, fused], dim=2)
         kv, logits = self._forward(torch.tensor(tokens[plan.end :], dtype=torch.int64), fused)
         return Prefill(kv, logits, result)
 

@@ -76,7 +76,8 @@ def spans_between(tokens: np.ndarray, separator: Sequence[int]) -> list[Span]:
 class BlendPlan:
     """What a request blends: the range ``[start, end)`` of the prompt; per token of the range,
     whether its KV is reused and its offset inside its passage; the passages used, each
-    ``(start, end, hit)`` with ``hit`` leading tokens cached."""
+    ``(start, end, hit)``: the passage's span and how many of its leading tokens are reused
+    (from its own start, which may lie before the range's)."""
 
     start: int
     end: int
@@ -97,12 +98,13 @@ def plan_blend(
 
     The range ends where the last reused passage's cached tokens end, at most ``length - 1`` (the
     engine computes the last prompt token itself); every token in it that nothing covers is
-    recomputed (a missed passage does not end the range).
+    recomputed (a missed passage does not end the range). A passage that begins inside the exact
+    prefix contributes the cached tokens it has after it.
     """
     used = [
         (s, e, min(hit, e - s))
         for (s, e), hit in zip(spans, hits, strict=True)
-        if e - s >= policy.min_segment_tokens and hit > 0 and s >= start
+        if e - s >= policy.min_segment_tokens and s + min(hit, e - s) > start
     ]
     if not used:
         return None
@@ -113,11 +115,11 @@ def plan_blend(
     offsets = np.zeros(end - start, dtype=np.int64)
     passages = []
     for s, e, hit in used:
-        stop = min(s + hit, end)
-        if stop <= s:
+        first, stop = max(s, start), min(s + hit, end)
+        if stop <= first:
             continue
-        reusable[s - start : stop - start] = True
-        offsets[s - start : stop - start] = np.arange(stop - s)
+        reusable[first - start : stop - start] = True
+        offsets[first - start : stop - start] = np.arange(first - s, stop - s)
         passages.append((s, e, stop - s))
     reused = int(reusable.sum())
     if reused < max(policy.min_reused_tokens, 1) or (end - start - reused) > policy.max_forced_fraction * (end - start):

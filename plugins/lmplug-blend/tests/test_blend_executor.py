@@ -160,6 +160,20 @@ def test_hkvd_recomputes_the_tokens_that_deviate_most(model: Any) -> None:
     assert fixed == wrong
 
 
+def test_a_passage_split_by_the_exact_prefix_is_reused_after_it(model: Any, cache: SyncCache) -> None:
+    reference = blender(model, cache, check_layers=(1,), ratios=(1.0,))
+    reference.ingest(*prompt(SYSTEM, A, B, QUESTION))
+    tokens, spans = prompt(SYSTEM, B, A, QUESTION)
+    exact = reference.prefill(tokens)
+    # The first 30 tokens (the system line and some of B) are an exact prefix, computed already.
+    start = 30
+    blended = reference.blended(tokens, spans, exact=exact.kv[:, :, :start])
+    assert blended.blend is not None
+    assert blended.blend.tokens == len(tokens) - len(QUESTION) - start
+    assert blended.blend.reused == len(A) + len(B) - (start - len(SYSTEM))
+    torch.testing.assert_close(blended.logits, exact.logits, atol=1e-4, rtol=1e-4)
+
+
 def test_wrong_passage_kv_is_refused_and_the_prompt_computed(model: Any, cache: SyncCache) -> None:
     reference = blender(model, cache)
     tokens, spans = prompt(SYSTEM, A, B, QUESTION)

@@ -40,6 +40,15 @@ def test_a_blend_starts_after_what_is_already_computed() -> None:
     assert plan.passages == ((20, 60, 40),)
 
 
+def test_a_passage_that_begins_inside_the_exact_prefix_gives_the_rest() -> None:
+    plan = plan_blend(100, 30, [(10, 60), (60, 90)], [50, 0], POLICY)
+    assert plan is not None
+    assert (plan.start, plan.end) == (30, 60)
+    assert plan.reusable.all()
+    assert plan.offsets.tolist() == list(range(20, 50))
+    assert plan.passages == ((10, 60, 50),)
+
+
 @pytest.mark.parametrize(
     ("spans", "hits", "why"),
     [
