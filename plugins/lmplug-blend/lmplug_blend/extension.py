@@ -21,9 +21,11 @@ import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 
 from lmplug.tierkit import (
     ChannelCall,
@@ -34,9 +36,10 @@ from lmplug.tierkit import (
     EngineSave,
     EngineWorker,
     ThrottledLog,
+    config_error,
 )
 from lmplug_blend.adapters import BlendAdapter
-from lmplug_blend.config import BlendConfig
+from lmplug_blend.config import BlendConfig, SelectionConfig
 from lmplug_blend.executor import BlendInput, BlendRejected, blend
 from lmplug_blend.segments import (
     BlendPlan,
@@ -80,11 +83,36 @@ class BlendCounters:
     save_seconds: float = 0.0
 
 
-def request_spans(request: EngineRequest, separators: Sequence[int]) -> list[Span]:
-    """The request's passages: from its parameters, else between separator ids, else none."""
+@dataclass(frozen=True, slots=True)
+class BlendJob:
+    """What the scheduler sends the worker: the plan, and the selection to blend it with."""
+
+    plan: BlendPlan
+    selection: SelectionConfig
+
+
+def _blend_params(request: EngineRequest) -> dict[str, Any] | None:
     lmplug = request.params.get("lmplug") if isinstance(request.params, dict) else None
     given = lmplug.get("blend") if isinstance(lmplug, dict) else None
-    if isinstance(given, dict) and "segments" in given:
+    return given if isinstance(given, dict) else None
+
+
+def request_selection(request: EngineRequest, default: SelectionConfig) -> SelectionConfig:
+    """The request's own selection (``kv_transfer_params.lmplug.blend.selection``), else ``default``;
+    ValueError naming the key when it is malformed."""
+    given = _blend_params(request)
+    if given is None or "selection" not in given:
+        return default
+    try:
+        return SelectionConfig.model_validate(given["selection"])
+    except ValidationError as exc:
+        raise ValueError(str(config_error(exc, prefix="kv_transfer_params.lmplug.blend.selection"))) from None
+
+
+def request_spans(request: EngineRequest, separators: Sequence[int]) -> list[Span]:
+    """The request's passages: from its parameters, else between separator ids, else none."""
+    given = _blend_params(request)
+    if given is not None and "segments" in given:
         return check_spans(given["segments"], len(request.tokens))
     if separators:
         return spans_between(np.asarray(request.tokens, dtype=np.int32), separators)
@@ -133,6 +161,11 @@ class BlendExtension(EngineExtension):
         spans = [span for span in self._spans(request) if span[1] > exact]
         if not spans:
             return None
+        try:
+            selection = request_selection(request, self.config.selection)
+        except ValueError as exc:
+            self._warnings.report("selection", "lmplug blend: request %s: %s; not blended", request.request_id, exc)
+            return None
         answers = call(encode_query(request.tokens, spans))
         if not answers:
             return None
@@ -140,7 +173,7 @@ class BlendExtension(EngineExtension):
         if len(hits) != len(spans):
             return None
         plan = plan_blend(len(request.tokens), exact, spans, hits, self.config.policy)
-        return Claim(plan.end, plan) if plan is not None else None
+        return Claim(plan.end, BlendJob(plan, selection)) if plan is not None else None
 
     def wants_save(self, request: EngineRequest) -> bool:
         return bool(self._spans(request))
@@ -169,11 +202,12 @@ class BlendExtension(EngineExtension):
         return hits.tobytes()
 
     def load(self, load: EngineLoad) -> None:
-        worker, adapter, plan = self._worker, self._adapter, load.payload
+        worker, adapter, job = self._worker, self._adapter, load.payload
         if worker is None or adapter is None or self.disabled is not None:
             raise RuntimeError(f"blending is off in this engine: {self.disabled or 'not attached'}")
-        if not isinstance(plan, BlendPlan) or (plan.start, plan.end) != (load.start, load.end):
-            raise RuntimeError(f"the blend plan {plan!r} does not match the load [{load.start}, {load.end})")
+        if not isinstance(job, BlendJob) or (job.plan.start, job.plan.end) != (load.start, load.end):
+            raise RuntimeError(f"the blend plan {job!r} does not match the load [{load.start}, {load.end})")
+        plan = job.plan
         started = time.perf_counter()
         reused, reusable = self._reused(worker, adapter, plan, load.tokens)
         geometry = adapter.geometry
@@ -199,7 +233,7 @@ class BlendExtension(EngineExtension):
         loaded = time.perf_counter()
         self.counters.load_seconds += loaded - started
         try:
-            result = blend(adapter, request, self.config.selection, sink, tolerance=self.config.layer0_tolerance)
+            result = blend(adapter, request, job.selection, sink, tolerance=self.config.layer0_tolerance)
         except BlendRejected as exc:
             self._refused(str(exc))
             raise
