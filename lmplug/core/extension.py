@@ -103,6 +103,21 @@ class EngineWorker(Protocol):
         ``[start, end)`` of one layer into a request's blocks, where the engine's attention reads it."""
         ...
 
+    def attend(
+        self,
+        layer: int,
+        block_ids: Sequence[int],
+        query: torch.Tensor,
+        positions: torch.Tensor,
+        scale: float,
+        window: int | None,
+    ) -> torch.Tensor | None:
+        """Attention of ``query`` ``[n, heads, head_size]`` at increasing ``positions`` over the KV of one
+        layer in a request's blocks, each query over the keys at or before its position (within
+        ``window``), with the engine's own kernel: ``[n, heads * head_size]``. None when the engine
+        offers no such kernel here (gather the KV and attend to it yourself)."""
+        ...
+
 
 class EngineExtension:
     """Base of the objects an :class:`EngineExtensionType`'s factory builds; every method but

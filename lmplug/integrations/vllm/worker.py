@@ -23,6 +23,7 @@ from lmplug.core.layout import KVLayout
 from lmplug.core.memory import KVChunk, empty_kv
 from lmplug.core.sync import SyncCache
 from lmplug.errors import KVShapeError
+from lmplug.integrations.vllm.attention import CpuPagedAttention
 from lmplug.integrations.vllm.copier import Copier
 from lmplug.integrations.vllm.lookup import LookupServer, socket_path
 from lmplug.integrations.vllm.paged import (
@@ -138,6 +139,8 @@ class WorkerSide:
         self.layout: PagedLayout | None = None
         self.writer: CpuWriter | None = None
         """vLLM's CPU KV writer, which loads go through on the CPU (None elsewhere)."""
+        self.attention: CpuPagedAttention | None = None
+        """vLLM's CPU attention over a request's blocks, for extensions that compute (None elsewhere)."""
         self.disabled: str | None = None
         """Why lmplug is off in this engine (vLLM's KV layout unknown), else None."""
         self.failed_blocks: set[int] = set()
@@ -220,6 +223,7 @@ class WorkerSide:
             log("lmplug: vLLM's CPU attention ISA is unknown; assuming the 'cpu' layout (ISA vec), unverified")
             return CpuLayout(model.num_kv_heads, model.head_size, self.block_size)
         writer = CpuWriter(op, isa, model.num_kv_heads, model.head_size, self.block_size)
+        self.attention = CpuPagedAttention(isa, model.num_kv_heads, model.head_size, self.block_size)
         with torch.inference_mode(mode=False):
             layout = detect_cpu_layout(writer, dtype)
         if layout.loads_through_writer:
@@ -721,3 +725,17 @@ class _Engine:
             worker.writer.write(worker.layers[layer], slot_tensor(block_ids, start, end, worker.block_size), kv)
         else:
             self._layout.scatter_placed(worker.layers[layer], worker._placement(block_ids, start, end), kv)
+
+    def attend(
+        self,
+        layer: int,
+        block_ids: Sequence[int],
+        query: torch.Tensor,
+        positions: torch.Tensor,
+        scale: float,
+        window: int | None,
+    ) -> torch.Tensor | None:
+        attention = self._worker.attention
+        if attention is None:
+            return None
+        return attention.attend(self._worker.layers[layer], block_ids, query, positions, scale, window)

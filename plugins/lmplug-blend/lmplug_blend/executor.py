@@ -20,8 +20,9 @@ raises :class:`BlendRejected` and the caller recomputes the request instead.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -35,6 +36,10 @@ LayerKV = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
 
 Sink = Callable[[int, torch.Tensor, torch.Tensor], None]
 """``(layer, K, V)`` of the whole range, each ``[n, kv_heads, head_size]``; called once per layer, in order."""
+
+Attend = Callable[[int, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
+"""``(layer, q, positions) -> [n, heads * head_size]``: attention of ``q`` over the KV the sink wrote for
+this layer (and the context before the range), with the engine's own kernel; None: not available."""
 
 ROPE_TOLERANCE = 0.02
 """Largest layer-0 difference between fresh and reused KV, relative to the largest fresh value,
@@ -53,7 +58,9 @@ class BlendInput:
     :data:`LayerKV` over those ``n`` tokens (rows not in ``reusable`` are ignored);
     ``reusable`` bool ``[n]``; ``offsets`` int64 ``[n]``, each token's position inside its
     passage (the ``head`` strategy and ``head_tokens`` use it); ``context`` is a
-    :data:`LayerKV` of the ``start`` tokens before the range (``None`` when ``start`` is 0).
+    :data:`LayerKV` of the ``start`` tokens before the range (``None`` when ``start`` is 0);
+    ``attend`` computes attention where the sink wrote (the engine's kernel over its own cache),
+    else the executor attends to ``context`` and the fused KV itself.
     """
 
     tokens: torch.Tensor
@@ -62,6 +69,7 @@ class BlendInput:
     reusable: torch.Tensor
     offsets: torch.Tensor
     context: LayerKV | None = None
+    attend: Attend | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +83,9 @@ class BlendResult:
     recomputed: int
     forced: int
     layer0_error: float
+    seconds: dict[str, float] = field(default_factory=dict)
+    """Time by phase: ``project`` (norms, projections, RoPE), ``select``, ``write`` (the sink),
+    ``attend`` and ``mlp`` (output projection and MLP)."""
 
 
 def _layer0_error(fresh: tuple[torch.Tensor, torch.Tensor], reused: tuple[torch.Tensor, torch.Tensor]) -> float:
@@ -113,8 +124,18 @@ def blend(
     active = torch.arange(n, device=device)  # rows whose stream is current at this layer
     stream = adapter.embed(request.tokens)
     layer0_error = 0.0
+    seconds = dict.fromkeys(("project", "select", "write", "attend", "mlp"), 0.0)
+    clock = time.perf_counter()
+
+    def lap(phase: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[phase] += now - clock
+        clock = now
+
     for layer in range(geometry.num_layers):
         q, k, v = adapter.attention_inputs(layer, stream, positions[active])
+        lap("project")
         reused_k, reused_v = request.reused(layer)
         fused_k, fused_v = reused_k.clone(), reused_v.clone()
         if layer == 0:
@@ -134,7 +155,9 @@ def blend(
             q, stream, active = q[keep], stream[keep], active[keep]
         else:
             fused_k[active], fused_v[active] = k, v
+        lap("select")
         sink(layer, fused_k, fused_v)
+        lap("write")
         if layer == geometry.num_layers - 1:
             break
         keep_rows = None
@@ -150,19 +173,29 @@ def blend(
             keep_rows = torch.nonzero(keep).flatten()
         if keep_rows is not None:
             q, stream, active = q[keep_rows], stream[keep_rows], active[keep_rows]
+        lap("select")
         if not active.numel():
             for later in range(layer + 1, geometry.num_layers):
                 sink(later, *request.reused(later))
             break
-        keys, values = fused_k, fused_v
-        if request.context is not None and request.start:
-            context_k, context_v = request.context(layer)
-            keys, values = torch.cat([context_k, fused_k]), torch.cat([context_v, fused_v])
-        attended = masked_attention(
-            q, keys, values, positions[active], key_positions, scale=geometry.scale, window=geometry.window
-        )
+        attended = request.attend(layer, q, positions[active]) if request.attend is not None else None
+        if attended is None:
+            keys, values = fused_k, fused_v
+            if request.context is not None and request.start:
+                context_k, context_v = request.context(layer)
+                keys, values = torch.cat([context_k, fused_k]), torch.cat([context_v, fused_v])
+            attended = masked_attention(
+                q, keys, values, positions[active], key_positions, scale=geometry.scale, window=geometry.window
+            )
+        lap("attend")
         stream = adapter.after_attention(layer, stream, attended)
+        lap("mlp")
     recomputed = int(reusable[active].sum()) if active.numel() else 0
     return BlendResult(
-        tokens=n, reused=reusable_count, recomputed=recomputed, forced=n - reusable_count, layer0_error=layer0_error
+        tokens=n,
+        reused=reusable_count,
+        recomputed=recomputed,
+        forced=n - reusable_count,
+        layer0_error=layer0_error,
+        seconds=seconds,
     )

@@ -79,7 +79,12 @@ class BlendCounters:
     load_seconds: float = 0.0
     """Reading and moving passage KV."""
     blend_seconds: float = 0.0
-    """The executor (selection, recompute, writing the fused KV)."""
+    """The executor (selection, recompute, writing the fused KV): the ``*_seconds`` below."""
+    project_seconds: float = 0.0
+    select_seconds: float = 0.0
+    write_seconds: float = 0.0
+    attend_seconds: float = 0.0
+    mlp_seconds: float = 0.0
     save_seconds: float = 0.0
 
 
@@ -229,6 +234,9 @@ class BlendExtension(EngineExtension):
             reusable=reusable,
             offsets=torch.from_numpy(plan.offsets),
             context=context_of if plan.start else None,
+            attend=lambda layer, q, positions: worker.attend(
+                layer, load.block_ids, q, positions, geometry.scale, geometry.window
+            ),
         )
         loaded = time.perf_counter()
         self.counters.load_seconds += loaded - started
@@ -249,6 +257,8 @@ class BlendExtension(EngineExtension):
         counters.reused_tokens += result.reused
         counters.recomputed_tokens += result.recomputed
         counters.forced_tokens += result.forced
+        for phase, spent in result.seconds.items():
+            setattr(counters, f"{phase}_seconds", getattr(counters, f"{phase}_seconds") + spent)
 
     def _reused(
         self, worker: EngineWorker, adapter: BlendAdapter, plan: BlendPlan, tokens: Sequence[int]
