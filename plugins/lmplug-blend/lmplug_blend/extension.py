@@ -214,7 +214,11 @@ class BlendExtension(EngineExtension):
             raise RuntimeError(f"the blend plan {job!r} does not match the load [{load.start}, {load.end})")
         plan = job.plan
         started = time.perf_counter()
-        reused, reusable = self._reused(worker, adapter, plan, load.tokens)
+        try:
+            reused, reusable = self._reused(worker, adapter, plan, load.tokens)
+        except Exception:
+            self.counters.failures += 1
+            raise
         geometry = adapter.geometry
         context = torch.empty(2, plan.start, geometry.num_kv_heads * geometry.head_size, dtype=worker.dtype)
         context = context.to(worker.device)
@@ -230,7 +234,7 @@ class BlendExtension(EngineExtension):
         request = BlendInput(
             tokens=torch.tensor(load.tokens[plan.start : plan.end], dtype=torch.int64, device=worker.device),
             start=plan.start,
-            reused=lambda layer: (reused[layer, 0], reused[layer, 1]),
+            reused=lambda layer: (reused[0, layer].view(-1, *shape), reused[1, layer].view(-1, *shape)),
             reusable=reusable,
             offsets=torch.from_numpy(plan.offsets),
             context=context_of if plan.start else None,
@@ -263,23 +267,31 @@ class BlendExtension(EngineExtension):
     def _reused(
         self, worker: EngineWorker, adapter: BlendAdapter, plan: BlendPlan, tokens: Sequence[int]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The cached passages' KV moved to their positions here ``[layers, 2, n, kv_heads, head_size]``,
-        and which tokens have it (a passage evicted since the lookup is computed instead)."""
+        """The cached passages' KV moved to their positions here, in lmplug's chunk layout
+        ``[2, layers, n, kv_heads * head_size]``, and which tokens have it (a passage evicted since the
+        lookup is computed instead). Rows without reused KV are left unset: they are always computed."""
         geometry = adapter.geometry
-        shape = (geometry.num_kv_heads, geometry.head_size)
         n = plan.end - plan.start
-        reused = torch.zeros(geometry.num_layers, 2, n, *shape, dtype=worker.dtype)
+        hidden = geometry.num_kv_heads * geometry.head_size
+        with torch.inference_mode(mode=False):  # the cache's thread writes into it
+            reused = torch.empty(2, geometry.num_layers, n, hidden, dtype=worker.dtype)
         reusable = torch.from_numpy(plan.reusable.copy())
         for start, _, hit in plan.passages:
-            kv, got = worker.cache.retrieve(list(tokens[start : start + hit]), domain=self._domain)
             first = max(start, plan.start)  # the passage may begin inside the exact prefix
+            if start >= plan.start and start + hit <= plan.end:
+                out = reused.narrow(2, start - plan.start, hit)  # read straight into place
+                _, got = worker.cache.retrieve(list(tokens[start : start + hit]), out=out, domain=self._domain)
+                passage = out.narrow(2, 0, got)
+            else:
+                kv, got = worker.cache.retrieve(list(tokens[start : start + hit]), domain=self._domain)
+                passage = kv.narrow(2, first - start, max(start + got - first, 0))
+                reused.narrow(2, first - plan.start, passage.shape[2]).copy_(passage)
+                passage = reused.narrow(2, first - plan.start, passage.shape[2])
             if start + got < start + hit:  # evicted since the lookup: computed instead
                 reusable[max(start + got, first) - plan.start : start + hit - plan.start] = False
-            if start + got > first:
-                passage = kv.view(2, geometry.num_layers, got, *shape)[:, :, first - start :]
-                rows = slice(first - plan.start, start + got - plan.start)
-                reused[:, 0, rows] = moved(passage[0], start, adapter.rope)
-                reused[:, 1, rows] = passage[1]
+            if passage.shape[2]:
+                keys = passage[0].view(geometry.num_layers, -1, geometry.num_kv_heads, geometry.head_size)
+                keys.copy_(moved(keys, start, adapter.rope))
         return reused.to(worker.device), reusable
 
     def _refused(self, reason: str) -> None:

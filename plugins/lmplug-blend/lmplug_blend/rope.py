@@ -73,25 +73,35 @@ def cached_angles(cos_sin_cache: torch.Tensor) -> CosSin:
     return cos_sin
 
 
-def rotate(keys: torch.Tensor, delta: torch.Tensor, spec: RopeSpec) -> torch.Tensor:
-    """``keys`` ``[n, heads, head_size]`` rotated by ``delta`` (int64 ``[n]``) positions each, as a new
-    tensor of ``keys``' dtype (float32 arithmetic, one rounding)."""
-    if keys.dim() != 3 or keys.shape[-1] != spec.head_size or delta.shape != keys.shape[:1]:
-        raise ValueError(f"keys {list(keys.shape)} and delta {list(delta.shape)} do not match {spec}")
-    cos, sin = spec.cos_sin(delta.to(torch.int64))
-    cos, sin = cos[:, None, :].to(keys.device), sin[:, None, :].to(keys.device)
+def rotate(keys: torch.Tensor, delta: torch.Tensor | int, spec: RopeSpec) -> torch.Tensor:
+    """``keys`` ``[..., heads, head_size]`` rotated by ``delta`` positions (an int for every key, or an
+    int64 tensor of the leading shape of ``keys``, one per key), as a new tensor of ``keys``' dtype
+    (float32 arithmetic, one rounding)."""
+    if keys.dim() < 2 or keys.shape[-1] != spec.head_size:
+        raise ValueError(f"keys {list(keys.shape)} do not end in heads and head_size {spec.head_size}")
+    lead = keys.shape[:-2]
+    if isinstance(delta, int):
+        cos, sin = spec.cos_sin(torch.tensor([delta], dtype=torch.int64))
+        cos, sin = cos[0], sin[0]  # one angle per frequency, for every key
+    else:
+        if tuple(delta.shape) != tuple(lead):
+            raise ValueError(f"keys {list(keys.shape)} and delta {list(delta.shape)} do not match")
+        cos, sin = spec.cos_sin(delta.reshape(-1).to(torch.int64))
+        cos, sin = cos.view(*lead, 1, -1), sin.view(*lead, 1, -1)
+    cos, sin = cos.to(keys.device), sin.to(keys.device)
     half = spec.rotary_dim // 2
-    work = keys.float()
-    rotary = work[..., : spec.rotary_dim]
+    rotary = keys[..., : spec.rotary_dim]
     if spec.neox:
-        first, second = rotary[..., :half], rotary[..., half:]
+        first, second = rotary[..., :half].float(), rotary[..., half:].float()
     else:
-        first, second = rotary[..., 0::2], rotary[..., 1::2]
-    new_first = first * cos - second * sin
-    new_second = second * cos + first * sin
-    out = work.clone()
+        first, second = rotary[..., 0::2].float(), rotary[..., 1::2].float()
+    out = torch.empty_like(keys)
+    if spec.rotary_dim < spec.head_size:
+        out[..., spec.rotary_dim :] = keys[..., spec.rotary_dim :]
     if spec.neox:
-        out[..., :half], out[..., half : spec.rotary_dim] = new_first, new_second
+        out[..., :half] = first * cos - second * sin
+        out[..., half : spec.rotary_dim] = second * cos + first * sin
     else:
-        out[..., 0 : spec.rotary_dim : 2], out[..., 1 : spec.rotary_dim : 2] = new_first, new_second
-    return out.to(keys.dtype)
+        out[..., 0 : spec.rotary_dim : 2] = first * cos - second * sin
+        out[..., 1 : spec.rotary_dim : 2] = second * cos + first * sin
+    return out

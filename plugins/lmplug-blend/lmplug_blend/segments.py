@@ -134,7 +134,4 @@ def to_origin(keys: torch.Tensor, position: int, rope: RopeSpec) -> torch.Tensor
 
 def moved(keys: torch.Tensor, delta: int, rope: RopeSpec) -> torch.Tensor:
     """K ``[layers, n, kv_heads, head_size]`` rotated by ``delta`` positions."""
-    layers, n = keys.shape[0], keys.shape[1]
-    flat = keys.reshape(layers * n, *keys.shape[2:])
-    shift = torch.full((layers * n,), delta, dtype=torch.int64)
-    return rotate(flat, shift, rope).view(keys.shape)
+    return rotate(keys, delta, rope)
