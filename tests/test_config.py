@@ -223,8 +223,10 @@ def test_example_stacks_are_valid(path: Path) -> None:
     from lmplug.core.composer import plan_tiers
     from lmplug.hooks.manager import PluginHost
 
-    planned = plan_tiers(load_config(path, environ={}), PluginHost.from_environment({}))
-    assert planned
+    config = load_config(path, environ={})
+    host = PluginHost.from_environment({})
+    assert plan_tiers(config, host)
+    assert len(host.build_engine_extensions(config.extensions)) == len(config.extensions)
 
 
 def test_the_cores_own_switches_are_not_config_keys(caplog: pytest.LogCaptureFixture) -> None:
