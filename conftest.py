@@ -29,6 +29,7 @@ SLOW_MODULES = frozenset(
         "tests/vllm/test_vllm_serve.py",
         "tests/vllm/test_vllm_pd.py",
         "tests/vllm/test_vllm_blend.py",
+        "plugins/lmplug-blend/tests/test_blend_quality_smollm2.py",
     }
 )
 """The benchmarks' smoke run, the demo and the vLLM engine runs (a minute or more each): ``slow``."""
