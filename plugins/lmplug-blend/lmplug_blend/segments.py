@@ -35,8 +35,14 @@ def segment_domain(rope: RopeSpec) -> str:
     return f"{DOMAIN}/{digest.hexdigest()}"
 
 
+MAX_SPANS = 1024
+"""Most passages one request may name (each is looked up in the cache)."""
+
+
 def check_spans(spans: Sequence[Sequence[int]], length: int) -> list[Span]:
     """``spans`` as sorted, non-overlapping ``(start, end)`` pairs inside ``length`` tokens, or ValueError."""
+    if len(spans) > MAX_SPANS:
+        raise ValueError(f"{len(spans)} passage spans; at most {MAX_SPANS} per request")
     checked: list[Span] = []
     for span in spans:
         if len(span) != 2 or not all(isinstance(value, int) for value in span):

@@ -64,9 +64,16 @@ def test_when_a_request_does_not_blend(spans: list[tuple[int, int]], hits: list[
 
 def test_spans_are_checked() -> None:
     assert check_spans([[20, 30], [0, 10]], 30) == [(0, 10), (20, 30)]
-    for bad, message in [([[0, 40]], "inside"), ([[5, 5]], "inside"), ([[0, 10], [5, 20]], "overlap"), ([[1]], "span")]:
+    many = [[i, i + 1] for i in range(1025)]
+    for bad, message in [
+        ([[0, 40]], "inside"),
+        ([[5, 5]], "inside"),
+        ([[0, 10], [5, 20]], "overlap"),
+        ([[1]], "span"),
+        (many, "at most 1024"),
+    ]:
         with pytest.raises(ValueError, match=message):
-            check_spans(bad, 30)
+            check_spans(bad, 2000 if len(bad) > 1000 else 30)
 
 
 def test_passages_between_separator_ids() -> None:
