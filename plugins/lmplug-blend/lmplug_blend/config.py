@@ -64,6 +64,14 @@ class BlendConfig(StrictModel):
         description="Token ids that separate passages in every prompt; without them, only requests that "
         "give their passages (kv_transfer_params.lmplug.blend.segments) blend.",
     )
+    separator: str | None = Field(
+        default=None,
+        description="Text that separates passages, turned into token ids with `tokenizer` at start-up: in "
+        "context, and only if its tokens never merge with the text around it (else a start-up error).",
+    )
+    tokenizer: str | None = Field(
+        default=None, description="The tokenizer (a directory, or a model id cached locally) of `separator`."
+    )
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     layer0_tolerance: float = Field(
@@ -72,3 +80,13 @@ class BlendConfig(StrictModel):
     disable_after: NonNegativeInt = Field(
         default=3, description="Turn blending off after this many blends in a row fail the layer-0 check (0: never)."
     )
+
+    @model_validator(mode="after")
+    def _check(self) -> BlendConfig:
+        if (self.separator is None) != (self.tokenizer is None):
+            raise ValueError("separator and tokenizer go together: the separator's token ids come from the tokenizer")
+        if self.separator is not None and self.separator_ids:
+            raise ValueError("give separator_ids or separator, not both")
+        if self.separator == "":
+            raise ValueError("separator must not be empty")
+        return self

