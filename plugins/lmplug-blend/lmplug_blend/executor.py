@@ -114,8 +114,9 @@ def blend(
     key_positions = torch.arange(request.start + n, device=device)
     reusable = request.reusable.to(device=device, dtype=torch.bool)
     forced = ~reusable
+    offsets = request.offsets.to(device)
     if selection.head_tokens:
-        forced |= request.offsets.to(device) < selection.head_tokens
+        forced |= offsets < selection.head_tokens
     reusable_count = int(reusable.sum())
     checks = dict(zip(selection.check_layers, selection.ratios, strict=True))
     first_check = selection.check_layers[0] if selection.check_layers else -1
@@ -167,7 +168,7 @@ def blend(
             count = budget(checks[layer], reusable_count)
             rows = active[index]
             scores = deviation(selection.metric, (k[index], v[index]), (reused_k[rows], reused_v[rows]))
-            chosen = index[choose(selection.strategy, count, scores, request.offsets[active[index]], generator)]
+            chosen = index[choose(selection.strategy, count, scores, offsets[active[index]], generator)]
             keep = ~candidates
             keep[chosen] = True
             keep_rows = torch.nonzero(keep).flatten()

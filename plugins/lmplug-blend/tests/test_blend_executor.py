@@ -188,3 +188,28 @@ def test_wrong_passage_kv_is_refused_and_the_prompt_computed(model: Any, cache: 
     assert blended.rejected is not None
     assert "layer 0" in blended.rejected
     torch.testing.assert_close(blended.logits, reference.prefill(moved_tokens).logits)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_executor_runs_on_cuda_tensors(model: Any) -> None:
+    n = 48
+    tokens = torch.randint(3, 400, (n,), generator=torch.Generator().manual_seed(11))
+    exact: list[tuple[torch.Tensor, torch.Tensor]] = []
+    cpu = TransformersLlamaAdapter(model)
+    blend(cpu, BlendInput(tokens, 0, lambda layer: _zeros(cpu, n), torch.zeros(n, dtype=torch.bool), torch.zeros(n)),
+          SelectionConfig(), lambda layer, k, v: exact.append((k, v)))  # fmt: skip
+    results: dict[str, list[torch.Tensor]] = {"cpu": [], "cuda": []}
+    selection = SelectionConfig(strategy="head", ratios=(0.5,), head_tokens=2)
+    for device in ("cpu", "cuda"):
+        adapter = TransformersLlamaAdapter(model.to(device))
+        reused = [(k.to(device), v.to(device)) for k, v in exact]
+        request = BlendInput(
+            tokens.to(device), 0, lambda layer, reused=reused: reused[layer],
+            torch.ones(n, dtype=torch.bool, device=device), torch.arange(n, device=device),
+        )  # fmt: skip
+        result = blend(adapter, request, selection, lambda layer, k, v, out=results[device]: out.append(v.cpu()))
+        assert result.recomputed == n // 2 + 2  # the half chosen, and the 2 head tokens always computed
+    model.to("cpu")
+    for on_cpu, on_cuda in zip(results["cpu"], results["cuda"], strict=True):
+        torch.testing.assert_close(on_cuda, on_cpu, atol=1e-3, rtol=1e-3)
