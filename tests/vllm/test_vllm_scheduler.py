@@ -378,3 +378,88 @@ def test_a_decode_request_stops_waiting_when_its_transfer_ends_short() -> None:
     third = pd_request("f", length, {"role": "decode", "xfer_id": "x9", "prefill": "p", "wait_ms": 60_000})
     lookup.hit, lookup.states["x9"] = 3 * CHUNK, "completed"  # the prefill had only three chunks
     assert side.num_new_matched_tokens(third, 0) == 3 * CHUNK
+
+
+class Extending(FixedLookup):
+    """A lookup channel whose worker side answers an engine extension's messages too."""
+
+    def __init__(self, hit: int | None) -> None:
+        super().__init__(hit)
+        self.messages: list[tuple[str, bytes]] = []
+
+    def extension(self, name: str, message: bytes) -> bytes | None:
+        self.messages.append((name, message))
+        return b"yes"
+
+
+def extended(hit: int, claim_end: int | None) -> tuple[SchedulerSide, Extending, Any]:
+    from lmplug.tierkit import Claim, EngineExtension
+
+    class Passages(EngineExtension):
+        name = "passages"
+
+        def __init__(self) -> None:
+            self.claims: list[tuple[int, int]] = []
+
+        def claim(self, request: Any, computed: int, exact: int, call: Any) -> Claim | None:
+            assert call(b"how much?") == [b"yes"]
+            self.claims.append((computed, exact))
+            return Claim(claim_end, "payload") if claim_end is not None else None
+
+        def wants_save(self, request: Any) -> bool:
+            return bool(request.params)
+
+    lookup = Extending(hit)
+    extension = Passages()
+    return SchedulerSide(lookup, CHUNK, save_partial_chunks=True, extensions=[extension]), lookup, extension
+
+
+def test_an_extension_supplies_tokens_past_the_exact_prefix_and_nothing_is_saved_under_prefix_keys() -> None:
+    side, lookup, extension = extended(hit=CHUNK, claim_end=4 * CHUNK)
+    req = request("a", 5 * CHUNK)
+    assert side.num_new_matched_tokens(req, 0) == 4 * CHUNK
+    assert extension.claims == [(0, CHUNK)]
+    assert lookup.messages == [("passages", b"how much?")]
+    side.after_alloc(req, [1, 2, 3, 4, 5], 4 * CHUNK)
+    new = SimpleNamespace(
+        req_id="a", prompt_token_ids=req.prompt_token_ids, block_ids=([1, 2, 3, 4, 5],), num_computed_tokens=4 * CHUNK
+    )
+    plan = side.build_step_plan(step([new], scheduled={"a": CHUNK}))
+    (load,) = plan.loads  # the exact prefix, from the lease
+    assert (load.start, load.end) == (0, CHUNK)
+    ((name, extra),) = plan.extension_loads
+    assert (name, extra.start, extra.end, extra.payload) == ("passages", CHUNK, 4 * CHUNK, "payload")
+    assert plan.saves == []  # the prompt computed over an extension's KV is not vLLM's own
+    finished = request("a", 5 * CHUNK, computed=5 * CHUNK + 3, output=4)
+    assert side.finished(finished, [1, 2, 3, 4, 5]) == (False, None)
+    assert side.build_step_plan(step()).saves == []
+    assert "a" in lookup.released
+
+
+def test_an_extension_keeps_what_it_wants_of_a_request_computed_exactly() -> None:
+    side, _, _ = extended(hit=0, claim_end=None)
+    req = request("b", 3 * CHUNK)
+    req.kv_transfer_params = {"lmplug": {"passages": True}}
+    assert side.num_new_matched_tokens(req, 0) == 0
+    side.after_alloc(req, [4, 5, 6], 0)
+    side.build_step_plan(
+        step(
+            [
+                SimpleNamespace(
+                    req_id="b", prompt_token_ids=req.prompt_token_ids, block_ids=([4, 5, 6],), num_computed_tokens=0
+                )
+            ],
+            scheduled={"b": 3 * CHUNK},
+        )
+    )
+    done = request("b", 3 * CHUNK, computed=3 * CHUNK + 1, output=2)
+    done.kv_transfer_params = req.kv_transfer_params
+    keep, _ = side.finished(done, [4, 5, 6])
+    assert keep  # vLLM holds the blocks until the worker has saved from them
+    # A new request waits one step for the save, so that it finds what the save keeps.
+    assert side.num_new_matched_tokens(request("c", 3 * CHUNK), 0) is None
+    plan = side.build_step_plan(step())
+    ((name, save),) = plan.extension_saves
+    assert (name, save.request_id, save.computed, list(save.block_ids)) == ("passages", "b", 3 * CHUNK, [4, 5, 6])
+    assert "b" in plan.finished
+    assert side.num_new_matched_tokens(request("c", 3 * CHUNK), 0) == 0
