@@ -36,6 +36,7 @@ from benchmarks import (
     remote_redis,
     remote_s3,
     sync_overhead,
+    vllm_blend,
     vllm_chat,
     vllm_pd,
     vllm_ttft,
@@ -61,6 +62,7 @@ MODULES: tuple[ModuleType, ...] = (
     vllm_ttft,
     vllm_chat,
     vllm_pd,
+    vllm_blend,
 )
 
 
