@@ -41,6 +41,7 @@ def test_demo_runs_and_serves_correct_kv() -> None:
     assert float(last_round[0].split()[4].rstrip("%")) > 50  # the cache is at work
 
 
+@pytest.mark.timeout(660)  # four vLLM processes: about 4 minutes on 2 quiet cores
 def test_vllm_chat_demo_shows_the_cache_at_work(tmp_path: Path) -> None:
     """The main job itself on the random-weight model, short: four vLLM processes (alone, with
     lmplug, lmplug restarted, alone with its own cache uncapped), the answers side by side, the
