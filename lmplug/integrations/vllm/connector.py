@@ -71,7 +71,10 @@ class LMPlugConnector(KVConnectorBase_V1):
                 logger.info("lmplug: setting kv_load_failure_policy to 'recompute' (a cache miss is never fatal)")
                 object.__setattr__(transfer, "kv_load_failure_policy", "recompute")
             clients = [LookupClient(socket_path(engine_id, r)) for r in range(config.world_size)]
-            extensions = PluginHost.from_environment().build_engine_extensions(config.extensions)
+            # Plugins load here only for a config that lists extensions (the worker's cache loads them anyway).
+            extensions = (
+                PluginHost.from_environment().build_engine_extensions(config.extensions) if config.extensions else []
+            )
             self._scheduler = SchedulerSide(
                 clients, config.chunk_size, config.save_partial_chunks, extensions=extensions
             )
